@@ -1,0 +1,6 @@
+"""finetune: config-driven LoRA / QLoRA / prefix-tuning of LLMs on finance and writing-style data."""
+import os
+
+# No network at run time unless the user asks: the hub stays offline and wandb (if chosen) logs offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")

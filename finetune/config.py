@@ -1,0 +1,101 @@
+"""Checks that need more than Hydra's own: `training` against trl.SFTConfig, and method x setting conflicts.
+
+Hydra already rejects an unknown group option (listing the choices) and an unknown key given without `+`.
+Everything here runs before any data is built or weights are loaded.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+RUNNER_OWNED = {"output_dir": "the runner writes checkpoints to <run dir>/checkpoints; set hydra.run.dir"}
+
+
+def resolve(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key or 'config'}: {err.msg}") from None
+
+
+def expected_types(hint) -> tuple[type, ...]:
+    """The plain types a field accepts, or () when it accepts something we do not check (enums, dicts, ...)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = tuple(a for a in args if a in (bool, int, float, str, type(None)))
+    return plain if len(plain) == len(args) else ()
+
+
+def type_ok(value, accepted: tuple[type, ...]) -> bool:
+    if not accepted or value is None and type(None) in accepted:
+        return True
+    if isinstance(value, bool):
+        return bool in accepted
+    if isinstance(value, int) and (int in accepted or float in accepted):
+        return True
+    return isinstance(value, tuple(t for t in accepted if t is not type(None)))
+
+
+def check_training_key(key: str, fields: set[str]) -> None:
+    if key in RUNNER_OWNED:
+        raise ConfigError(f"training.{key}: not settable, {RUNNER_OWNED[key]}")
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see trl.SFTConfig for the valid keys"
+        raise ConfigError(f"training.{key}: not a trl.SFTConfig field; {hint}")
+
+
+def sft_fields() -> set[str]:
+    from trl import SFTConfig
+    return {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def check_training_overrides(overrides: list[str]) -> None:
+    """`training.KEY=...` on the command line, checked before Hydra's struct error (which lists no choices)."""
+    keys = [o.split("=", 1)[0].split(".")[1] for o in overrides if o.startswith("training.") and "=" in o]
+    if keys:
+        fields = sft_fields()
+        for key in keys:
+            check_training_key(key, fields)
+
+
+def check_model(model: dict) -> None:
+    if model["dtype"] not in DTYPES:
+        raise ConfigError(f"model.dtype={model['dtype']}: choose one of {', '.join(DTYPES)}")
+    if model["attn_implementation"] not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={model['attn_implementation']}: "
+                          f"choose one of {', '.join(ATTENTION)}")
+
+
+def sft_config(training: dict, output_dir: Path):
+    from trl import SFTConfig
+    fields = sft_fields()
+    hints = typing.get_type_hints(SFTConfig)
+    for key, value in training.items():
+        check_training_key(key, fields)
+        accepted = expected_types(hints.get(key))
+        if not type_ok(value, accepted):
+            names = " or ".join(t.__name__ for t in accepted)
+            raise ConfigError(f"training.{key}={value!r}: expected {names}, got {type(value).__name__}")
+    try:
+        return SFTConfig(output_dir=str(output_dir), **training)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"training: {err}") from None
+
+
+def check_method(method: dict, args) -> None:
+    """Refuse combinations that would train silently wrong."""
+    if method["_target_"].endswith("PrefixTuningConfig"):
+        if args.gradient_checkpointing:
+            raise ConfigError("method=prefix with training.gradient_checkpointing=true: peft's prefix-tuning "
+                              "breaks under activation checkpointing; set training.gradient_checkpointing=false")
+        if args.packing:
+            raise ConfigError("method=prefix with training.packing=true: prefixes do not learn on packed rows; "
+                              "set training.packing=false")

@@ -1,0 +1,24 @@
+"""Dataset builders: one file per source, each exposing `build(path, ..., skip_bad_rows=False) -> Built`.
+
+A builder turns a user's source (SQLite, JSONL, CSV, a folder of Markdown) into chat samples:
+
+    {"messages": [{"role": "system", "content": "..."},
+                  {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "{\"signal\": \"BUY\", \"confidence\": 0.72}"}],
+     "label": "BUY",                      # class label, or None for free text (style)
+     "timestamp": "2024-01-05T10:00:00",  # ISO 8601, or None; drives the temporal split
+     "meta": {"symbol": "BTC-USDT", "pnl_percent": 6.1}}   # JSON scalars, same keys in every sample
+
+Bad input raises `finetune.errors.DataError` with one line naming the file, row/line and column.
+With `skip_bad_rows=True` a row that is bad on its own is skipped and counted in `Built.dropped`
+under a short reason; a bad file (missing, wrong schema, empty) always raises.
+The shared pipeline (finetune/data/pipeline.py) validates, deduplicates, splits and writes stats.
+"""
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Built:
+    samples: list[dict]
+    dropped: Counter = field(default_factory=Counter)

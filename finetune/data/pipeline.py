@@ -1,0 +1,166 @@
+"""The one pipeline after every builder: build -> validate -> deduplicate -> split -> stats, cached by content.
+
+`prepare(cfg.dataset, tokenizer, run_dir / "data")` returns {"train": [...], "validation": [...], "test": [...]}
+and writes those splits as JSONL plus stats.json into the run directory. A second call with the same
+inputs (source bytes, dataset config, tokenizer) copies the cached result and builds nothing.
+"""
+import hashlib
+import json
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.data import Built
+from finetune.errors import DataError
+from finetune.model import cache_root
+from finetune.rundir import write_json
+from finetune.eval.answers import parse_action, parse_signal
+
+SPLITS = ("train", "validation", "test")
+ROLES = {"system", "user", "assistant"}
+
+
+def source_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def check_sample(sample: dict, task: str) -> str | None:
+    """Why a built sample cannot train, or None. The reason names the field."""
+    messages = sample.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages missing or empty"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"message role must be one of {sorted(ROLES)}, got {message!r:.60}"
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            return f"empty {message.get('role')} content"
+    if messages[-1]["role"] != "assistant":
+        return "last message must be the assistant's answer"
+    if task != "text" and sample.get("label") in (None, ""):
+        return "label missing"
+    answer = messages[-1]["content"]
+    if task == "signals" and parse_signal(answer)[0] is None:
+        return f"answer is not a signal: {answer!r:.60}"
+    if task == "action" and parse_action(answer) is None:
+        return f"answer is not a JSON action: {answer!r:.60}"
+    return None
+
+
+def validate(samples: list[dict], task: str, skip_bad_rows: bool, dropped: Counter, where: str) -> list[dict]:
+    kept = []
+    for i, sample in enumerate(samples, 1):
+        reason = check_sample(sample, task)
+        if reason is None:
+            kept.append(sample)
+        elif skip_bad_rows:
+            dropped[f"invalid: {reason.split(':')[0]}"] += 1
+        else:
+            raise DataError(f"{where}: sample {i}: {reason} (fix the source, or set dataset.skip_bad_rows=true)")
+    return kept
+
+
+def deduplicate(samples: list[dict], dropped: Counter) -> list[dict]:
+    seen, kept = set(), []
+    for sample in samples:
+        key = json.dumps(sample["messages"], sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append(sample)
+    return kept
+
+
+def split(samples: list[dict], how: str, val_size: float, test_size: float, seed: int) -> dict[str, list[dict]]:
+    """Random, or temporal: train on the oldest rows, validate on later ones, test on the latest."""
+    if how == "temporal":
+        missing = sum(s.get("timestamp") is None for s in samples)
+        if missing:
+            raise DataError(f"dataset.split=temporal but {missing} samples have no timestamp; use split=random")
+        ordered = sorted(samples, key=lambda s: s["timestamp"])
+    elif how == "random":
+        ordered = samples[:]
+        random.Random(seed).shuffle(ordered)
+    else:
+        raise DataError(f"dataset.split={how}: choose random or temporal")
+    n = len(ordered)
+    n_test, n_val = round(n * test_size), round(n * val_size)
+    n_train = n - n_val - n_test
+    if n_train < 1 or (val_size > 0 and n_val < 1) or (test_size > 0 and n_test < 1):
+        raise DataError(f"only {n} samples: too few for val_size={val_size}, test_size={test_size}")
+    return {"train": ordered[:n_train], "validation": ordered[n_train:n_train + n_val],
+            "test": ordered[n_train + n_val:]}
+
+
+def token_lengths(samples: list[dict], tokenizer) -> list[int]:
+    texts = tokenizer.apply_chat_template([s["messages"] for s in samples], tokenize=False)
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def describe(splits: dict[str, list[dict]], dropped: Counter, tokenizer, n_built: int) -> dict:
+    stats = {"built": n_built, "dropped": dict(dropped), "splits": {}}
+    for name, samples in splits.items():
+        lengths = token_lengths(samples, tokenizer) if samples else [0]
+        stats["splits"][name] = {
+            "count": len(samples),
+            "labels": dict(sorted(Counter(str(s.get("label")) for s in samples).items())),
+            "tokens": {"total": int(sum(lengths)), "max": int(max(lengths)),
+                       **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}},
+            "first_timestamp": min((s["timestamp"] for s in samples if s.get("timestamp")), default=None),
+            "last_timestamp": max((s["timestamp"] for s in samples if s.get("timestamp")), default=None),
+        }
+    return stats
+
+
+def write_jsonl(path: Path, samples: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def prepare(cfg: DictConfig, tokenizer, out_dir: Path, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    source = Path(cfg.path)
+    if not source.exists():
+        raise DataError(f"dataset.path={source}: no such file or folder")
+    key = hashlib.sha256(json.dumps([source_hash(source), OmegaConf.to_container(cfg, resolve=True), seed,
+                                     tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
+    cached = cache_root() / "datasets" / key[:16]
+    if not (cached / "stats.json").exists():
+        built: Built = instantiate(cfg.builder, skip_bad_rows=cfg.skip_bad_rows)
+        dropped = Counter(built.dropped)
+        samples = validate(built.samples, cfg.task, cfg.skip_bad_rows, dropped, str(source))
+        if cfg.dedupe:
+            samples = deduplicate(samples, dropped)
+        if not samples:
+            raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
+        splits = split(samples, cfg.split, cfg.val_size, cfg.test_size, seed)
+        stats = describe(splits, dropped, tokenizer, len(built.samples))
+        stats["source"] = {"path": str(source), "sha256": source_hash(source)}
+        tmp = cached.with_name(cached.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        write_json(tmp / "stats.json", stats)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.replace(cached)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*SPLITS, "stats"):
+        suffix = ".json" if name == "stats" else ".jsonl"
+        shutil.copyfile(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
+    splits = {name: read_jsonl(out_dir / f"{name}.jsonl") for name in SPLITS}
+    return splits, json.loads((out_dir / "stats.json").read_text())

@@ -1,0 +1,169 @@
+"""Sentiment builder (seed 004): labelled financial headlines -> positive / neutral / negative.
+
+Input: a CSV (header row; read with the csv module, so quoted commas and newlines, a UTF-8 BOM and
+Chinese text are fine) or a JSONL file (one object per line), chosen by the file extension
+(.csv / .jsonl). Column names are options: `text_field` (default "text"), `label_field` ("label")
+and an optional `timestamp_field` (ISO date-time or epoch seconds; None = no timestamps).
+
+    text,label,timestamp
+    "Apple beats estimates, raises guidance",positive,2024-01-05T14:30:00
+    宁德时代遭监管立案调查,bearish,2024-01-06 09:35:00
+
+Raw labels are matched case-insensitively against the canonical names and SYNONYMS (pos, bullish,
+利好, ...); `synonyms` adds to or overrides them, e.g. {"2": positive, "1": neutral, "0": negative}
+for FinancialPhraseBank-style ids. Bare digits are not in the defaults on purpose: "1" means
+positive in a -1/0/1 scheme and neutral in a 0/1/2 one, and guessing would mislabel silently.
+
+Bad rows (raise DataError naming file, line and column, or skip and count with skip_bad_rows=True):
+malformed JSON line ("malformed_json"), empty text ("empty_text"), missing label ("missing_label"),
+unknown label ("unknown_label"), bad or missing timestamp when a timestamp field is set
+("bad_timestamp"). Blank lines are ignored. The line is the file's 1-based line where the record starts.
+
+Example sample:
+    {"messages": [{"role": "system", "content": "You classify the sentiment of financial news headlines."},
+                  {"role": "user", "content": "Headline: Apple beats estimates, raises guidance\\nSentiment?"},
+                  {"role": "assistant", "content": "positive"}],
+     "label": "positive", "timestamp": "2024-01-05T14:30:00",
+     "meta": {"line": 2, "raw_label": "positive"}}
+"""
+import csv
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from finetune.data import Built
+from finetune.errors import ConfigError, DataError
+
+LABELS = ("positive", "neutral", "negative")
+SYNONYMS = {
+    "positive": ["pos", "bullish", "bull", "up", "buy", "+1", "正面", "积极", "利好", "看涨", "看多"],
+    "neutral": ["neu", "flat", "hold", "none", "中性", "中立", "持平"],
+    "negative": ["neg", "bearish", "bear", "down", "sell", "-1", "负面", "消极", "利空", "看跌", "看空"],
+}
+SYSTEM_PROMPT = "You classify the sentiment of financial news headlines."
+
+
+def build(path, *, skip_bad_rows=False, text_field="text", label_field="label", timestamp_field=None,
+          synonyms=None, encoding="utf-8-sig", system_prompt=SYSTEM_PROMPT) -> Built:
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise DataError(f"{name}: file not found ({path}); set dataset.path to a .csv or .jsonl file")
+    label_of = _label_map(synonyms)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise DataError(f"{name}: unsupported extension '{path.suffix}' (use .csv or .jsonl)")
+    fields = [f for f in (text_field, label_field, timestamp_field) if f]
+    dropped = Counter()
+    samples = []
+
+    def bad(reason, line, message):
+        if not skip_bad_rows:
+            raise DataError(f"{name}: line {line}, {message}; fix the row or set dataset.builder.skip_bad_rows=true")
+        dropped[reason] += 1
+
+    try:
+        records = _csv_records(path, name, fields, encoding) if suffix == ".csv" else _jsonl_records(path, encoding)
+        for line, record in records:
+            if isinstance(record, str):  # a JSONL line that did not parse: record holds the reason
+                bad("malformed_json", line, record)
+                continue
+            text = record.get(text_field)
+            if text is None or str(text).strip() == "":
+                bad("empty_text", line, f"column '{text_field}' is empty or missing")
+                continue
+            raw = record.get(label_field)
+            if raw is None or str(raw).strip() == "":
+                bad("missing_label", line, f"column '{label_field}' is empty or missing")
+                continue
+            label = label_of.get(str(raw).strip().lower()) if not isinstance(raw, bool) else None
+            if label is None:
+                bad("unknown_label", line, f"column '{label_field}': unknown label {raw!r} "
+                    f"(known: {', '.join(sorted(label_of))}); map it in dataset.builder.synonyms")
+                continue
+            timestamp = None
+            if timestamp_field:
+                timestamp = _iso(record.get(timestamp_field))
+                if timestamp is None:
+                    bad("bad_timestamp", line, f"column '{timestamp_field}': {record.get(timestamp_field)!r} "
+                        "is not a date-time (or set dataset.builder.timestamp_field=null)")
+                    continue
+            headline = " ".join(str(text).split())  # CSV cells may hold newlines; one line reads better
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages += [{"role": "user", "content": f"Headline: {headline}\nSentiment?"},
+                         {"role": "assistant", "content": label}]
+            samples.append({"messages": messages, "label": label, "timestamp": timestamp,
+                            "meta": {"line": line, "raw_label": str(raw)}})
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); "
+                        "re-save as UTF-8 or set dataset.builder.encoding (e.g. gbk)") from e
+    if not samples:
+        raise DataError(f"{name}: no samples left (dropped: {dict(dropped) or 'none, the file has no rows'})")
+    return Built(samples, dropped)
+
+
+def _csv_records(path, name, fields, encoding):
+    with open(path, newline="", encoding=encoding) as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{name}: the file is empty (expected a header row with {', '.join(fields)})")
+        header = [h.strip() for h in header]
+        missing = [c for c in fields if c not in header]
+        if missing:
+            raise DataError(f"{name}: no column '{missing[0]}' in the header (found: {', '.join(header)}); "
+                            "set dataset.builder.text_field / label_field / timestamp_field")
+        start = reader.line_num + 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                # a short row leaves its last columns None, which reads as "missing"
+                yield start, dict(zip(header, row))
+            start = reader.line_num + 1
+
+
+def _jsonl_records(path, encoding):
+    with open(path, encoding=encoding) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line, f"malformed JSON ({e.msg} at column {e.colno})"
+                continue
+            yield line, record if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+
+
+def _label_map(extra):
+    label_of = {label: label for label in LABELS}
+    label_of.update({s.lower(): label for label, names in SYNONYMS.items() for s in names})
+    for raw, label in dict(extra or {}).items():
+        if label not in LABELS:
+            raise ConfigError(f"dataset.builder.synonyms: {raw!r} maps to {label!r}; choose one of {', '.join(LABELS)}")
+        label_of[str(raw).strip().lower()] = label
+    return label_of
+
+
+def _iso(value):
+    """ISO text ('2024-01-05 14:30', with T, Z or an offset) or epoch seconds -> ISO, UTC if zoned."""
+    if value is None or isinstance(value, bool) or str(value).strip() == "":
+        return None
+    try:
+        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
+        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
+            seconds = float(value)
+            seconds = seconds / 1000 if seconds > 1e11 else seconds
+            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed.isoformat()
+
+
+def _fromisoformat(text):
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None

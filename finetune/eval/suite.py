@@ -1,0 +1,42 @@
+"""Run an eval suite on one model: generate the answers once (batched, greedy), then every metric.
+
+`conf/eval/*.yaml` lists the metrics by `_target_`; each is a small class in finetune/eval/ called as
+`metric(samples=..., outputs=..., model=..., tokenizer=...) -> dict`, `outputs` being None unless a
+metric of the suite `needs_generation`.
+"""
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to each sample's prompt (its messages without the gold answer)."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
+    device = next(model.parameters()).device
+    answers = []
+    try:
+        for start in tqdm(range(0, len(samples), batch_size), desc="generate", leave=False):
+            prompts = [tokenizer.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
+                       for s in samples[start:start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+def evaluate(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+    results, outputs = {}, None
+    if any(m.needs_generation for m in metrics.values()):
+        start = time.perf_counter()
+        outputs = generate(model, tokenizer, samples, max_new_tokens, batch_size)
+        results["generation_seconds"] = time.perf_counter() - start
+    for metric in metrics.values():
+        results.update(metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer))
+    return {"metrics": results, "outputs": outputs}

@@ -1,0 +1,65 @@
+"""The run directory's small files, written atomically (temp file + rename) so none is ever half-written."""
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from finetune.paths import PACKAGE_DIR
+
+PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+            "hydra-core", "omegaconf")
+SECRET_NAME = re.compile(r"token|secret|passw|api[_-]?key|(^|_)key$", re.IGNORECASE)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    write_json(run_dir / "status.json", {"status": status, "error": error})
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def redact(value, key: str = ""):
+    """Drop values whose key looks like a secret (tokens, API keys, passwords) from anything we save."""
+    if SECRET_NAME.search(key):
+        return "<redacted>"
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def manifest(config: dict, data_sha256: str | None, seed: int) -> dict:
+    return {"git_sha": git_sha(), "versions": versions(), "python": sys.version.split()[0],
+            "platform": platform.platform(), "host": socket.gethostname(), "argv": sys.argv,
+            "seed": seed, "data_sha256": data_sha256, "config": redact(config)}

@@ -1,0 +1,139 @@
+"""`python -m finetune`: compose -> check -> data -> model -> base eval -> train -> save -> tuned eval -> report.
+
+One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks the run directory;
+`run()` does the rest and can be called from Python with a composed config.
+"""
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import check_method, check_model, check_training_overrides, resolve, sft_config
+from finetune.errors import ConfigError, DataError
+from finetune.paths import CONF_DIR, SAMPLE_DATA_DIR
+from finetune.recipes import register
+from finetune.rundir import manifest, set_status, write_json
+
+log = logging.getLogger("finetune")
+
+register()
+OmegaConf.register_new_resolver("sample_data", lambda name: str(SAMPLE_DATA_DIR / name), replace=True)
+OmegaConf.register_new_resolver("run_name", lambda recipe: "default" if recipe in (None, "none")
+                                else str(recipe).replace("/", "-"), replace=True)
+
+
+@dataclass
+class Run:
+    """What a run leaves in memory: metrics.json's content, data stats, and the trained model."""
+    metrics: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    model: object = None
+    tokenizer: object = None
+
+
+def run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Train and evaluate as `cfg` says, writing everything into `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_status(run_dir, "running")
+    try:
+        result = _run(cfg, run_dir)
+    except BaseException as err:
+        set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
+        raise
+    set_status(run_dir, "completed")
+    return result
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> Run:
+    started = time.perf_counter()
+    # --- config: everything checked before data is built or weights load
+    config = resolve(cfg)
+    args = sft_config(config["training"], run_dir / "checkpoints")
+    check_method(config["method"], args)
+    check_model(config["model"])
+    metrics = instantiate(cfg.eval.metrics, _convert_="all")
+    peft_config = instantiate(cfg.method, _convert_="all")
+
+    from finetune.data.pipeline import prepare
+    from finetune.model import load_model, load_tokenizer
+    tokenizer = load_tokenizer(cfg.model)
+
+    # --- data
+    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data", cfg.seed)
+    log.info("data: %s", {k: v["count"] for k, v in stats["splits"].items()})
+    if cfg.dry_run:
+        return Run(stats=stats, tokenizer=tokenizer)
+    write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed))
+
+    # --- model, and the base model's scores before any training
+    import datasets
+    from transformers import set_seed
+    from trl import SFTTrainer
+    from finetune.eval.suite import evaluate
+    set_seed(cfg.seed)
+    model = load_model(cfg.model, cfg.quantization, args.use_cpu)
+    held_out = splits["test"][: cfg.eval.max_samples]
+    suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
+                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    base = evaluate(model=model, **suite)
+    log.info("base: %s", base["metrics"])
+
+    # --- train: SFTTrainer wraps the model with the PEFT method (and prepares a k-bit base for QLoRA)
+    def as_dataset(samples):  # prompt/completion form: loss on the answer only
+        return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
+                                           for s in samples])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
+                         eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
+                         processing_class=tokenizer, peft_config=peft_config)
+    train_output = trainer.train()
+
+    # --- save: PEFT format, written beside and renamed so a crash never leaves a half adapter
+    tmp = run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+    tmp.rename(run_dir / "adapter")
+
+    # --- tuned scores on the same held-out samples, then the report
+    tuned = evaluate(model=trainer.model, **suite)
+    log.info("tuned: %s", tuned["metrics"])
+    result = {"base": base["metrics"], "tuned": tuned["metrics"]}
+    from finetune.report import write_report
+    summary = {"recipe": HydraConfig.get().runtime.choices.get("recipe", "none") if HydraConfig.initialized()
+               else "none", "model": cfg.model.name, "method": cfg.method._target_.split(".")[-1],
+               "dataset": str(cfg.dataset.path), "train samples": len(splits["train"]),
+               "steps": trainer.state.global_step, "train loss": train_output.training_loss,
+               "seconds": round(time.perf_counter() - started, 1)}
+    write_report(run_dir, summary, result, stats, trainer.state.log_history)
+    write_json(run_dir / "metrics.json", result)
+    return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = run(cfg, run_dir)
+    except (ConfigError, DataError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"run dir: {run_dir}")
+    return result.metrics.get("tuned", {}).get("perplexity")
+
+
+def main() -> None:
+    """The `finetune` command and `python -m finetune`."""
+    try:
+        check_training_overrides(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    hydra_main()

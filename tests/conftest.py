@@ -1,0 +1,40 @@
+"""Shared fixtures: no network, a fresh cache per test session, and Hydra composition like the CLI's."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import finetune.runner  # noqa: E402  registers the recipes source and the resolvers
+from finetune.paths import CONF_DIR, RECIPES_DIR  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6", "eval.max_samples=24"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Tiny models and built datasets go to a cache of this session's own (subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["FINETUNE_CACHE"] = str(path)
+    return path
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def cli(*args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def recipes() -> list[str]:
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))

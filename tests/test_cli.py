@@ -1,0 +1,72 @@
+"""The command line as a user types it: default run, multirun, a user's recipe folder, the installed wheel."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, ROOT, cli
+
+
+def completed(run_dir) -> bool:
+    return json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_default_command_writes_hydra_config_and_report(tmp_path):
+    out = cli(f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert completed(tmp_path)
+    assert (tmp_path / ".hydra" / "config.yaml").is_file() and (tmp_path / ".hydra" / "overrides.yaml").is_file()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
+    assert "| perplexity |" in (tmp_path / "report.md").read_text()
+
+
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
+    out = cli("-m", "training.learning_rate=1e-3,3e-3", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job in ("0", "1"):
+        assert completed(tmp_path / job) and (tmp_path / job / "metrics.json").is_file()
+    rates = [json.loads((tmp_path / j / "manifest.json").read_text())["config"]["training"]["learning_rate"]
+             for j in ("0", "1")]
+    assert rates == [1e-3, 3e-3]
+
+
+def test_recipe_from_a_user_folder(tmp_path):
+    # Hydra's layout: <dir>/recipe/NAME.yaml, found through --config-dir
+    (tmp_path / "mine" / "recipe").mkdir(parents=True)
+    (tmp_path / "mine" / "recipe" / "my_recipe.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: dora\nmethod:\n  r: 4\n")
+    out = cli("recipe=my_recipe", "--config-dir", str(tmp_path / "mine"), *FAST,
+              f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert completed(tmp_path / "run")
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["use_dora"] is True
+
+
+def test_flat_recipe_folder_through_recipes_scheme(tmp_path):
+    (tmp_path / "flat" / "team").mkdir(parents=True)
+    (tmp_path / "flat" / "team" / "quick.yaml").write_text("# @package _global_\nmethod:\n  r: 2\n")
+    out = cli("recipe=team/quick", f"hydra.searchpath=[recipes://{tmp_path / 'flat'}]", "--cfg", "job")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "r: 2" in out.stdout
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_from_another_directory(tmp_path):
+    """`pip install .` (not editable): configs, recipes and sample data ship inside the wheel."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+                   check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([python, "-c", "import finetune; print(finetune.__file__)"], cwd=elsewhere,
+                           capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where, where
+    out = subprocess.run([python, "-m", "finetune", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
+                         cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert completed(tmp_path / "run") and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,62 @@
+"""Training on the tiny model, in-process: loss down, adapter reloads to the same logits, every method runs."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import FAST, compose
+from finetune.errors import ConfigError
+from finetune.runner import run
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("default")
+    return run_dir, run(compose(), run_dir)
+
+
+def test_default_run_writes_the_run_dir_and_improves(default_run):
+    run_dir, result = default_run
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
+                 "manifest.json", "status.json", "report.md", "loss.png", "data/stats.json", "data/train.jsonl"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["tuned"]["perplexity"] < 0.5 * metrics["base"]["perplexity"], metrics
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "error": None}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and len(manifest["data_sha256"]) == 64 and manifest["versions"]["peft"]
+
+
+def test_adapter_reloads_to_the_same_logits(default_run):
+    run_dir, result = default_run
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    reloaded = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    trained = result.model.eval()
+    ids = result.tokenizer.apply_chat_template([{"role": "user", "content": "BTC-USDT price 43000\nRSI: 30"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = trained(**ids).logits
+        got = reloaded(**ids).logits
+    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
+    # and the adapter really changed the model: the base alone gives other logits
+    with torch.no_grad(), reloaded.disable_adapter():
+        assert not torch.allclose(reloaded(**ids).logits, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["qlora", "prefix", "dora", "ia3", "prompt"])
+def test_every_method_trains_on_cpu(method, tmp_path):
+    result = run(compose(f"method={method}", *FAST), tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
+
+
+@pytest.mark.parametrize("setting", ["training.gradient_checkpointing=true", "training.packing=true"])
+def test_prefix_refuses_settings_it_cannot_train_with(setting, tmp_path):
+    with pytest.raises(ConfigError, match=setting.split("=")[0]):
+        run(compose("method=prefix", setting), tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
