@@ -74,7 +74,8 @@ def check_model(model: dict) -> None:
                           f"choose one of {', '.join(ATTENTION)}")
 
 
-def sft_config(training: dict, output_dir: Path):
+def check_training(training: dict) -> None:
+    """Keys and plain types of `training` against trl.SFTConfig, without building it (no GPU needed)."""
     from trl import SFTConfig
     fields = sft_fields()
     hints = typing.get_type_hints(SFTConfig)
@@ -84,18 +85,32 @@ def sft_config(training: dict, output_dir: Path):
         if not type_ok(value, accepted):
             names = " or ".join(t.__name__ for t in accepted)
             raise ConfigError(f"training.{key}={value!r}: expected {names}, got {type(value).__name__}")
+
+
+def sft_config(training: dict, output_dir: Path):
+    from trl import SFTConfig
+    check_training(training)
+    if not training.get("use_cpu") and not cuda_available():
+        raise ConfigError("training.use_cpu=false but this machine has no CUDA GPU; use training=cpu "
+                          "(or dry_run=true to only build the data and estimate)")
     try:
         return SFTConfig(output_dir=str(output_dir), **training)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"training: {err}") from None
 
 
-def check_method(method: dict, args) -> None:
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def check_method(method: dict, training: dict) -> None:
     """Refuse combinations that would train silently wrong."""
     if method["_target_"].endswith("PrefixTuningConfig"):
-        if args.gradient_checkpointing:
-            raise ConfigError("method=prefix with training.gradient_checkpointing=true: peft's prefix-tuning "
-                              "breaks under activation checkpointing; set training.gradient_checkpointing=false")
-        if args.packing:
+        if training.get("activation_checkpointing", True) or training.get("gradient_checkpointing"):
+            raise ConfigError("method=prefix with training.activation_checkpointing=true: peft's prefix-tuning "
+                              "breaks under activation (gradient) checkpointing; set "
+                              "training.activation_checkpointing=false")
+        if training.get("packing"):
             raise ConfigError("method=prefix with training.packing=true: prefixes do not learn on packed rows; "
                               "set training.packing=false")

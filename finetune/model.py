@@ -15,6 +15,7 @@ from finetune.errors import ConfigError
 from finetune.paths import ASSETS_DIR
 
 TINY_TOKENIZER = ASSETS_DIR / "tiny"
+TEMPLATES = ASSETS_DIR / "templates"  # named chat templates: model.chat_template=alpaca | chatml
 
 
 def cache_root() -> Path:
@@ -69,7 +70,8 @@ def load_tokenizer(cfg: DictConfig):
     source = TINY_TOKENIZER if cfg.tiny is not None else model_source(cfg)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template is not None:
-        tokenizer.chat_template = cfg.chat_template
+        named = TEMPLATES / f"{cfg.chat_template}.jinja"
+        tokenizer.chat_template = named.read_text() if named.is_file() else cfg.chat_template
     if tokenizer.chat_template is None:
         raise ConfigError(f"model {cfg.name}: the tokenizer has no chat template; set model.chat_template")
     if tokenizer.pad_token is None:

@@ -15,7 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import check_method, check_model, check_training_overrides, resolve, sft_config
+from finetune.config import (check_method, check_model, check_training, check_training_overrides, resolve,
+                             sft_config)
 from finetune.errors import ConfigError, DataError
 from finetune.paths import CONF_DIR, SAMPLE_DATA_DIR
 from finetune.recipes import register
@@ -55,8 +56,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
     started = time.perf_counter()
     # --- config: everything checked before data is built or weights load
     config = resolve(cfg)
-    args = sft_config(config["training"], run_dir / "checkpoints")
-    check_method(config["method"], args)
+    check_training(config["training"])
+    check_method(config["method"], config["training"])
+    args = None if cfg.dry_run else sft_config(config["training"], run_dir / "checkpoints")
     check_model(config["model"])
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     peft_config = instantiate(cfg.method, _convert_="all")
@@ -69,6 +71,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
     splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data", cfg.seed)
     log.info("data: %s", {k: v["count"] for k, v in stats["splits"].items()})
     if cfg.dry_run:
+        stats["estimate"] = dry_run_estimate(cfg, config, stats, tokenizer)
+        print_dry_run(stats)
+        write_json(run_dir / "data" / "estimate.json", stats["estimate"])
         return Run(stats=stats, tokenizer=tokenizer)
     write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed))
 
@@ -105,15 +110,39 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
     tuned = evaluate(model=trainer.model, **suite)
     log.info("tuned: %s", tuned["metrics"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}
-    from finetune.report import write_report
+    # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
+    trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    from finetune.report import write_ab_sheet, write_report
+    if cfg.dataset.task == "text" and tuned["outputs"] is not None:
+        write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
     summary = {"recipe": HydraConfig.get().runtime.choices.get("recipe", "none") if HydraConfig.initialized()
                else "none", "model": cfg.model.name, "method": cfg.method._target_.split(".")[-1],
-               "dataset": str(cfg.dataset.path), "train samples": len(splits["train"]),
+               "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
+               "train samples": len(splits["train"]), "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(time.perf_counter() - started, 1)}
     write_report(run_dir, summary, result, stats, trainer.state.log_history)
     write_json(run_dir / "metrics.json", result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
+
+
+def dry_run_estimate(cfg: DictConfig, config: dict, stats: dict, tokenizer) -> dict:
+    from finetune.estimate import estimate, tiny_size
+    size = config["model"]["size"] or tiny_size(config["model"]["tiny"], len(tokenizer))
+    return estimate(size, config["method"], cfg.quantization is not None, cfg.model.dtype, config["training"],
+                    stats["splits"]["train"]["tokens"]["total"], len(tokenizer))
+
+
+def print_dry_run(stats: dict) -> None:
+    print(f"built {stats['built']} samples; dropped: {stats['dropped'] or 'none'}")
+    for name, s in stats["splits"].items():
+        t = s["tokens"]
+        print(f"  {name:<10} {s['count']:>6} samples  labels {s['labels']}  "
+              f"tokens p50 {t['p50']:.0f} p90 {t['p90']:.0f} max {t['max']}")
+    e = stats["estimate"]
+    print(f"estimate ({e['device']}): {e['params'] / 1e6:.1f} M params, {e['trainable_params'] / 1e6:.2f} M "
+          f"trainable, ~{e['memory_gib']['total']:.1f} GiB, ~{e['seconds']:.0f} s for {e['train_tokens']} tokens")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import cli, compose, recipes
-from finetune.config import check_method, check_model, resolve, sft_config
+from finetune.config import check_method, check_model, check_training, resolve
 
 
 def test_recipes_exist():
@@ -17,8 +17,8 @@ def test_recipes_exist():
 def test_recipe_composes_and_checks(name, tmp_path):
     cfg = compose(f"recipe={name}")
     config = resolve(cfg)
-    args = sft_config(config["training"], tmp_path)
-    check_method(config["method"], args)
+    check_training(config["training"])
+    check_method(config["method"], config["training"])
     check_model(config["model"])
     assert config["dataset"]["builder"]["_target_"].startswith("finetune.data.")
     assert cfg.dataset.path == cfg.dataset.builder.path

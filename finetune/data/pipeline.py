@@ -1,4 +1,5 @@
-"""The one pipeline after every builder: build -> validate -> deduplicate -> split -> stats, cached by content.
+"""The one pipeline after every builder: build -> validate -> deduplicate -> split -> augment and rebalance the
+train split -> stats, cached by content.
 
 `prepare(cfg.dataset, tokenizer, run_dir / "data")` returns {"train": [...], "validation": [...], "test": [...]}
 and writes those splits as JSONL plus stats.json into the run directory. A second call with the same
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import Built
+from finetune.data.augment import augment, rebalance
 from finetune.errors import DataError
 from finetune.model import cache_root
 from finetune.rundir import write_json
@@ -148,6 +150,13 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path, seed: int) -> tuple[dict[
         if not samples:
             raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
         splits = split(samples, cfg.split, cfg.val_size, cfg.test_size, seed)
+        # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains
+        train = augment(splits["train"], cfg.augment.copies, cfg.augment.instruction_variants,
+                        cfg.augment.numeric_noise, seed)
+        try:
+            splits["train"] = rebalance(train, cfg.balance, seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
         stats = describe(splits, dropped, tokenizer, len(built.samples))
         stats["source"] = {"path": str(source), "sha256": source_hash(source)}
         tmp = cached.with_name(cached.name + ".tmp")

@@ -41,6 +41,7 @@ class Perplexity:
                 mask[row, : len(ids)] = 1
             device = next(model.parameters()).device
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = logits[:, -width:]  # prompt tuning puts its virtual tokens in front: score real positions only
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
             nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                   ignore_index=-100, reduction="sum")

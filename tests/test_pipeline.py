@@ -1,0 +1,114 @@
+"""The shared data pipeline: temporal split without leaks, cache, augmentation on train only, balance, errors."""
+import json
+import random
+import time
+from collections import Counter
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from finetune.data import Built
+from finetune.data.augment import jitter_numbers
+from finetune.data.pipeline import prepare
+from finetune.errors import DataError
+from finetune.model import TINY_TOKENIZER
+from finetune.paths import CONF_DIR
+
+CALLS = Counter()
+
+
+def fake_build(path, n=300, skip_bad_rows=False, bad_row=None):
+    """Samples with shuffled timestamps, labels A/B/C in 3:2:1, row `bad_row` without an answer."""
+    CALLS["build"] += 1
+    rng = random.Random(1)
+    hours = list(range(n))
+    rng.shuffle(hours)
+    samples = []
+    for i, hour in enumerate(hours):
+        label = "ABBCCC"[i % 6]
+        answer = [] if i == bad_row else [{"role": "assistant", "content": label}]
+        samples.append({"messages": [{"role": "user", "content": f"row {i} price 100.5 rsi 30"}, *answer],
+                        "label": label, "timestamp": f"2024-01-{1 + hour // 24:02d}T{hour % 24:02d}:00:00",
+                        "meta": {"i": i}})
+    return Built(samples)
+
+
+def dataset_cfg(path, **over):
+    base = OmegaConf.load(CONF_DIR / "dataset" / "_pipeline.yaml")
+    cfg = OmegaConf.merge(base, {"path": str(path), "task": "sentiment", "split": "temporal",
+                                 "builder": {"_target_": "test_pipeline.fake_build", "path": str(path)}}, over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "source.txt"
+    path.write_text("any bytes: the cache key includes them")
+    return path
+
+
+def test_temporal_split_never_trains_on_a_later_row(source, tokenizer, tmp_path):
+    splits, stats = prepare(dataset_cfg(source), tokenizer, tmp_path / "run", seed=0)
+    latest_train = max(s["timestamp"] for s in splits["train"])
+    assert latest_train < min(s["timestamp"] for s in splits["validation"])
+    assert max(s["timestamp"] for s in splits["validation"]) < min(s["timestamp"] for s in splits["test"])
+    assert [stats["splits"][k]["count"] for k in ("train", "validation", "test")] == [240, 30, 30]
+    assert stats["splits"]["train"]["last_timestamp"] == latest_train
+    on_disk = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
+    assert on_disk == splits["train"]
+
+
+def test_unchanged_inputs_are_served_from_the_cache(source, tokenizer, tmp_path):
+    CALLS.clear()
+    cfg = dataset_cfg(source, builder={"n": 3000})
+    start = time.perf_counter()
+    first, _ = prepare(cfg, tokenizer, tmp_path / "a", seed=0)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    second, _ = prepare(cfg, tokenizer, tmp_path / "b", seed=0)
+    warm = time.perf_counter() - start
+    assert CALLS["build"] == 1 and first == second
+    assert warm * 5 < cold, (cold, warm)
+    source.write_text("changed")
+    prepare(cfg, tokenizer, tmp_path / "c", seed=0)
+    assert CALLS["build"] == 2
+
+
+def test_augmentation_and_balance_touch_the_train_split_only(source, tokenizer, tmp_path):
+    cfg = dataset_cfg(source, split="random", augment={"copies": 2, "numeric_noise": 0.1}, balance="oversample")
+    splits, stats = prepare(cfg, tokenizer, tmp_path / "run", seed=0)
+    labels = Counter(s["label"] for s in splits["train"])
+    assert len(set(labels.values())) == 1 and labels["A"] > 40 * 3   # oversampled up to the largest class
+    assert any(s["meta"].get("augmented") for s in splits["train"])
+    held_out = splits["validation"] + splits["test"]
+    assert not any(s["meta"].get("augmented") for s in held_out) and len(held_out) == 60
+    held_out_rows = {s["meta"]["i"] for s in held_out}
+    assert not {s["meta"]["i"] for s in splits["train"]} & held_out_rows
+
+
+def test_numeric_noise_stays_within_bounds():
+    rng = random.Random(0)
+    for _ in range(50):
+        out = jitter_numbers("RSI: 30.0 price 200", 0.1, rng)
+        rsi, price = (float(x) for x in out.replace("RSI: ", "").split(" price "))
+        assert 27.0 <= rsi <= 33.0 and 180 <= price <= 220
+
+
+def test_a_bad_sample_is_named_or_skipped(source, tokenizer, tmp_path):
+    with pytest.raises(DataError, match=r"sample 8: last message must be the assistant's answer"):
+        prepare(dataset_cfg(source, builder={"bad_row": 7}), tokenizer, tmp_path / "a", seed=0)
+    splits, stats = prepare(dataset_cfg(source, builder={"bad_row": 7}, skip_bad_rows=True), tokenizer,
+                            tmp_path / "b", seed=0)
+    assert stats["dropped"] == {"invalid: last message must be the assistant's answer": 1}
+    assert sum(len(v) for v in splits.values()) == 299
+
+
+def test_too_few_samples_is_an_error(source, tokenizer, tmp_path):
+    with pytest.raises(DataError, match="only 3 samples"):
+        prepare(dataset_cfg(source, builder={"n": 3}), tokenizer, tmp_path / "a", seed=0)
