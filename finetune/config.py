@@ -74,17 +74,39 @@ def check_model(model: dict) -> None:
                           f"choose one of {', '.join(ATTENTION)}")
 
 
+def check_types(group: str, values: dict, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        accepted = expected_types(hints.get(key))
+        if not type_ok(value, accepted):
+            names = " or ".join(t.__name__ for t in accepted)
+            raise ConfigError(f"{group}.{key}={value!r}: expected {names}, got {type(value).__name__}")
+
+
 def check_training(training: dict) -> None:
     """Keys and plain types of `training` against trl.SFTConfig, without building it (no GPU needed)."""
     from trl import SFTConfig
     fields = sft_fields()
-    hints = typing.get_type_hints(SFTConfig)
-    for key, value in training.items():
+    for key in training:
         check_training_key(key, fields)
-        accepted = expected_types(hints.get(key))
-        if not type_ok(value, accepted):
-            names = " or ".join(t.__name__ for t in accepted)
-            raise ConfigError(f"training.{key}={value!r}: expected {names}, got {type(value).__name__}")
+    check_types("training", training, SFTConfig)
+
+
+def check_peft(method: dict) -> None:
+    """Keys and plain types of `method` against the peft config class its _target_ names."""
+    import peft
+    module, _, name = method["_target_"].rpartition(".")
+    cls = getattr(peft, name, None) if module == "peft" else None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return  # a user's own config class: instantiate() checks it
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {k: v for k, v in method.items() if k != "_target_"}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"see peft.{name}"
+            raise ConfigError(f"method.{key}: not a peft.{name} field; {hint}")
+    check_types("method", values, cls)
 
 
 def sft_config(training: dict, output_dir: Path):
@@ -105,7 +127,8 @@ def cuda_available() -> bool:
 
 
 def check_method(method: dict, training: dict) -> None:
-    """Refuse combinations that would train silently wrong."""
+    """The method's own fields, then combinations that would train silently wrong."""
+    check_peft(method)
     if method["_target_"].endswith("PrefixTuningConfig"):
         if training.get("activation_checkpointing", True) or training.get("gradient_checkpointing"):
             raise ConfigError("method=prefix with training.activation_checkpointing=true: peft's prefix-tuning "

@@ -3,6 +3,7 @@
 One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks the run directory;
 `run()` does the rest and can be called from Python with a composed config.
 """
+import json
 import logging
 import shutil
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -94,9 +96,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
     def as_dataset(samples):  # prompt/completion form: loss on the answer only
         return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
                                            for s in samples])
+    callbacks = []
+    if cfg.early_stopping.patience:
+        from transformers import EarlyStoppingCallback
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
                          eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     train_output = trainer.train()
 
     # --- save: PEFT format, written beside and renamed so a crash never leaves a half adapter
@@ -122,6 +128,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
                "train samples": len(splits["train"]), "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(time.perf_counter() - started, 1)}
+    write_json(run_dir / "manifest.json", {**json.loads((run_dir / "manifest.json").read_text()),
+                                           "seconds": summary["seconds"], "steps": summary["steps"]})
     write_report(run_dir, summary, result, stats, trainer.state.log_history)
     write_json(run_dir / "metrics.json", result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
@@ -150,12 +158,20 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg, run_dir)
-    except (ConfigError, DataError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # status.json says failed; the leaderboard lists the job as failed, the sweep goes on, and a
+            # sweeper (Optuna) counts NaN as a failed trial
+            log.exception("job failed: %s", err)
+            return float("nan")
+        if isinstance(err, (ConfigError, DataError)):
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
     print(f"run dir: {run_dir}")
-    return result.metrics.get("tuned", {}).get("perplexity")
+    # what a sweeper (Optuna) optimises: the leaderboard's metric
+    return result.metrics.get("tuned", {}).get(cfg.leaderboard.metric)
 
 
 def main() -> None:
