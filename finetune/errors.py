@@ -7,3 +7,7 @@ class ConfigError(Exception):
 
 class DataError(Exception):
     """Input data is missing or malformed; the message names the file, row/line and column."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on as configured (non-finite loss, out of memory); the message says what to change."""

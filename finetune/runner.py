@@ -3,8 +3,10 @@
 One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks the run directory;
 `run()` does the rest and can be called from Python with a composed config.
 """
+import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -19,17 +21,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import (check_method, check_model, check_training, check_training_overrides, resolve,
                              sft_config)
-from finetune.errors import ConfigError, DataError
+from finetune.errors import ConfigError, DataError, TrainingError
+from finetune.resume import resume_from
 from finetune.paths import CONF_DIR, SAMPLE_DATA_DIR
 from finetune.recipes import register
-from finetune.rundir import manifest, set_status, write_json
+from finetune.rundir import manifest, redact_hydra_dir, secret_values, set_status, write_json
 
 log = logging.getLogger("finetune")
 
 register()
 OmegaConf.register_new_resolver("sample_data", lambda name: str(SAMPLE_DATA_DIR / name), replace=True)
+OmegaConf.register_new_resolver("launch_time", lambda fmt: launch_time(fmt), use_cache=True, replace=True)
 OmegaConf.register_new_resolver("run_name", lambda recipe: "default" if recipe in (None, "none")
                                 else str(recipe).replace("/", "-"), replace=True)
+
+
+def launch_time(fmt: str) -> str:
+    """The run dir's time stamp. Hydra's ${now:} is per process, and DDP ranks started a second apart would
+    write to different dirs; ranks share their launcher (torchrun, accelerate), so they take its start time."""
+    started = time.time()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        try:
+            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime"))
+            started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass  # not Linux: set hydra.run.dir explicitly for multi-process runs
+    return time.strftime(fmt, time.localtime(started))
 
 
 @dataclass
@@ -41,20 +60,29 @@ class Run:
     tokenizer: object = None
 
 
+def is_main_process() -> bool:
+    """Under torchrun / accelerate every rank runs this file; only rank 0 writes the run directory."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Run:
     """Train and evaluate as `cfg` says, writing everything into `run_dir`."""
+    main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_status(run_dir, "running")
+    if main:
+        set_status(run_dir, "running")
     try:
-        result = _run(cfg, run_dir)
+        result = _run(cfg, run_dir, main)
     except BaseException as err:
-        set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
+        if main:
+            set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
         raise
-    set_status(run_dir, "completed")
+    if main:
+        set_status(run_dir, "completed")
     return result
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> Run:
+def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     started = time.perf_counter()
     # --- config: everything checked before data is built or weights load
     config = resolve(cfg)
@@ -70,40 +98,59 @@ def _run(cfg: DictConfig, run_dir: Path) -> Run:
     tokenizer = load_tokenizer(cfg.model)
 
     # --- data
-    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data", cfg.seed)
+    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data" if main else None, cfg.seed)
     log.info("data: %s", {k: v["count"] for k, v in stats["splits"].items()})
     if cfg.dry_run:
         stats["estimate"] = dry_run_estimate(cfg, config, stats, tokenizer)
         print_dry_run(stats)
         write_json(run_dir / "data" / "estimate.json", stats["estimate"])
         return Run(stats=stats, tokenizer=tokenizer)
-    write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed))
+    resume_checkpoint = resume_from(cfg.resume, run_dir) if main else None
+    if main:
+        secrets = secret_values(config)
+        redact_hydra_dir(run_dir, secrets)
+        write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed, secrets))
+        os.environ.setdefault("WANDB_DIR", str(run_dir))  # wandb's offline run (if chosen) lands in the run dir
 
     # --- model, and the base model's scores before any training
     import datasets
+    import torch
     from transformers import set_seed
     from trl import SFTTrainer
+    from finetune.guards import StopOnNonFiniteLoss, out_of_memory_advice
     from finetune.eval.suite import evaluate
     set_seed(cfg.seed)
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
     held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    base = evaluate(model=model, **suite)
-    log.info("base: %s", base["metrics"])
+    base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
+    log.info("base: %s", base and base["metrics"])
 
     # --- train: SFTTrainer wraps the model with the PEFT method (and prepares a k-bit base for QLoRA)
     def as_dataset(samples):  # prompt/completion form: loss on the answer only
         return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
                                            for s in samples])
-    callbacks = []
+    callbacks = [StopOnNonFiniteLoss()]
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
                          eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    train_output = trainer.train()
+    if len(trainer.train_dataset) == 0:
+        raise DataError(f"no training sample is left after tokenization (training.max_length="
+                        f"{args.max_length}): every answer was cut off; raise training.max_length")
+    if args.world_size > 1:  # each rank trains on its own shard: say which, so a log shows it
+        first = next(iter(trainer.get_train_dataloader()))["input_ids"]
+        log.info("rank %d of %d: first batch digest %s", args.process_index, args.world_size,
+                 hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:12])
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_checkpoint)
+    except torch.OutOfMemoryError as err:
+        raise TrainingError(out_of_memory_advice(config["training"])) from err
+    if not main:
+        return Run(model=trainer.model, tokenizer=tokenizer)
 
     # --- save: PEFT format, written beside and renamed so a crash never leaves a half adapter
     tmp = run_dir / ".adapter.tmp"
@@ -164,7 +211,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             # sweeper (Optuna) counts NaN as a failed trial
             log.exception("job failed: %s", err)
             return float("nan")
-        if isinstance(err, (ConfigError, DataError)):
+        if isinstance(err, (ConfigError, DataError, TrainingError)):
             log.error("%s", err)
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)

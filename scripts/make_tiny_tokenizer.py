@@ -46,7 +46,7 @@ def main() -> None:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # Chat markup is in every sample, so the tokenizer should see it the way the chat template writes it.
-    tok.train_from_iterator(texts(), trainer=trainer)
+    tok.train_from_iterator(list(texts()), trainer=trainer)  # a list: the trainer reads from other threads
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>",
                                    bos_token=None, unk_token=None, chat_template=CHAT_TEMPLATE)
     OUT.mkdir(parents=True, exist_ok=True)

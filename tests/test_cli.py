@@ -37,8 +37,7 @@ def test_recipe_from_a_user_folder(tmp_path):
     (tmp_path / "mine" / "recipe").mkdir(parents=True)
     (tmp_path / "mine" / "recipe" / "my_recipe.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /method: dora\nmethod:\n  r: 4\n")
-    out = cli("recipe=my_recipe", "--config-dir", str(tmp_path / "mine"), *FAST,
-              f"hydra.run.dir={tmp_path / 'run'}")
+    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_recipe", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert completed(tmp_path / "run")
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())

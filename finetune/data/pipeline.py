@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def prepare(cfg: DictConfig, tokenizer, out_dir: Path, seed: int) -> tuple[dict[str, list[dict]], dict]:
+def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int) -> tuple[dict[str, list[dict]], dict]:
     source = Path(cfg.path)
     if not source.exists():
         raise DataError(f"dataset.path={source}: no such file or folder")
@@ -159,17 +160,19 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path, seed: int) -> tuple[dict[
             raise DataError(str(err)) from None
         stats = describe(splits, dropped, tokenizer, len(built.samples))
         stats["source"] = {"path": str(source), "sha256": source_hash(source)}
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))  # one per process
         for name in SPLITS:
             write_jsonl(tmp / f"{name}.jsonl", splits[name])
         write_json(tmp / "stats.json", stats)
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.replace(cached)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (*SPLITS, "stats"):
-        suffix = ".json" if name == "stats" else ".jsonl"
-        shutil.copyfile(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
-    splits = {name: read_jsonl(out_dir / f"{name}.jsonl") for name in SPLITS}
-    return splits, json.loads((out_dir / "stats.json").read_text())
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process (a DDP rank) built the same data first: same content, keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    if out_dir is not None:  # the run dir's copy (rank 0 only)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (*SPLITS, "stats"):
+            suffix = ".json" if name == "stats" else ".jsonl"
+            shutil.copyfile(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
+    splits = {name: read_jsonl(cached / f"{name}.jsonl") for name in SPLITS}
+    return splits, json.loads((cached / "stats.json").read_text())

@@ -1,0 +1,132 @@
+"""Reliability: resume after SIGKILL to the same result, incomplete checkpoints, NaN, secrets, no network."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli
+from finetune.errors import ConfigError
+from finetune.resume import NEEDED, resume_from
+
+RESUMABLE = ["training.max_steps=30", "training.save_steps=5", "training.eval_steps=5", "training.logging_steps=5",
+             "training.save_total_limit=3", "training.load_best_model_at_end=false", "eval.max_samples=8"]
+
+
+def final_log(run_dir: Path) -> dict:
+    last = max((p for p in (run_dir / "checkpoints").glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+def start(run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli(*RESUMABLE, f"hydra.run.dir={straight}").returncode == 0
+    ckpt = killed / "checkpoints"
+    kill_points = [
+        lambda: (ckpt / "checkpoint-10").is_dir(),                       # the moment a save starts: mid-save
+        lambda: (ckpt / "checkpoint-15" / "trainer_state.json").is_file(),  # just after a complete save
+        lambda: (ckpt / "checkpoint-20" / "adapter_model.safetensors").is_file(),  # mid-save, adapter written
+    ]
+    for ready in kill_points:
+        kill_when(start(killed), ready)
+        assert json.loads((killed / "status.json").read_text())["status"] == "running"
+        assert not (killed / "metrics.json").exists() and not (killed / "adapter").exists()
+    out = cli(*RESUMABLE, f"hydra.run.dir={killed}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in (killed / "finetune.log").read_text()
+    a, b = final_log(straight), final_log(killed)
+    assert set(a) == set(b) == {5, 10, 15, 20, 25, 30}
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
+    weights_a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    weights_b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(name.count("lora_A") <= 1 and name.count("base_model.model") == 1 for name in weights_b)
+    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) < 1e-4
+
+
+def fake_checkpoint(folder: Path, step: int, complete: bool) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in NEEDED:
+        (path / name).write_text("{}")
+    if not complete:
+        (path / "trainer_state.json").write_text('{"log_hist')  # killed while writing it
+    return path
+
+
+def test_incomplete_checkpoint_is_deleted_and_never_resumed(tmp_path):
+    good = fake_checkpoint(tmp_path / "checkpoints", 10, complete=True)
+    bad = fake_checkpoint(tmp_path / "checkpoints", 20, complete=False)
+    assert resume_from("auto", tmp_path) == str(good)
+    assert not bad.exists()
+    with pytest.raises(ConfigError, match="incomplete"):
+        resume_from(str(fake_checkpoint(tmp_path / "other", 5, complete=False)), tmp_path)
+
+
+def test_resume_false_starts_over_and_true_needs_a_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoints", 10, complete=True)
+    assert resume_from(False, tmp_path) is None and not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resume_from(True, tmp_path)
+    assert resume_from("auto", tmp_path) is None
+
+
+def test_nan_loss_stops_with_advice(tmp_path):
+    out = cli("training.learning_rate=1e38", "training.max_steps=20", "eval.max_samples=8", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 1
+    assert "loss became nan" in out.stderr and "lower training.learning_rate" in out.stderr
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and "nan" in status["error"]
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_secrets_appear_in_no_saved_file(tmp_path):
+    secrets = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_token_91ab"}
+    env = {**os.environ, **secrets}
+    out = subprocess.run([sys.executable, "-m", "finetune", "+api_key=sk-config-secret-42", "training.max_steps=6",
+                          "eval.max_samples=8", f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        data = path.read_bytes()
+        for value in (*secrets.values(), "sk-config-secret-42"):
+            assert value.encode() not in data, f"{value} found in {path}"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["api_key"] == "<redacted>"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0,
+                    reason="needs a network namespace (unshare -n)")
+def test_default_recipe_runs_with_no_network(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "WANDB_MODE")}  # our defaults only
+    out = subprocess.run(["unshare", "-n", sys.executable, "-m", "finetune", "training.max_steps=10",
+                          "eval.max_samples=8", f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
