@@ -1,0 +1,265 @@
+"""Decision records builder (seed 002): JSONL of trading decisions with outcome labels -> JSON actions.
+
+One JSON object per line, the seed's `training_data` export (extra keys are ignored):
+
+    {"conversation_id": "d-0042", "timestamp": "2025-10-31T10:00:00Z",
+     "input": {"market_data": {"BTC": {"price": 68500.0, "change_24h": 0.025, "trend": "bullish",
+                                       "rsi": 62.5, "macd_signal": "positive"},
+                               "market_regime": "normal"},
+               "account_state": {"balance": 600.0, "positions": [], "permission_level": "L2"},
+               "recent_history": [{"action": "hold", "symbol": "BTC", "label": "good_decision"}]},
+     "output": {"action": "open_long", "symbol": "BTC", "size_usd": 60.0, "leverage": 2,
+                "stop_loss_pct": 0.02, "take_profit_pct": 0.05, "reasoning": "...", "confidence": 0.75},
+     "result": {"profitable": true, "pnl": 2.5, "duration_hours": 6, "exit_reason": "take_profit"},
+     "label": "excellent_decision"}
+
+Outcome labels: excellent / good / acceptable_loss / bad, with or without the seed's "_decision" suffix;
+"neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that become
+samples, default excellent + good: the seed's export also keeps bad decisions, but its trainer imitates
+every exported output, so it would teach the model the decisions that lost money. Records with another
+outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever skip_bad_rows says.
+
+The sample: input -> user prompt, one line per part; nested values are written as compact JSON; only
+the last `history_items` entries of recent_history (taken as oldest first) are shown, and no History line
+when it is empty:
+
+    user: "BTC: price 68500, change_24h 0.025, trend bullish, rsi 62.5, macd_signal positive
+           market_regime: normal
+           Account: balance 600, positions [], permission_level L2
+           History: action hold, symbol BTC, label good_decision"
+    assistant: {"action":"BUY","symbol":"BTC","size":60,"leverage":2,"stop_loss":0.02,"take_profit":0.05,
+                "confidence":0.75,"reasoning":"..."}        (compact JSON, one line; label "BUY")
+
+Actions are normalised: open_long / long / buy / 买入 / 做多 -> BUY; open_short / short / sell / 卖出 / 做空
+-> SELL (open a short); hold / wait / 观望 -> HOLD; close / close_long / close_short / 平仓 -> CLOSE.
+size is output.size_usd (or size), stop_loss / take_profit are stop_loss_pct / take_profit_pct (or the
+bare names), fractions as given. Keys without a value are left out (a HOLD is just
+{"action":"HOLD","confidence":0.6,"reasoning":"..."}): fewer tokens to learn and to generate.
+A confidence above 1 is a percentage (75 -> 0.75).
+The reasoning is cut to `max_reasoning_chars` (null: kept whole) so answers stay short.
+
+Bad records (raise DataError naming the file, line and field, or skip and count with skip_bad_rows=True):
+"malformed_json" (incl. a line that is not an object), "missing_field" (timestamp, input.market_data,
+input.account_state, output.action, label; output.symbol for BUY / SELL / CLOSE and output.size_usd for
+BUY / SELL), "unknown_outcome", "unknown_action", "bad_value" (a non-number where a number belongs, a
+market_data or account_state that is not an object), "bad_timestamp". Blank lines are ignored.
+
+Example sample:
+    {"messages": [{"role": "system", "content": "You are a crypto trading AI. Reply with one JSON decision."},
+                  {"role": "user", "content": "BTC: price 68500, ...\\nAccount: balance 600, ..."},
+                  {"role": "assistant", "content": "{\\"action\\":\\"BUY\\",\\"symbol\\":\\"BTC\\",...}"}],
+     "label": "BUY", "timestamp": "2025-10-31T10:00:00",
+     "meta": {"line": 1, "conversation_id": "d-0042", "symbol": "BTC", "outcome": "excellent", "pnl": 2.5}}
+"""
+import json
+import math
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from finetune.data import Built
+from finetune.errors import ConfigError, DataError
+
+OUTCOMES = ("excellent", "good", "acceptable_loss", "bad", "neutral", "pending")
+ACTIONS = {
+    "BUY": ("buy", "long", "open_long", "买入", "做多", "开多"),
+    "SELL": ("sell", "short", "open_short", "卖出", "做空", "开空"),
+    "HOLD": ("hold", "wait", "none", "no_action", "观望", "持有"),
+    "CLOSE": ("close", "close_long", "close_short", "close_all", "close_position", "平仓"),
+}
+# answer key -> the record's output keys, in lookup order (the seed's name first)
+NUMBERS = {"size": ("size_usd", "size"), "leverage": ("leverage",),
+           "stop_loss": ("stop_loss_pct", "stop_loss"), "take_profit": ("take_profit_pct", "take_profit"),
+           "confidence": ("confidence",)}
+SYSTEM_PROMPT = "You are a crypto trading AI. Reply with one JSON decision."
+
+
+def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), history_items=3,
+          max_reasoning_chars=200, system_prompt=SYSTEM_PROMPT, encoding="utf-8-sig") -> Built:
+    path = Path(path)
+    name = path.name
+    train = {_outcome(o) for o in ([train_outcomes] if isinstance(train_outcomes, str) else train_outcomes)}
+    if not train or not train <= set(OUTCOMES):
+        raise ConfigError(f"dataset.builder.train_outcomes={list(train_outcomes)}: choose from {', '.join(OUTCOMES)}")
+    if type(history_items) is not int or history_items < 0:
+        raise ConfigError(f"dataset.builder.history_items={history_items!r}: a number of entries, 0 or more")
+    if max_reasoning_chars is not None and (type(max_reasoning_chars) is not int or max_reasoning_chars < 1):
+        raise ConfigError(f"dataset.builder.max_reasoning_chars={max_reasoning_chars!r}: a positive integer or null")
+    if not path.is_file():
+        raise DataError(f"{name}: file not found ({path}); set dataset.path to the decisions JSONL file")
+    dropped, samples, n_records = Counter(), [], 0
+
+    def bad(reason, line, message):
+        if not skip_bad_rows:
+            raise DataError(f"{name}: line {line}, {message}; fix the record or set dataset.skip_bad_rows=true")
+        dropped[reason] += 1
+
+    try:
+        with open(path, encoding=encoding) as f:
+            lines = list(enumerate(f, 1))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
+    for line, text in lines:
+        if not text.strip():
+            continue
+        n_records += 1
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad("malformed_json", line, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            bad("malformed_json", line, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        # ---- outcome first: records that will not train are counted, not checked further
+        if record.get("label") is None:
+            bad("missing_field", line, "field 'label' is missing (excellent / good / acceptable_loss / bad)")
+            continue
+        outcome = _outcome(record["label"])
+        if outcome not in OUTCOMES:
+            bad("unknown_outcome", line, f"field 'label': unknown outcome {record['label']!r} "
+                f"(known: {', '.join(OUTCOMES)}, with or without '_decision')")
+            continue
+        if outcome not in train:
+            dropped[f"outcome_{outcome}"] += 1
+            continue
+        # ---- required fields
+        given, output = record.get("input"), record.get("output")
+        fields = {"timestamp": record.get("timestamp"),
+                  "input.market_data": given.get("market_data") if isinstance(given, dict) else None,
+                  "input.account_state": given.get("account_state") if isinstance(given, dict) else None,
+                  "output.action": output.get("action") if isinstance(output, dict) else None}
+        missing = [k for k, v in fields.items() if v is None or v == "" or v == {}]
+        if missing:
+            bad("missing_field", line, f"field '{missing[0]}' is missing")
+            continue
+        timestamp = _iso(fields["timestamp"])
+        if timestamp is None:
+            bad("bad_timestamp", line, f"field 'timestamp': {fields['timestamp']!r} is not a date-time")
+            continue
+        not_object = [k for k in ("input.market_data", "input.account_state") if not isinstance(fields[k], dict)]
+        if not_object:
+            bad("bad_value", line, f"field '{not_object[0]}' must be a JSON object, "
+                f"got {type(fields[not_object[0]]).__name__}")
+            continue
+        action = _action(fields["output.action"])
+        if action is None:
+            bad("unknown_action", line, f"field 'output.action': unknown action {fields['output.action']!r} "
+                "(known: " + ", ".join(w for words in ACTIONS.values() for w in words) + ")")
+            continue
+        # ---- the answer
+        answer = {"action": action, "symbol": output.get("symbol")}
+        bad_number = None
+        for key, sources in NUMBERS.items():
+            source = next((s for s in sources if output.get(s) is not None), sources[0])
+            value = output.get(source)
+            number = _number(value)
+            if value is not None and number is None:
+                bad_number = f"field 'output.{source}': {value!r} is not a number"
+                break
+            answer[key] = number
+        if bad_number:
+            bad("bad_value", line, bad_number)
+            continue
+        need = ["symbol"] * (action != "HOLD") + ["size"] * (action in ("BUY", "SELL"))
+        absent = [k for k in need if answer[k] in (None, "")]
+        if absent:
+            bad("missing_field", line, f"field 'output.{'size_usd' if absent[0] == 'size' else 'symbol'}' "
+                f"is missing, which a {action} decision needs")
+            continue
+        if answer["confidence"] is not None:
+            confidence = answer["confidence"] / 100 if answer["confidence"] > 1 else answer["confidence"]
+            answer["confidence"] = round(min(max(confidence, 0.0), 1.0), 4)
+        answer["reasoning"] = _short(output.get("reasoning"), max_reasoning_chars)
+        history = given.get("recent_history") or []
+        history = history[-history_items:] if isinstance(history, list) and history_items else []
+        user = "\n".join([*(f"{k}: {_render(v)}" for k, v in fields["input.market_data"].items()),
+                          f"Account: {_render(fields['input.account_state'])}",
+                          *(["History: " + " | ".join(_render(h) for h in history)] if history else [])])
+        answer = {k: v for k, v in answer.items() if v not in (None, "")}  # a HOLD needs no size: fewer tokens
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False, separators=(",", ":"))}]
+        result = record.get("result") if isinstance(record.get("result"), dict) else {}
+        samples.append({"messages": messages, "label": action, "timestamp": timestamp,
+                        "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
+                                 "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
+                                 "pnl": _number(result.get("pnl"))}})
+    if not samples:
+        raise DataError(f"{name}: no samples left from {n_records} records (dropped: "
+                        f"{dict(dropped) or 'none, the file is empty'}); train_outcomes={sorted(train)}")
+    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["line"]))
+    return Built(samples, dropped)
+
+
+def _outcome(label):
+    text = str(label).strip().lower()
+    return text[:-len("_decision")] if text.endswith("_decision") else text
+
+
+def _action(value):
+    word = str(value).strip().lower()
+    return next((action for action, words in ACTIONS.items() if word in words), None)
+
+
+def _render(value):
+    """A dict as 'key value, key value' (nested values as compact JSON); anything else as one short line."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_render_leaf(v)}" for k, v in value.items())
+    return _render_leaf(value)
+
+
+def _render_leaf(value):
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return " ".join(str(value).split())
+
+
+def _short(text, limit):
+    text = " ".join(str(text).split()) if text is not None else ""
+    return text if limit is None or len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def _number(value):
+    """A finite number (int kept int, 60.0 -> 60) from a number or numeric text; None otherwise."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    return int(number) if number.is_integer() else round(number, 6)
+
+
+def _scalar(value):
+    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+
+
+def _iso(value):
+    """ISO text ('2025-10-31T10:00:00Z', with a space or an offset) or epoch seconds/ms -> ISO, UTC if zoned."""
+    if value is None or isinstance(value, bool) or str(value).strip() == "":
+        return None
+    try:
+        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
+        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
+            seconds = float(value)
+            seconds = seconds / 1000 if seconds > 1e11 else seconds
+            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed.isoformat()
+
+
+def _fromisoformat(text):
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None

@@ -1,0 +1,388 @@
+"""Trade signals builder (seed 000): SQLite `trades` LEFT JOIN `signals` on timestamp -> BUY / SELL / HOLD + confidence.
+
+Input schema (the seed's; extra columns are ignored; any name can be changed with `columns`):
+
+    trades(id INTEGER PRIMARY KEY, timestamp TEXT, symbol TEXT, entry_price REAL, exit_price REAL,
+           pnl_percent REAL, action_taken TEXT, position_size REAL, leverage REAL, status TEXT, ...)
+    signals(id INTEGER PRIMARY KEY, timestamp TEXT, market_data TEXT, ai_signal TEXT,
+            signal_confidence REAL, ...)
+
+One sample per closed trade, read with the seed's query
+
+    SELECT ... FROM trades t LEFT JOIN signals s ON t.timestamp = s.timestamp
+    WHERE t.pnl_percent IS NOT NULL AND t.status = 'closed'       -- status compared case-insensitively
+
+`market_data` holds the JSON snapshot the signal was made from, in the seed's nested shape or flat:
+
+    {"symbol": "BTC/USDT", "price": 50000, "change_percent": 2.5, "volume_ratio": 1.4,
+     "technical": {"rsi": 28.4, "macd_state": "golden_cross", "trend_direction": "bullish",
+                   "trend_strength": 0.65, "atr_percent": 2.5, "bb_position": 20}}
+
+Each known indicator (INDICATORS below; looked up in "technical" first, then at the top level) becomes one
+prompt line; other keys are ignored. Trend words are normalised (up / 上涨 / 多头 -> bullish, ...).
+
+Labels (`label_rule`):
+- pnl (default; the seed labels a trade by its outcome): pnl_percent is the trade's own return in percent
+  (5.0 = 5 %). Above `profit_threshold` (5) the trade confirms its direction: a long -> BUY, a short -> SELL.
+  Below `loss_threshold` (-3) it was on the wrong side of the move: `loss_label: opposite` (default) labels
+  the other direction, since that side would have made the money; `loss_label: HOLD` says "do not trade
+  this set-up". In between the move did not pay for the risk: HOLD. The direction comes from action_taken
+  (BUY / long / open_long / 买入 / 做多 ..., SELL / short / ...), else from the prices (exit above entry
+  with a profit is a long); a trade with neither is a bad row ("unknown_direction").
+- indicators (the seed's auto-labelling rule): RSI < rsi_oversold (35) and bullish -> BUY; RSI >
+  rsi_overbought (65) and bearish -> SELL; bullish / bearish with trend_strength > strong_trend (0.6) ->
+  BUY / SELL; else HOLD. market_data must then carry rsi, trend_direction and trend_strength (a missing
+  one is a bad row, "missing_indicator": the seed's silent defaults RSI 50 / neutral would invent a HOLD).
+
+Confidence: the signal row's signal_confidence when set and its ai_signal agrees with the label (or is NULL),
+as a fraction (a value above 1 is a percentage: 75 -> 0.75); otherwise how strongly the indicators back the
+label: the indicator rule's confidence (0.6 + RSI distance past the threshold / 100, or 0.5 + strength / 4,
+or 0.55 for HOLD) when the rule gives the same signal, else 0.5. Two decimals, within [0, 1].
+
+Skipped and counted in `dropped` whatever skip_bad_rows says (normal in a live trade log): "not_closed"
+(status is not `closed_status`), "null_pnl" (closed, pnl NULL), "no_signal" (no signal row at the trade's
+timestamp, or NULL market_data: there is nothing to prompt with, and a label without its market data
+teaches nothing). Several signal rows at one timestamp: the first (lowest rowid) is used.
+Bad rows (raise DataError naming the file, table, row id and column, or skip and count with
+skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number), "bad_market_data" (not a JSON object),
+"bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
+"unknown_direction". `limit` keeps the most recent samples, like the seed's ORDER BY timestamp DESC LIMIT.
+
+meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
+direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
+(pnl_percent for a long, -pnl_percent for a short, None if the direction is unknown): a BUY / SELL backtest
+of the answers needs that one, not pnl_percent, whose sign flips for shorts.
+
+Example sample:
+    {"messages": [{"role": "system", "content": "You are a crypto trading assistant. ..."},
+                  {"role": "user", "content": "Symbol: BTC/USDT\\nPrice: 50000\\nChange 24h: 2.5\\nRSI: 28.4\\n"
+                                              "MACD: golden_cross\\nTrend: bullish\\nTrend strength: 0.65\\n"
+                                              "ATR%: 2.5\\nBB position: 20\\nVolume ratio: 1.4"},
+                  {"role": "assistant", "content": "{\\"signal\\": \\"BUY\\", \\"confidence\\": 0.72}"}],
+     "label": "BUY", "timestamp": "2024-03-05T09:00:00",
+     "meta": {"trade_id": 17, "symbol": "BTC/USDT", "pnl_percent": 6.1, "entry_price": 50000.0,
+              "exit_price": 53050.0, "action_taken": "BUY", "direction": "long", "return_percent": 6.1}}
+"""
+import json
+import logging
+import math
+import re
+import sqlite3
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from finetune.data import Built
+from finetune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SYSTEM_PROMPT = "You are a crypto trading assistant. Answer with a JSON signal and confidence."
+# logical name -> default column: TRADE_COLUMNS live in the trades table, SIGNAL_COLUMNS in the signals table
+COLUMNS = {"timestamp": "timestamp", "symbol": "symbol", "entry_price": "entry_price", "exit_price": "exit_price",
+           "pnl_percent": "pnl_percent", "action_taken": "action_taken", "status": "status",
+           "signal_timestamp": "timestamp", "market_data": "market_data", "ai_signal": "ai_signal",
+           "signal_confidence": "signal_confidence"}
+TRADE_COLUMNS = ("timestamp", "symbol", "entry_price", "exit_price", "pnl_percent", "action_taken", "status")
+SIGNAL_COLUMNS = ("signal_timestamp", "market_data", "ai_signal", "signal_confidence")
+OPTIONAL = {"entry_price", "exit_price", "action_taken", "ai_signal", "signal_confidence"}  # may be null
+# (prompt label, market_data keys in lookup order, numeric?)
+INDICATORS = (
+    ("Price", ("price", "current_price", "close"), True),
+    ("Change 24h", ("change_percent", "change_24h", "price_change_24h"), True),
+    ("RSI", ("rsi", "rsi_14"), True),
+    ("MACD", ("macd_state", "macd", "macd_signal"), False),
+    ("Trend", ("trend_direction", "trend"), False),
+    ("Trend strength", ("trend_strength",), True),
+    ("ATR%", ("atr_percent", "atr_pct"), True),
+    ("BB position", ("bb_position",), True),
+    ("Volume ratio", ("volume_ratio", "vol_ratio"), True),
+)
+TRENDS = {"bullish": ("bullish", "bull", "up", "uptrend", "上涨", "上升", "多头", "看涨"),
+          "bearish": ("bearish", "bear", "down", "downtrend", "下跌", "下降", "空头", "看跌")}
+DIRECTIONS = {"long": ("buy", "long", "open_long", "close_long", "买入", "做多", "开多"),
+              "short": ("sell", "short", "open_short", "close_short", "卖出", "做空", "开空")}
+SIGNAL_OF = {"long": "BUY", "short": "SELL"}
+
+
+def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
+          closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
+          loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
+          system_prompt=SYSTEM_PROMPT, limit=None) -> Built:
+    cols = _columns_option(columns)
+    if label_rule not in ("pnl", "indicators"):
+        raise ConfigError(f"dataset.builder.label_rule={label_rule!r}: choose pnl or indicators")
+    if loss_label not in ("opposite", "HOLD"):
+        raise ConfigError(f"dataset.builder.loss_label={loss_label!r}: choose opposite or HOLD")
+    if not loss_threshold < profit_threshold:
+        raise ConfigError(f"dataset.builder: loss_threshold={loss_threshold} must be below "
+                          f"profit_threshold={profit_threshold}")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ConfigError(f"dataset.builder.limit={limit!r}: a positive integer, or null for all trades")
+    rule = {"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend}
+    name = Path(path).name
+    dropped = Counter()
+
+    def bad(reason, where, message):
+        if not skip_bad_rows:
+            raise DataError(f"{name}: {where}: {message}; fix the row or set dataset.skip_bad_rows=true")
+        dropped[reason] += 1
+
+    # ---- read (read-only; every name checked against the schema before it reaches SQL)
+    con = _connect(path)
+    try:
+        trade_cols = {k: cols[k] for k in TRADE_COLUMNS if cols[k]}
+        signal_cols = {k: cols[k] for k in SIGNAL_COLUMNS if cols[k]}
+        _check_columns(con, name, trades_table, list(trade_cols.values()))
+        _check_columns(con, name, signals_table, list(signal_cols.values()))
+        pnl, status = f't."{cols["pnl_percent"]}"', f't."{cols["status"]}"'
+        total, not_closed, null_pnl = con.execute(
+            f'SELECT COUNT(*), COALESCE(SUM(LOWER({status}) IS NOT LOWER(?)), 0), '
+            f'COALESCE(SUM(LOWER({status}) = LOWER(?) AND {pnl} IS NULL), 0) FROM "{trades_table}" t',
+            (closed_status, closed_status)).fetchone()
+        select = [f't."{cols[k]}"' if cols[k] else "NULL" for k in TRADE_COLUMNS[:-1]]
+        select += [f's."{cols[k]}"' if cols[k] else "NULL" for k in SIGNAL_COLUMNS[1:]]
+        rows = con.execute(
+            f'SELECT t.rowid, s.rowid, {", ".join(select)} FROM "{trades_table}" t '
+            f'LEFT JOIN "{signals_table}" s ON t."{cols["timestamp"]}" = s."{cols["signal_timestamp"]}" '
+            f'WHERE {pnl} IS NOT NULL AND LOWER({status}) = LOWER(?) ORDER BY t.rowid, s.rowid',
+            (closed_status,)).fetchall()
+    except sqlite3.DatabaseError as e:  # e.g. a file that is not a database
+        raise DataError(f"{name}: cannot read the database ({e}); is dataset.path an SQLite file?") from e
+    finally:
+        con.close()
+    if total == 0:
+        raise DataError(f"{name}: table '{trades_table}' is empty")
+    dropped.update({k: v for k, v in (("not_closed", not_closed), ("null_pnl", null_pnl)) if v})
+
+    # ---- one sample per closed trade
+    samples, seen, extra_signals = [], set(), 0
+    for (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
+         market_data, ai_signal, signal_confidence) in rows:
+        if trade_id in seen:  # a second signal row at the same timestamp
+            extra_signals += 1
+            continue
+        seen.add(trade_id)
+        at = f"table '{trades_table}' row id {trade_id}"
+        pnl_value = _number(raw_pnl)
+        if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
+            bad("bad_pnl", f"{at}, column '{cols['pnl_percent']}'", f"{raw_pnl!r} is not a number")
+            continue
+        timestamp = _iso(ts)
+        if timestamp is None:
+            bad("bad_timestamp", f"{at}, column '{cols['timestamp']}'", f"{ts!r} is not a date-time")
+            continue
+        if signal_id is None or market_data is None:
+            dropped["no_signal"] += 1
+            continue
+        at_signal = f"table '{signals_table}' row id {signal_id} (trade id {trade_id}), column '{cols['market_data']}'"
+        try:
+            snapshot = json.loads(market_data) if isinstance(market_data, (str, bytes)) else market_data
+        except json.JSONDecodeError as e:
+            bad("bad_market_data", at_signal, f"invalid JSON ({e.msg} at char {e.pos})")
+            continue
+        if not isinstance(snapshot, dict):
+            bad("bad_market_data", at_signal, f"expected a JSON object, got {type(snapshot).__name__}")
+            continue
+        try:
+            lines, values = _indicators(snapshot)
+        except ValueError as e:
+            bad("bad_indicator", at_signal, str(e))
+            continue
+        if not lines:
+            bad("no_indicators", at_signal, "no known indicator (keys looked for: "
+                + ", ".join(k for _, keys, _ in INDICATORS for k in keys) + ")")
+            continue
+        ruled = _rule(values, rule)
+        direction = _direction(action, entry, exit_, pnl_value)
+        if label_rule == "indicators":
+            if ruled is None:
+                missing = [k for k in ("rsi", "trend_direction", "trend_strength") if values.get(k) is None]
+                bad("missing_indicator", at_signal, f"no '{missing[0]}', which label_rule=indicators needs")
+                continue
+            label = ruled[0]
+        else:
+            if direction is None:
+                bad("unknown_direction", f"{at}, column '{cols['action_taken']}'",
+                    f"{action!r} is neither a buy nor a sell, and the prices do not tell the direction")
+                continue
+            label = _pnl_label(pnl_value, direction, profit_threshold, loss_threshold, loss_label)
+        confidence = _confidence(label, ai_signal, signal_confidence, ruled)
+        symbol = symbol if symbol is not None else snapshot.get("symbol")
+        user = "\n".join(([f"Symbol: {symbol}"] if symbol is not None else []) + lines)
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})}]
+        sign = {"long": 1, "short": -1}.get(direction)
+        samples.append({"messages": messages, "label": label, "timestamp": timestamp,
+                        "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
+                                 "pnl_percent": pnl_value, "entry_price": _number(entry),
+                                 "exit_price": _number(exit_), "action_taken": None if action is None else str(action),
+                                 "direction": direction,
+                                 "return_percent": None if sign is None else sign * pnl_value}})
+    if extra_signals:
+        log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
+                    name, extra_signals, signals_table)
+    if not samples:
+        raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
+                        f"{dict(dropped) or 'none'}); check closed_status={closed_status!r} and that "
+                        f"'{signals_table}' rows share the trades' timestamps")
+    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["trade_id"]))
+    return Built(samples[-limit:] if limit else samples, dropped)
+
+
+# ---- market data -> prompt lines and the values the rules read
+
+def _indicators(snapshot):
+    """(prompt lines, {rsi, trend_direction, trend_strength}); ValueError names a bad value."""
+    technical = snapshot.get("technical") if isinstance(snapshot.get("technical"), dict) else {}
+    lines, values = [], {}
+    for label, keys, numeric in INDICATORS:
+        key, value = next(((k, src[k]) for src in (technical, snapshot) for k in keys if src.get(k) is not None),
+                          (keys[0], None))
+        if value is None:
+            continue
+        if numeric:
+            number = _number(value)
+            if number is None:
+                raise ValueError(f"'{key}' is {value!r}, not a number")
+            value, text = number, _fmt(number)
+        elif isinstance(value, (dict, list)):
+            raise ValueError(f"'{key}' is {json.dumps(value, ensure_ascii=False)[:40]}, not a single value")
+        else:
+            text = str(value).strip()
+            if label == "Trend":
+                text = next((t for t, words in TRENDS.items() if text.lower() in words), text)
+                value = text
+        values[keys[0]] = value
+        lines.append(f"{label}: {text}")
+    return lines, values
+
+
+def _rule(values, t):
+    """The seed's indicator rule -> (signal, confidence), or None without rsi / trend / strength."""
+    rsi, trend, strength = values.get("rsi"), values.get("trend_direction"), values.get("trend_strength")
+    if rsi is None or trend is None or strength is None:
+        return None
+    if rsi < t["oversold"] and trend == "bullish":
+        return "BUY", 0.6 + (t["oversold"] - rsi) / 100
+    if rsi > t["overbought"] and trend == "bearish":
+        return "SELL", 0.6 + (rsi - t["overbought"]) / 100
+    if trend in ("bullish", "bearish") and strength > t["strong"]:
+        return ("BUY" if trend == "bullish" else "SELL"), 0.5 + strength / 4
+    return "HOLD", 0.55
+
+
+def _pnl_label(pnl, direction, profit, loss, loss_label):
+    if pnl > profit:
+        return SIGNAL_OF[direction]
+    if pnl < loss:
+        return SIGNAL_OF["short" if direction == "long" else "long"] if loss_label == "opposite" else "HOLD"
+    return "HOLD"
+
+
+def _direction(action, entry, exit_, pnl):
+    word = str(action).strip().lower() if action is not None else ""
+    for direction, words in DIRECTIONS.items():
+        if word in words:
+            return direction
+    entry, exit_ = _number(entry), _number(exit_)
+    if entry is None or exit_ is None or entry == exit_ or pnl == 0:
+        return None
+    return "long" if (exit_ > entry) == (pnl > 0) else "short"
+
+
+def _confidence(label, ai_signal, signal_confidence, ruled):
+    given = _number(signal_confidence)
+    agrees = ai_signal is None or _signal_word(ai_signal) == label
+    if given is not None and given >= 0 and agrees:
+        value = given / 100 if given > 1 else given
+    else:
+        value = ruled[1] if ruled is not None and ruled[0] == label else 0.5
+    return round(min(max(value, 0.0), 1.0), 2)
+
+
+def _signal_word(value):
+    word = str(value).strip().lower()
+    for direction, words in DIRECTIONS.items():
+        if word in words:
+            return SIGNAL_OF[direction]
+    return "HOLD" if word in ("hold", "wait", "观望", "持有") else word.upper()
+
+
+def _number(value):
+    """A finite float from a number or numeric text; None otherwise (bool is not a number)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(number):
+    """43123.45 -> '43123.45', 45.0 -> '45': short and exact enough for a prompt."""
+    return f"{number:.4f}".rstrip("0").rstrip(".")
+
+
+# ---- options and schema
+
+def _columns_option(columns):
+    unknown = sorted(set(columns or {}) - set(COLUMNS))
+    if unknown:
+        raise ConfigError(f"dataset.builder.columns: unknown key {unknown[0]!r} (choices: {', '.join(COLUMNS)})")
+    cols = {**COLUMNS, **dict(columns or {})}
+    for key, value in cols.items():
+        if value is None and key not in OPTIONAL:
+            raise ConfigError(f"dataset.builder.columns.{key} is required (only {', '.join(sorted(OPTIONAL))} "
+                              "may be null)")
+    return cols
+
+
+def _connect(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path.name}: file not found ({path}); set dataset.path to the SQLite database")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _check_columns(con, name, table, columns):
+    for item in [table, *columns]:
+        if not isinstance(item, str) or not NAME.match(item):
+            raise ConfigError(f"dataset.builder: {item!r} is not a valid table or column name")
+    tables = [r[0] for r in con.execute(
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")]
+    if table not in tables:
+        found = ", ".join(tables) if tables else "none: the database is empty"
+        raise DataError(f"{name}: no table '{table}' (found: {found})")
+    found = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise DataError(f"{name}: table '{table}' has no column '{missing[0]}' (found: {', '.join(found)}); "
+                        "map it with dataset.builder.columns")
+
+
+def _iso(value):
+    """ISO text ('2024-03-05 09:00:00', with T, Z or an offset) or epoch seconds/ms -> ISO, UTC if zoned."""
+    if value is None or isinstance(value, bool) or str(value).strip() == "":
+        return None
+    try:
+        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
+        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
+            seconds = float(value)
+            seconds = seconds / 1000 if seconds > 1e11 else seconds
+            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed.isoformat()
+
+
+def _fromisoformat(text):
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None

@@ -1,0 +1,85 @@
+"""Sweeps and processes: leaderboard with a failed job, Optuna, submitit's local launcher, two CPU ranks, trackers."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli
+
+TINY = ["training.max_steps=6", "training.eval_steps=3", "training.save_steps=3", "eval.max_samples=8"]
+
+
+def leaderboard(sweep_dir):
+    with open(sweep_dir / "leaderboard.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_grid_leaderboard_best_first_with_a_failed_job(tmp_path):
+    out = cli("-m", "training.learning_rate=1e-3,5e-3", "method.r=4,oops", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = leaderboard(tmp_path)
+    assert len(rows) == 4
+    done = [r for r in rows if r["status"] == "completed"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(done) == 2 and len(failed) == 2 and rows[:2] == done      # failed rows last
+    assert float(done[0]["perplexity"]) <= float(done[1]["perplexity"])  # best (lowest) first
+    assert all("method.r=oops" in r["overrides"] and "method.r" in r["error"] for r in failed)
+    assert "Failed jobs" in (tmp_path / "leaderboard.md").read_text()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_best_value_is_the_leaderboards_top(tmp_path):
+    out = cli("-m", "recipe=sweeps/optuna_tiny", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())["best_value"]
+    rows = leaderboard(tmp_path)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    assert float(rows[0]["perplexity"]) == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_jobs(tmp_path):
+    out = cli("-m", "hydra/launcher=local", "training.learning_rate=1e-3,3e-3", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = leaderboard(tmp_path)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_cpu_ranks_share_one_run_dir_and_train_on_different_shards(tmp_path):
+    out = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "finetune", *TINY], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/status.json")]
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert len(list(tmp_path.rglob("adapter_config.json"))) == len(list(run_dir.rglob("adapter_config.json")))
+    assert len(list(tmp_path.rglob("metrics.json"))) == 1 and (run_dir / "adapter").is_dir()
+    digests = {line.split("rank ")[1].split(" ")[0]: line.rsplit(" ", 1)[1]
+               for line in (run_dir / "finetune.log").read_text().splitlines() if "first batch digest" in line}
+    assert set(digests) == {"0", "1"} and digests["0"] != digests["1"]
+
+
+def test_tensorboard_events_hold_loss_and_eval_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = cli("training.report_to=[tensorboard]", *TINY, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    tags = set()
+    for events in tmp_path.rglob("events.out.tfevents.*"):
+        reader = EventAccumulator(str(events))
+        reader.Reload()
+        tags |= set(reader.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "train/base_perplexity", "train/tuned_perplexity"} <= tags, tags
+
+
+def test_wandb_offline_writes_its_run_in_the_run_dir(tmp_path):
+    out = cli("training.report_to=[wandb]", *TINY, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"tuned_perplexity" in runs[0].read_bytes()
