@@ -210,10 +210,8 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
             label = _pnl_label(pnl_value, direction, profit_threshold, loss_threshold, loss_label)
         confidence = _confidence(label, ai_signal, signal_confidence, ruled)
         symbol = symbol if symbol is not None else snapshot.get("symbol")
-        user = "\n".join(([f"Symbol: {symbol}"] if symbol is not None else []) + lines)
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})}]
+        messages = prompt_messages(lines, symbol, system_prompt)
+        messages.append({"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})})
         sign = {"long": 1, "short": -1}.get(direction)
         samples.append({"messages": messages, "label": label, "timestamp": timestamp,
                         "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
@@ -233,6 +231,21 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
 
 
 # ---- market data -> prompt lines and the values the rules read
+
+def prompt_messages(lines: list[str], symbol, system_prompt: str | None) -> list[dict]:
+    user = "\n".join(([f"Symbol: {symbol}"] if symbol is not None else []) + lines)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": user}]
+
+
+def market_prompt(market_data: dict, symbol=None, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The prompt messages for one market snapshot, exactly as build() writes them for training: what a
+    signal provider sends to the tuned model. ValueError when the snapshot has no usable indicator."""
+    lines, _ = _indicators(market_data)
+    if not lines:
+        raise ValueError("market_data has no known indicator (e.g. rsi, trend_direction, price)")
+    return prompt_messages(lines, symbol if symbol is not None else market_data.get("symbol"), system_prompt)
+
 
 def _indicators(snapshot):
     """(prompt lines, {rsi, trend_direction, trend_strength}); ValueError names a bad value."""
