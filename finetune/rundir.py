@@ -27,6 +27,7 @@ def write_json(path: Path, data) -> None:
 
 
 def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """running | completed | failed (error says why) | skipped (the incremental gate; error says why)."""
     write_json(run_dir / "status.json", {"status": status, "error": error})
 
 

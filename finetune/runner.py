@@ -58,6 +58,7 @@ class Run:
     stats: dict = field(default_factory=dict)
     model: object = None
     tokenizer: object = None
+    skipped: str | None = None    # why training was skipped (the incremental gate)
 
 
 def is_main_process() -> bool:
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
             set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
         raise
     if main:
-        set_status(run_dir, "completed")
+        set_status(run_dir, "skipped" if result.skipped else "completed", result.skipped)
     return result
 
 
@@ -90,6 +91,12 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     check_method(config["method"], config["training"])
     args = None if cfg.dry_run else sft_config(config["training"], run_dir / "checkpoints")
     check_model(config["model"])
+    if cfg.incremental.adapter:  # continue an earlier adapter at a lower learning rate
+        from finetune.incremental import adapter_dir
+        incremental_adapter = adapter_dir(cfg.incremental.adapter)
+        config["training"]["learning_rate"] *= cfg.incremental.learning_rate_scale
+        if args is not None:
+            args.learning_rate = config["training"]["learning_rate"]
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     peft_config = instantiate(cfg.method, _convert_="all")
 
@@ -105,6 +112,17 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
         print_dry_run(stats)
         write_json(run_dir / "data" / "estimate.json", stats["estimate"])
         return Run(stats=stats, tokenizer=tokenizer)
+    if cfg.incremental.adapter:
+        from finetune.incremental import new_samples
+        fresh = new_samples(cfg.incremental.adapter, splits["train"])
+        if fresh < cfg.incremental.min_new_samples:
+            message = (f"incremental: only {fresh} new train samples since {cfg.incremental.adapter} "
+                       f"(incremental.min_new_samples={cfg.incremental.min_new_samples}); not training")
+            log.warning(message)
+            print(message)
+            return Run(stats=stats, tokenizer=tokenizer, skipped=message)
+        log.info("incremental: %d new train samples; continuing %s at lr %g", fresh, incremental_adapter,
+                 args.learning_rate)
     resume_checkpoint = resume_from(cfg.resume, run_dir) if main else None
     if main:
         secrets = secret_values(config)
@@ -135,6 +153,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
+    if cfg.incremental.adapter:  # the earlier adapter, trainable: SFTTrainer must not wrap it again
+        from peft import PeftModel
+        model, peft_config = PeftModel.from_pretrained(model, incremental_adapter, is_trainable=True), None
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
                          eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
