@@ -9,21 +9,11 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sample_trades import rule as label  # seed 000's indicator rule, the same as the trade log's
+
 SYSTEM = "You are a crypto trading assistant. Answer with a JSON signal and confidence."
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 BASE_PRICE = {"BTC-USDT": 43000.0, "ETH-USDT": 2300.0, "SOL-USDT": 95.0, "BNB-USDT": 310.0}
-
-
-def label(rsi: float, trend: str, strength: float) -> tuple[str, float]:
-    if rsi < 35 and trend == "bullish":
-        return "BUY", 0.6 + (35 - rsi) / 100
-    if rsi > 65 and trend == "bearish":
-        return "SELL", 0.6 + (rsi - 65) / 100
-    if trend == "bullish" and strength > 0.6:
-        return "BUY", 0.5 + strength / 4
-    if trend == "bearish" and strength > 0.6:
-        return "SELL", 0.5 + strength / 4
-    return "HOLD", 0.55
 
 
 def snapshot(rng: random.Random, want: str) -> dict:
