@@ -105,8 +105,10 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     tokenizer = load_tokenizer(cfg.model)
 
     # --- data
-    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data" if main else None, cfg.seed)
-    log.info("data: %s", {k: v["count"] for k, v in stats["splits"].items()})
+    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data" if main else None, cfg.seed,
+                            load=not cfg.dry_run)
+    log.info("data: %s (%s in %.3f s)", {k: v["count"] for k, v in stats["splits"].items()},
+             "from cache" if stats["build"]["from_cache"] else "built", stats["build"]["seconds"])
     if cfg.dry_run:
         stats["estimate"] = dry_run_estimate(cfg, config, stats, tokenizer)
         print_dry_run(stats)
@@ -211,7 +213,9 @@ def dry_run_estimate(cfg: DictConfig, config: dict, stats: dict, tokenizer) -> d
 
 
 def print_dry_run(stats: dict) -> None:
-    print(f"built {stats['built']} samples; dropped: {stats['dropped'] or 'none'}")
+    build = stats["build"]
+    print(f"data: {'from cache' if build['from_cache'] else 'built'} in {build['seconds']:.3f} s; "
+          f"{stats['built']} samples from the builder; dropped: {stats['dropped'] or 'none'}")
     for name, s in stats["splits"].items():
         t = s["tokens"]
         print(f"  {name:<10} {s['count']:>6} samples  labels {s['labels']}  "

@@ -68,15 +68,18 @@ def test_unchanged_inputs_are_served_from_the_cache(source, tokenizer, tmp_path)
     CALLS.clear()
     cfg = dataset_cfg(source, builder={"n": 3000})
     start = time.perf_counter()
-    first, _ = prepare(cfg, tokenizer, tmp_path / "a", seed=0)
+    _, cold_stats = prepare(cfg, tokenizer, tmp_path / "a", seed=0, load=False)  # what a dry run does
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    second, _ = prepare(cfg, tokenizer, tmp_path / "b", seed=0)
+    _, warm_stats = prepare(cfg, tokenizer, tmp_path / "b", seed=0, load=False)
     warm = time.perf_counter() - start
-    assert CALLS["build"] == 1 and first == second
-    assert warm * 5 < cold, (cold, warm)
+    assert CALLS["build"] == 1 and not cold_stats["build"]["from_cache"] and warm_stats["build"]["from_cache"]
+    assert warm * 10 < cold, (cold, warm)
+    first, _ = prepare(cfg, tokenizer, tmp_path / "c", seed=0)
+    assert CALLS["build"] == 1 and first["train"] == [json.loads(line) for line in
+                                                       (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
     source.write_text("changed")
-    prepare(cfg, tokenizer, tmp_path / "c", seed=0)
+    prepare(cfg, tokenizer, tmp_path / "d", seed=0)
     assert CALLS["build"] == 2
 
 

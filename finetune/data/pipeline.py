@@ -10,6 +10,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -135,14 +136,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int) -> tuple[dict[str, list[dict]], dict]:
+def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
+            load: bool = True) -> tuple[dict[str, list[dict]], dict]:
+    """The splits (not read back when `load` is false: a dry run needs only the stats) and stats.json's content."""
     source = Path(cfg.path)
     if not source.exists():
         raise DataError(f"dataset.path={source}: no such file or folder")
     key = hashlib.sha256(json.dumps([source_hash(source), OmegaConf.to_container(cfg, resolve=True), seed,
                                      tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
     cached = cache_root() / "datasets" / key[:16]
-    if not (cached / "stats.json").exists():
+    started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
+    if not from_cache:
         built: Built = instantiate(cfg.builder, skip_bad_rows=cfg.skip_bad_rows)
         dropped = Counter(built.dropped)
         samples = validate(built.samples, cfg.task, cfg.skip_bad_rows, dropped, str(source))
@@ -174,5 +178,7 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int) -> tupl
         for name in (*SPLITS, "stats"):
             suffix = ".json" if name == "stats" else ".jsonl"
             shutil.copyfile(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
-    splits = {name: read_jsonl(cached / f"{name}.jsonl") for name in SPLITS}
-    return splits, json.loads((cached / "stats.json").read_text())
+    splits = {name: read_jsonl(cached / f"{name}.jsonl") for name in SPLITS} if load else {}
+    stats = json.loads((cached / "stats.json").read_text())
+    stats["build"] = {"from_cache": from_cache, "seconds": round(time.perf_counter() - started, 4), "key": key[:16]}
+    return splits, stats
