@@ -13,8 +13,8 @@ from finetune.runner import run
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("default")
-    return run_dir, run(compose(), run_dir)
+    run_dir = tmp_path_factory.mktemp("default")  # the full default run is tests/test_cli.py's
+    return run_dir, run(compose(*FAST), run_dir)
 
 
 def test_default_run_writes_the_run_dir_and_improves(default_run):

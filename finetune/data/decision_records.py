@@ -54,10 +54,10 @@ Example sample:
 import json
 import math
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
-from finetune.data import Built
+from finetune.data import Built, safe_json
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 OUTCOMES = ("excellent", "good", "acceptable_loss", "bad", "neutral", "pending")
@@ -104,7 +104,7 @@ def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), hi
             continue
         n_records += 1
         try:
-            record = json.loads(text)
+            record = safe_json.loads(text)
         except json.JSONDecodeError as e:
             bad("malformed_json", line, f"malformed JSON ({e.msg} at column {e.colno})")
             continue
@@ -133,7 +133,7 @@ def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), hi
         if missing:
             bad("missing_field", line, f"field '{missing[0]}' is missing")
             continue
-        timestamp = _iso(fields["timestamp"])
+        timestamp = parse_timestamp(fields["timestamp"])
         if timestamp is None:
             bad("bad_timestamp", line, f"field 'timestamp': {fields['timestamp']!r} is not a date-time")
             continue
@@ -212,7 +212,9 @@ def _render(value):
 def _render_leaf(value):
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):  # exact, and no float overflow for 10**400
+        return str(value)
+    if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -230,7 +232,7 @@ def _number(value):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range, 10**400
         return None
     if not math.isfinite(number):
         return None
@@ -238,28 +240,6 @@ def _number(value):
 
 
 def _scalar(value):
+    if isinstance(value, float) and not math.isfinite(value):  # meta must stay strict JSON
+        return None
     return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
-
-
-def _iso(value):
-    """ISO text ('2025-10-31T10:00:00Z', with a space or an offset) or epoch seconds/ms -> ISO, UTC if zoned."""
-    if value is None or isinstance(value, bool) or str(value).strip() == "":
-        return None
-    try:
-        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
-        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
-            seconds = float(value)
-            seconds = seconds / 1000 if seconds > 1e11 else seconds
-            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
-    except (ValueError, OverflowError, OSError):
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed.isoformat()
-
-
-def _fromisoformat(text):
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None

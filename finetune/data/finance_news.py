@@ -36,7 +36,8 @@ Skipped and counted in `dropped` whatever skip_bad_rows says (they are normal in
 "no_impacts" (events with no impact row for the configured windows), "no_main_window" (event x
 ticker pairs lacking the main window), "null_ret" (impact rows with NULL ret).
 Bad rows (raise, or skip and count with skip_bad_rows=True): empty content, bad or NULL time,
-NULL ticker, non-numeric ret or window_min, a duplicate event_id or (event, ticker, window) row.
+NULL ticker, a ret that is not a finite number, a window_min that is not a whole number, a
+duplicate event_id or (event, ticker, window) row.
 
 Example sample:
     {"messages": [{"role": "system", "content": "You are a financial news analyst. ..."},
@@ -49,21 +50,22 @@ Example sample:
 meta.ret is the return over meta.window_min, the window the label was read from.
 """
 import logging
+import math
 import random
 import re
 import sqlite3
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 from finetune.data import Built
+from finetune.data.sqlite import check_columns, check_names, connect
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("news_impact", "market_analysis", "earnings_qa")
 IMPACT_COLUMNS = ("event_id", "ticker", "window_min", "ret")
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SYSTEM_PROMPT = "You are a financial news analyst. Answer with the label on the first line."
 EARNINGS_KEYWORDS = ("earnings", "revenue", "EPS", "quarterly results", "财报", "营收", "净利润", "业绩")
 
@@ -89,12 +91,13 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
             raise DataError(f"{name}: {message}; fix the row or set dataset.builder.skip_bad_rows=true")
         dropped[reason] += 1
 
-    # ---- read both tables (read-only, names checked against the schema first)
-    con = _connect(path)
+    # ---- read both tables (read-only; names checked, then checked against the schema, before any SQL)
+    event_cols = [text_column] + ([time_column] if time_column is not None else [])  # "" is refused
+    check_names(events_table, impacts_table, *event_cols)
+    con = connect(path)
     try:
-        event_cols = [text_column] + ([time_column] if time_column else [])
-        _check_columns(con, name, events_table, ["event_id"] + event_cols)
-        _check_columns(con, name, impacts_table, IMPACT_COLUMNS)
+        check_columns(con, name, events_table, ["event_id"] + event_cols)
+        check_columns(con, name, impacts_table, IMPACT_COLUMNS)
         select = ", ".join(f'"{c}"' for c in ["event_id"] + event_cols)
         event_rows = con.execute(f'SELECT {select} FROM "{events_table}"').fetchall()
         impact_rows = con.execute(
@@ -111,10 +114,13 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
     for i, (event_id, ticker, window, ret) in enumerate(impact_rows, 1):
         where = f"{impacts_table} row {i} (event_id {event_id!r})"
         try:
-            window = int(window)
-        except (TypeError, ValueError):
+            minutes = float(window)  # 15, 15.0 and '15' are all 15 minutes
+        except (TypeError, ValueError, OverflowError):
+            minutes = math.nan
+        if not minutes.is_integer():  # also NaN and inf, which int() would crash on
             bad("bad_window", f"{where}, column 'window_min': {window!r} is not an integer")
             continue
+        window = int(minutes)
         windows_found.add(window)
         if window not in windows:
             continue
@@ -124,7 +130,7 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
         if ret is None:
             dropped["null_ret"] += 1
             continue
-        if not isinstance(ret, (int, float)):  # SQLite's loose typing lets text into a REAL column
+        if not isinstance(ret, (int, float)) or not math.isfinite(ret):  # loose typing: text in a REAL column
             bad("bad_ret", f"{where}, column 'ret': {ret!r} is not a number")
             continue
         per_window = impacts.setdefault(str(event_id), {}).setdefault(str(ticker).strip(), {})
@@ -149,8 +155,8 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
             bad("empty_content", f"{where}, column '{text_column}' is empty")
             continue
         timestamp = None
-        if time_column:
-            timestamp = _iso(time[0])
+        if time_column is not None:
+            timestamp = parse_timestamp(time[0])
             if timestamp is None:
                 bad("bad_time", f"{where}, column '{time_column}': {time[0]!r} is not a date-time")
                 continue
@@ -282,49 +288,3 @@ def _quotas(mix, total):
     for k in sorted(KINDS, key=lambda k: raw[k] - quota[k], reverse=True)[:total - sum(quota.values())]:
         quota[k] += 1
     return quota
-
-
-def _connect(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path.name}: file not found ({path}); set dataset.path to the SQLite database")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def _check_columns(con, name, table, columns):
-    for item in [table, *columns]:
-        if not NAME.match(item):
-            raise ConfigError(f"dataset.builder: {item!r} is not a valid table or column name")
-    tables = [r[0] for r in con.execute(
-        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")]
-    if table not in tables:
-        found = ", ".join(tables) if tables else "none: the database is empty"
-        raise DataError(f"{name}: no table '{table}' (found: {found})")
-    found = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
-    missing = [c for c in columns if c not in found]
-    if missing:
-        raise DataError(f"{name}: table '{table}' has no column '{missing[0]}' (found: {', '.join(found)})")
-
-
-def _iso(value):
-    """ISO text ('2024-03-05 09:31:00', with T, Z or an offset) or epoch seconds/ms -> ISO, UTC if zoned."""
-    if value is None or isinstance(value, bool) or str(value).strip() == "":
-        return None
-    try:
-        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
-        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
-            seconds = float(value)
-            seconds = seconds / 1000 if seconds > 1e11 else seconds
-            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
-    except (ValueError, OverflowError, OSError):
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed.isoformat()
-
-
-def _fromisoformat(text):
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None

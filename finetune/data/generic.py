@@ -40,10 +40,11 @@ import json
 import logging
 import math
 from collections import Counter
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from pathlib import Path
 
-from finetune.data import Built
+from finetune.data import Built, safe_json
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ FORMATS = ("chat", "alpaca", "prompt_completion")
 REQUIRED = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
 ROLES = ("system", "user", "assistant")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-# besides ISO 8601: the slashed and Chinese dates that exports (WeChat, Excel) write
-DATE_LAYOUTS = ("%Y/%m/%d", "%Y/%m/%d %H:%M", "%Y/%m/%d %H:%M:%S", "%Y年%m月%d日", "%Y年%m月%d日 %H:%M")
 
 
 class BadRow(Exception):
@@ -148,7 +147,7 @@ def _sample(record, kind, fields, meta_fields, system_prompt) -> dict:
 def _messages(value, field, answer=True) -> list[dict]:
     if isinstance(value, str):  # a CSV or Parquet cell holding the JSON list
         try:
-            value = json.loads(value)
+            value = safe_json.loads(value)
         except json.JSONDecodeError as e:
             raise BadRow("bad_messages", f"field '{field}': not a JSON list of messages ({e.msg})") from None
     if not isinstance(value, list) or not value:
@@ -187,7 +186,7 @@ def _blank(value) -> bool:
 
 
 def _scalar(value):
-    if _blank(value):
+    if _blank(value) or (isinstance(value, float) and not math.isfinite(value)):  # meta must stay strict JSON
         return None
     if isinstance(value, (datetime, date)):
         return value.isoformat()
@@ -201,7 +200,8 @@ def _detect(columns, name, records) -> str:
     unparsed = [(where, record) for where, record in records if isinstance(record, str)]
     if unparsed and not columns:
         raise DataError(f"{name}: {unparsed[0][0]}, {unparsed[0][1]}; no line of the file parses as a JSON object")
-    raise DataError(f"{name}: cannot tell the format from its columns (found: {', '.join(sorted(columns)) or 'none'}); "
+    found = ", ".join(c if c.isprintable() else repr(c) for c in sorted(columns))  # a key may hold a newline
+    raise DataError(f"{name}: cannot tell the format from its columns (found: {found or 'none'}); "
                     "expected messages (chat), instruction + output (alpaca) or prompt + completion, "
                     "or set dataset.builder.format")
 
@@ -220,7 +220,7 @@ def _read(file, name, encoding) -> list[tuple[str, object]]:
         raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
     if suffix == ".json":
         try:
-            whole = json.loads(text)
+            whole = safe_json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip()[:1] == "[":
                 raise DataError(f"{name}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
@@ -234,7 +234,7 @@ def _read(file, name, encoding) -> list[tuple[str, object]]:
     for line, raw in enumerate(text.splitlines(), 1):
         if raw.strip():
             try:
-                records.append((f"line {line}", json.loads(raw)))
+                records.append((f"line {line}", safe_json.loads(raw)))
             except json.JSONDecodeError as e:
                 records.append((f"line {line}", f"malformed JSON ({e.msg} at column {e.colno})"))
     return records
@@ -249,47 +249,3 @@ def _read_with_datasets(file, name, kind) -> list[tuple[str, dict]]:
         cause = e.__cause__ or e
         raise DataError(f"{name}: cannot read as {kind.upper()} ({' '.join(str(cause).split())[:200]})") from None
     return [(f"row {i}", record) for i, record in enumerate(table.to_list(), 1)]
-
-
-def parse_timestamp(value) -> str | None:
-    """ISO text ('2024-01-05', '2024-01-05 14:30', with T, Z or an offset), one of DATE_LAYOUTS, a datetime,
-    or epoch seconds (or milliseconds) -> naive ISO text, in UTC when it carries a zone; else None."""
-    if _blank(value) or isinstance(value, bool):
-        return None
-    if isinstance(value, datetime):
-        parsed = value
-    elif isinstance(value, date):
-        parsed = datetime(value.year, value.month, value.day)
-    else:
-        text = str(value).strip()
-        parsed = _from_text(text)
-        if parsed is None:
-            try:
-                seconds = float(text)
-            except ValueError:
-                return None
-            if not math.isfinite(seconds):
-                return None
-            if abs(seconds) < 1e8:  # 2024 or 20240105 are not epoch seconds in 1970
-                return None
-            seconds = seconds / 1000 if abs(seconds) > 1e11 else seconds
-            try:
-                return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
-            except (OverflowError, OSError, ValueError):
-                return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed.isoformat()
-
-
-def _from_text(text) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        pass
-    for layout in DATE_LAYOUTS:
-        try:
-            return datetime.strptime(text, layout)
-        except ValueError:
-            pass
-    return None

@@ -29,10 +29,10 @@ Example sample:
 import csv
 import json
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
-from finetune.data import Built
+from finetune.data import Built, safe_json
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 LABELS = ("positive", "neutral", "negative")
@@ -84,7 +84,7 @@ def build(path, *, skip_bad_rows=False, text_field="text", label_field="label", 
                 continue
             timestamp = None
             if timestamp_field:
-                timestamp = _iso(record.get(timestamp_field))
+                timestamp = parse_timestamp(record.get(timestamp_field))
                 if timestamp is None:
                     bad("bad_timestamp", line, f"column '{timestamp_field}': {record.get(timestamp_field)!r} "
                         "is not a date-time (or set dataset.builder.timestamp_field=null)")
@@ -106,20 +106,25 @@ def build(path, *, skip_bad_rows=False, text_field="text", label_field="label", 
 def _csv_records(path, name, fields, encoding):
     with open(path, newline="", encoding=encoding) as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{name}: the file is empty (expected a header row with {', '.join(fields)})")
-        header = [h.strip() for h in header]
-        missing = [c for c in fields if c not in header]
-        if missing:
-            raise DataError(f"{name}: no column '{missing[0]}' in the header (found: {', '.join(header)}); "
-                            "set dataset.builder.text_field / label_field / timestamp_field")
-        start = reader.line_num + 1
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                # a short row leaves its last columns None, which reads as "missing"
-                yield start, dict(zip(header, row))
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{name}: the file is empty (expected a header row with {', '.join(fields)})")
+            header = [h.strip() for h in header]
+            missing = [c for c in fields if c not in header]
+            if missing:
+                found = ", ".join(h if h.isprintable() else repr(h) for h in header)  # a cell may hold a newline
+                raise DataError(f"{name}: no column '{missing[0]}' in the header (found: {found}); "
+                                "set dataset.builder.text_field / label_field / timestamp_field")
             start = reader.line_num + 1
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    # a short row leaves its last columns None, which reads as "missing"
+                    yield start, dict(zip(header, row))
+                start = reader.line_num + 1
+        except csv.Error as e:  # e.g. a cell over csv's 128 KiB field limit: no headline is that long
+            raise DataError(f"{name}: line {reader.line_num}, not readable as CSV ({e}); "
+                            "is it the right file?") from None
 
 
 def _jsonl_records(path, encoding):
@@ -128,7 +133,7 @@ def _jsonl_records(path, encoding):
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = safe_json.loads(text)
             except json.JSONDecodeError as e:
                 yield line, f"malformed JSON ({e.msg} at column {e.colno})"
                 continue
@@ -143,27 +148,3 @@ def _label_map(extra):
             raise ConfigError(f"dataset.builder.synonyms: {raw!r} maps to {label!r}; choose one of {', '.join(LABELS)}")
         label_of[str(raw).strip().lower()] = label
     return label_of
-
-
-def _iso(value):
-    """ISO text ('2024-01-05 14:30', with T, Z or an offset) or epoch seconds -> ISO, UTC if zoned."""
-    if value is None or isinstance(value, bool) or str(value).strip() == "":
-        return None
-    try:
-        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
-        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
-            seconds = float(value)
-            seconds = seconds / 1000 if seconds > 1e11 else seconds
-            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
-    except (ValueError, OverflowError, OSError):
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed.isoformat()
-
-
-def _fromisoformat(text):
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None

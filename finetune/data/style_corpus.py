@@ -60,12 +60,13 @@ import math
 import random
 import re
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 import yaml
 
-from finetune.data import Built
-from finetune.data.generic import parse_timestamp
+from finetune.data import Built, safe_json
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 KINDS = ("rewrite", "continue", "summarize_expand")
@@ -98,10 +99,11 @@ _RULE = re.compile(r"^ {0,3}(?:(?:[-*_]\s*){3,}|=+)\s*$")  # thematic break or s
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
 _REF_DEFINITION = re.compile(r"^ {0,3}\[[^\]]+\]:\s*\S+.*$")
 _QUOTE = re.compile(r"^\s*(?:>\s?)+")
-_IMAGE = re.compile(r"!\[[^\]]*\]\([^)]*\)|!\[[^\]]*\]\[[^\]]*\]")
-_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)|\[([^\]]+)\]\[[^\]]*\]")
-_FOOTNOTE = re.compile(r"\[\^[^\]]+\]:?")
-_AUTOLINK = re.compile(r"<(?:https?|ftp|mailto):[^>\s]*>")
+# bracket text excludes '[' (and an autolink '<'): each try stops at the next one, so "[[[[..." is linear
+_IMAGE = re.compile(r"!\[[^\[\]]*\]\([^)]*\)|!\[[^\[\]]*\]\[[^\[\]]*\]")
+_LINK = re.compile(r"\[([^\[\]]*)\]\([^)]*\)|\[([^\[\]]+)\]\[[^\[\]]*\]")
+_FOOTNOTE = re.compile(r"\[\^[^\[\]]+\]:?")
+_AUTOLINK = re.compile(r"<(?:https?|ftp|mailto):[^<>\s]*>")
 _URL = re.compile(r"(?:https?|ftp)://[^\s<>()（）\[\]]+")
 _INLINE_CODE = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)", re.S)
 _BREAK_TAG = re.compile(r"<br\s*/?>|</?p\b[^>]*>", re.I)
@@ -190,7 +192,7 @@ def _read_post(root, folder, title_field, date_field) -> dict:
                                        f'{{"{title_field}": ..., "{date_field}": ...}}')
     markdown, meta_text = _read_text(index, where), _read_text(meta_file, where)
     try:
-        meta = json.loads(meta_text)
+        meta = safe_json.loads(meta_text)
     except json.JSONDecodeError as e:
         raise _BadPost("bad_meta_json", f"{where}/meta.json: invalid JSON at line {e.lineno} column {e.colno} "
                                         f"({e.msg})") from None
@@ -222,9 +224,10 @@ def _front_matter(markdown) -> dict:
         return {}
     try:
         data = yaml.safe_load(match.group(2))
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: `date: 2024-13-45`; deep [[[...
         return {}  # only a fallback for title/date: broken front matter is still stripped
-    return data if isinstance(data, dict) else {}
+    # scalars only: YAML aliases can nest a list a billion items deep in a few lines (str() would never end)
+    return {k: v for k, v in data.items() if isinstance(v, (str, int, float, date))} if isinstance(data, dict) else {}
 
 
 # ---- cleaning

@@ -66,18 +66,17 @@ Example sample:
 import json
 import logging
 import math
-import re
 import sqlite3
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
-from finetune.data import Built
+from finetune.data import Built, safe_json
+from finetune.data.sqlite import check_columns, check_names, connect
+from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SYSTEM_PROMPT = "You are a crypto trading assistant. Answer with a JSON signal and confidence."
 # logical name -> default column: TRADE_COLUMNS live in the trades table, SIGNAL_COLUMNS in the signals table
 COLUMNS = {"timestamp": "timestamp", "symbol": "symbol", "entry_price": "entry_price", "exit_price": "exit_price",
@@ -129,20 +128,22 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
             raise DataError(f"{name}: {where}: {message}; fix the row or set dataset.skip_bad_rows=true")
         dropped[reason] += 1
 
-    # ---- read (read-only; every name checked against the schema before it reaches SQL)
-    con = _connect(path)
+    # ---- read (read-only; every name checked, then checked against the schema, before it reaches SQL)
+    trade_cols = [cols[k] for k in TRADE_COLUMNS if cols[k] is not None]  # null: no such column; "" is refused
+    signal_cols = [cols[k] for k in SIGNAL_COLUMNS if cols[k] is not None]
+    check_names(trades_table, signals_table, *trade_cols, *signal_cols)
+    con = connect(path)
     try:
-        trade_cols = {k: cols[k] for k in TRADE_COLUMNS if cols[k]}
-        signal_cols = {k: cols[k] for k in SIGNAL_COLUMNS if cols[k]}
-        _check_columns(con, name, trades_table, list(trade_cols.values()))
-        _check_columns(con, name, signals_table, list(signal_cols.values()))
+        hint = "; map it with dataset.builder.columns"
+        check_columns(con, name, trades_table, trade_cols, hint)
+        check_columns(con, name, signals_table, signal_cols, hint)
         pnl, status = f't."{cols["pnl_percent"]}"', f't."{cols["status"]}"'
         total, not_closed, null_pnl = con.execute(
             f'SELECT COUNT(*), COALESCE(SUM(LOWER({status}) IS NOT LOWER(?)), 0), '
             f'COALESCE(SUM(LOWER({status}) = LOWER(?) AND {pnl} IS NULL), 0) FROM "{trades_table}" t',
             (closed_status, closed_status)).fetchone()
-        select = [f't."{cols[k]}"' if cols[k] else "NULL" for k in TRADE_COLUMNS[:-1]]
-        select += [f's."{cols[k]}"' if cols[k] else "NULL" for k in SIGNAL_COLUMNS[1:]]
+        select = [f't."{cols[k]}"' if cols[k] is not None else "NULL" for k in TRADE_COLUMNS[:-1]]
+        select += [f's."{cols[k]}"' if cols[k] is not None else "NULL" for k in SIGNAL_COLUMNS[1:]]
         rows = con.execute(
             f'SELECT t.rowid, s.rowid, {", ".join(select)} FROM "{trades_table}" t '
             f'LEFT JOIN "{signals_table}" s ON t."{cols["timestamp"]}" = s."{cols["signal_timestamp"]}" '
@@ -169,7 +170,7 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
         if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
             bad("bad_pnl", f"{at}, column '{cols['pnl_percent']}'", f"{raw_pnl!r} is not a number")
             continue
-        timestamp = _iso(ts)
+        timestamp = parse_timestamp(ts)
         if timestamp is None:
             bad("bad_timestamp", f"{at}, column '{cols['timestamp']}'", f"{ts!r} is not a date-time")
             continue
@@ -178,7 +179,7 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
             continue
         at_signal = f"table '{signals_table}' row id {signal_id} (trade id {trade_id}), column '{cols['market_data']}'"
         try:
-            snapshot = json.loads(market_data) if isinstance(market_data, (str, bytes)) else market_data
+            snapshot = safe_json.loads(market_data) if isinstance(market_data, (str, bytes)) else market_data
         except json.JSONDecodeError as e:
             bad("bad_market_data", at_signal, f"invalid JSON ({e.msg} at char {e.pos})")
             continue
@@ -330,7 +331,7 @@ def _number(value):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range, 10**400
         return None
     return number if math.isfinite(number) else None
 
@@ -352,50 +353,3 @@ def _columns_option(columns):
             raise ConfigError(f"dataset.builder.columns.{key} is required (only {', '.join(sorted(OPTIONAL))} "
                               "may be null)")
     return cols
-
-
-def _connect(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path.name}: file not found ({path}); set dataset.path to the SQLite database")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def _check_columns(con, name, table, columns):
-    for item in [table, *columns]:
-        if not isinstance(item, str) or not NAME.match(item):
-            raise ConfigError(f"dataset.builder: {item!r} is not a valid table or column name")
-    tables = [r[0] for r in con.execute(
-        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")]
-    if table not in tables:
-        found = ", ".join(tables) if tables else "none: the database is empty"
-        raise DataError(f"{name}: no table '{table}' (found: {found})")
-    found = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
-    missing = [c for c in columns if c not in found]
-    if missing:
-        raise DataError(f"{name}: table '{table}' has no column '{missing[0]}' (found: {', '.join(found)}); "
-                        "map it with dataset.builder.columns")
-
-
-def _iso(value):
-    """ISO text ('2024-03-05 09:00:00', with T, Z or an offset) or epoch seconds/ms -> ISO, UTC if zoned."""
-    if value is None or isinstance(value, bool) or str(value).strip() == "":
-        return None
-    try:
-        parsed = None if isinstance(value, (int, float)) else _fromisoformat(str(value).strip())
-        if parsed is None:  # epoch seconds, or milliseconds, as a number or as text
-            seconds = float(value)
-            seconds = seconds / 1000 if seconds > 1e11 else seconds
-            return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None).isoformat()
-    except (ValueError, OverflowError, OSError):
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
-    return parsed.isoformat()
-
-
-def _fromisoformat(text):
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None

@@ -67,11 +67,17 @@ def to_confidence(value, percent: bool = False) -> float | None:
             value = float(text.rstrip("%％").strip())
         except ValueError:
             return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float range is no confidence
+        return None
+    if not math.isfinite(value):
         return None
     if percent or value > 1:
         value = value / 100
-    return min(max(float(value), 0.0), 1.0)
+    return min(max(value, 0.0), 1.0)
 
 
 def _signal_of(match) -> str:

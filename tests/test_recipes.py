@@ -1,0 +1,36 @@
+"""Each seed recipe runs end to end with the tiny model on CPU, on its own sample data, and reports its suite."""
+import json
+
+import pytest
+
+from conftest import compose
+from finetune.runner import run
+
+SHORT = ["model=tiny", "training=cpu", "training.max_steps=8", "training.eval_steps=4", "training.save_steps=4",
+         "eval.max_samples=6", "eval.max_new_tokens=12", "early_stopping.patience=null"]
+EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tuned, plots in its report
+    "lora_qwen_signals": ({"perplexity", "accuracy", "macro_f1", "parse_rate", "majority_baseline", "profitable_ratio",
+                           "total_return", "sharpe", "max_drawdown", "win_rate", "latency_seconds",
+                           "answers_per_second"}, {"loss.png", "labels.png", "confusion.png", "equity.png"}),
+    "qlora_deepseek_news": ({"perplexity"}, {"loss.png", "labels.png"}),
+    "lora_qwen_decisions": ({"perplexity", "accuracy", "macro_f1", "parse_rate"}, {"loss.png", "confusion.png"}),
+    "qlora_style": ({"perplexity", "style_distance", "sentence_length_js", "word_freq_js"},
+                    {"loss.png", "sentence_lengths.png", "ab_sheet.md", "ab_key.json"}),
+    "prefix_sentiment": ({"perplexity", "accuracy", "macro_f1"}, {"loss.png", "labels.png", "confusion.png"}),
+    "lora_sentiment": ({"perplexity", "accuracy", "macro_f1"}, {"loss.png", "labels.png", "confusion.png"}),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED))
+def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
+    result = run(compose(f"recipe={recipe}", *SHORT), tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    for split in ("train", "validation", "test"):
+        assert stats["splits"][split]["count"] > 0 and stats["splits"][split]["labels"]
+    keys, files = EXPECTED[recipe]
+    for side in ("base", "tuned"):
+        assert keys <= set(result.metrics[side]), keys - set(result.metrics[side])
+    assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
+    for name in files:
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
