@@ -10,18 +10,24 @@ import torch
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
 def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers to each sample's prompt (its messages without the gold answer)."""
+    return generate_chats(model, tokenizer, [s["messages"][:-1] for s in samples], max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def generate_chats(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
+                   progress: bool = True) -> list[str]:
+    """Greedy answers to prompt conversations (each a list of messages ending before the answer)."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
     device = next(model.parameters()).device
     answers = []
     try:
-        for start in tqdm(range(0, len(samples), batch_size), desc="generate", leave=False):
-            prompts = [tokenizer.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                       for s in samples[start:start + batch_size]]
+        for start in tqdm(range(0, len(chats), batch_size), desc="generate", leave=False, disable=not progress):
+            prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                       for chat in chats[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

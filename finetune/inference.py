@@ -1,0 +1,210 @@
+"""Use a trained adapter: trading signals for a live loop (seed 000 §7), and plain answers for any task.
+
+    from finetune.inference import SignalProvider
+    provider = SignalProvider.from_run("outputs/2024-06-01/10-00-00-lora_qwen_signals")
+    provider.get_signal({"symbol": "BTC/USDT", "price": 50000, "technical": {"rsi": 28.4,
+                         "trend_direction": "bullish", "trend_strength": 0.65}})   # -> ("BUY", 0.72)
+    provider.get_signals([snapshot_1, snapshot_2])                                # batched, same answers
+    provider.generate([[{"role": "user", "content": "Headline: ..."}]])           # any task -> ["positive"]
+
+    SignalProvider.from_pretrained("/models/qwen", "outputs/.../adapter")         # base + adapter paths
+    SignalProvider(model, tokenizer)                                             # already loaded (or merged)
+
+Prompts are built exactly as training wrote them: `finetune.data.trade_signals.market_prompt` with the
+run's system prompt (`dataset.builder.system_prompt`, or the builder's default when the run did not set
+it). A run trained on another builder (the demo data's own prompt format) is warned about, since its
+prompts will differ; send it `messages` written as in its training data through `generate` instead.
+
+Answers are greedy (the same input gives the same answer, batched or one by one) and read with
+`finetune.eval.answers.parse_signal`. The rules a trading loop can rely on:
+- an answer without a readable signal AND confidence is the fallback ("HOLD", 0.0), counted in
+  `provider.fallbacks` (a trading loop must not act on an unquantified signal);
+- `confidence_threshold`: a BUY / SELL below it becomes HOLD, keeping the model's confidence so a log
+  shows how close it came; counted in `provider.held` (seed 004's "actionable", 0.7 there; 0 here: off);
+- `vote(answers)` combines several (signal, confidence) answers by confidence-weighted vote (seed 004):
+  each signal's weight is the sum of its confidences, the heaviest wins with its share of the total weight
+  as confidence; a fallback weighs 0 and so casts no vote; a tie for the top gives HOLD with HOLD's own
+  share (BUY and SELL level: no decision, and doing nothing is the safe choice). `Ensemble(providers)`
+  votes over several adapters (k-fold runs, an A/B pair, seeds) on each snapshot and applies its own
+  threshold to the voted confidence. A vote over n sampled answers of one model was not chosen: sampled
+  answers depend on the batch and the random state, while greedy ones are reproducible.
+
+One provider is safe to share between threads (a lock serialises generation, as `finetune.serve` needs).
+"""
+import inspect
+import json
+import logging
+import threading
+from pathlib import Path
+
+from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
+from finetune.errors import ConfigError
+from finetune.eval.answers import SIGNALS, parse_signal
+
+log = logging.getLogger(__name__)
+
+FALLBACK = ("HOLD", 0.0)
+SIGNAL_BUILDER = "finetune.data.trade_signals.build"
+
+
+class SignalProvider:
+    def __init__(self, model, tokenizer, *, system_prompt: str | None = SYSTEM_PROMPT, max_new_tokens: int = 32,
+                 batch_size: int = 16, confidence_threshold: float = 0.0, task: str = "signals"):
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ConfigError(f"confidence_threshold={confidence_threshold}: a fraction in [0, 1]")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError("the tokenizer has no chat template; give one that has (the run's, or "
+                              "finetune.model.load_tokenizer with model.chat_template set)")
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt = system_prompt  # None: the prompts have no system turn
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.confidence_threshold = confidence_threshold
+        self.task = task  # the run's dataset.task: how predict / serve read an answer to `messages`
+        self.fallbacks = 0  # answers that gave no signal + confidence
+        self.held = 0       # BUY / SELL answers turned into HOLD by the threshold
+        self._lock = threading.Lock()
+
+    # ---- loading
+
+    @classmethod
+    def from_run(cls, run_dir, **options) -> "SignalProvider":
+        """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top."""
+        from peft import PeftModel
+        from finetune.evaluate import load_run_config
+        from finetune.model import load_model, load_tokenizer
+        run_dir = Path(run_dir)
+        cfg = load_run_config(run_dir, [])
+        if not (run_dir / "adapter" / "adapter_config.json").is_file():
+            raise ConfigError(f"{run_dir}: no adapter/ (did the run complete? see status.json)")
+        target = cfg.dataset.builder.get("_target_")
+        if cfg.dataset.task == "signals" and target != SIGNAL_BUILDER:
+            log.warning("%s was trained on %s: get_signal builds prompts as %s writes them, which this run's "
+                        "data may not; send it messages written as in its training data instead",
+                        run_dir, target, SIGNAL_BUILDER)
+        tokenizer = load_tokenizer(cfg.model)
+        use_cpu = bool(cfg.training.get("use_cpu", False)) or not _cuda()
+        model = load_model(cfg.model, cfg.quantization, use_cpu)
+        if cfg.quantization is None and not use_cpu:
+            model = model.to("cuda")
+        model = PeftModel.from_pretrained(model, run_dir / "adapter")
+        options.setdefault("system_prompt", training_system_prompt(cfg))
+        options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
+        options.setdefault("batch_size", cfg.eval.batch_size)
+        options.setdefault("task", cfg.dataset.task)
+        return cls(model, tokenizer, **options)
+
+    @classmethod
+    def from_pretrained(cls, base=None, adapter=None, *, dtype: str = "auto", device: str | None = None,
+                        **options) -> "SignalProvider":
+        """A base model folder or hub id, with a PEFT adapter folder on top (None: the base alone, e.g. a
+        merged model). With no base, the adapter's `base_model_name_or_path` is used, as peft does."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if base is None:
+            if adapter is None:
+                raise ConfigError("give a base model, an adapter, or both")
+            config = Path(adapter) / "adapter_config.json"
+            if not config.is_file():
+                raise ConfigError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+            base = json.loads(config.read_text())["base_model_name_or_path"]
+        # a tokenizer saved with the adapter (or a merged model) carries the chat template used in training
+        has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        model = model.to(device or ("cuda" if _cuda() else "cpu"))
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter)
+        return cls(model, tokenizer, **options)
+
+    # ---- answers
+
+    def signal_prompt(self, market_data: dict, symbol=None) -> list[dict]:
+        """The prompt for one snapshot, as training wrote it; ValueError for a snapshot with no indicator."""
+        if not isinstance(market_data, dict):
+            raise ValueError(f"market_data must be a JSON object, got {type(market_data).__name__}")
+        return market_prompt(market_data, symbol, self.system_prompt)
+
+    def generate(self, chats: list[list[dict]], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers to prompt conversations (each a list of {"role", "content"} messages), any task."""
+        from finetune.eval.suite import generate_chats
+        with self._lock:
+            return generate_chats(self.model, self.tokenizer, chats, max_new_tokens or self.max_new_tokens,
+                                  self.batch_size, progress=False)
+
+    def read_signal(self, text: str) -> tuple[str, float]:
+        """An answer -> (signal, confidence) with the fallback and the threshold applied (and counted)."""
+        signal, confidence = parse_signal(text)
+        with self._lock:
+            if signal is None or confidence is None:
+                self.fallbacks += 1
+                return FALLBACK
+            if signal != "HOLD" and confidence < self.confidence_threshold:
+                self.held += 1
+                return "HOLD", confidence
+        return signal, confidence
+
+    def get_signal(self, market_data: dict, symbol=None) -> tuple[str, float]:
+        return self.get_signals([market_data], symbol)[0]
+
+    def get_signals(self, market_data: list[dict], symbol=None) -> list[tuple[str, float]]:
+        """One (signal, confidence) per snapshot, generated in batches of `batch_size`."""
+        answers = self.generate([self.signal_prompt(m, symbol) for m in market_data])
+        return [self.read_signal(a) for a in answers]
+
+
+def vote(answers: list[tuple[str, float]]) -> tuple[str, float]:
+    """Confidence-weighted vote (seed 004): [("BUY", 0.8), ("SELL", 0.3), ("BUY", 0.5)] -> ("BUY", 0.8125)
+    (BUY weighs 1.3 of 1.6). No weight at all (no answers, or only fallbacks) -> ("HOLD", 0.0)."""
+    weights = {"HOLD": 0.0, "BUY": 0.0, "SELL": 0.0}
+    for signal, confidence in answers:
+        if signal not in SIGNALS:
+            raise ValueError(f"vote: {signal!r} is not one of {', '.join(SIGNALS)}")
+        weights[signal] += confidence
+    total = sum(weights.values())
+    if total <= 0:
+        return FALLBACK
+    top = max(weights.values())
+    winners = [signal for signal, weight in weights.items() if weight == top]
+    winner = winners[0] if len(winners) == 1 else "HOLD"
+    return winner, weights[winner] / total
+
+
+class Ensemble:
+    """Several providers (adapters) vote on every snapshot; the vote's confidence meets `confidence_threshold`.
+    Each provider keeps its own threshold: leave theirs at 0 so that weak answers still carry their weight."""
+
+    def __init__(self, providers: list[SignalProvider], confidence_threshold: float = 0.0):
+        if not providers:
+            raise ConfigError("Ensemble: give at least one provider")
+        self.providers, self.confidence_threshold = providers, confidence_threshold
+
+    def get_signal(self, market_data: dict, symbol=None) -> tuple[str, float]:
+        return self.get_signals([market_data], symbol)[0]
+
+    def get_signals(self, market_data: list[dict], symbol=None) -> list[tuple[str, float]]:
+        per_provider = [p.get_signals(market_data, symbol) for p in self.providers]
+        results = []
+        for answers in zip(*per_provider):
+            signal, confidence = vote(list(answers))
+            if signal != "HOLD" and confidence < self.confidence_threshold:
+                signal = "HOLD"
+            results.append((signal, confidence))
+        return results
+
+
+def training_system_prompt(cfg) -> str | None:
+    """The system prompt the run's builder wrote: the config's value, else the builder's default."""
+    from hydra.utils import get_method
+    builder = cfg.dataset.builder
+    if "system_prompt" in builder:
+        return builder.system_prompt
+    parameter = inspect.signature(get_method(builder._target_)).parameters.get("system_prompt")
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
