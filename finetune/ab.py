@@ -38,6 +38,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
 
 ARMS = ("a", "b")
@@ -175,7 +176,7 @@ def read_lines(path: Path, required: dict) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = safe_json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path.name}: line {number}: invalid JSON ({e.msg} at char {e.pos})") from e
             if not isinstance(row, dict):

@@ -49,7 +49,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.quantization, cfg.training.use_cpu)
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=samples, max_new_tokens=cfg.eval.max_new_tokens,
-                 batch_size=cfg.eval.batch_size)
+                 batch_size=cfg.eval.batch_size,
+                 generation=OmegaConf.to_container(cfg.eval.generation))
     base = evaluate(model=model, **suite)
     tuned = evaluate(model=PeftModel.from_pretrained(model, run_dir / "adapter"), **suite)
     return {"base": base["metrics"], "tuned": tuned["metrics"]}

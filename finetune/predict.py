@@ -32,6 +32,7 @@ import os
 import sys
 from pathlib import Path
 
+from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
 
 TASKS = ("auto", "signals", "generate")
@@ -50,7 +51,7 @@ def read_inputs(path: Path, system_prompt: str | None) -> list[dict]:
                 continue
             where = f"{path.name}: line {number}"
             try:
-                item = json.loads(line)
+                item = safe_json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at char {e.pos}); write one object per line") from e
             if not isinstance(item, dict):

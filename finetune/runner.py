@@ -100,6 +100,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     peft_config = instantiate(cfg.method, _convert_="all")
 
+    import torch
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     from finetune.data.pipeline import prepare
     from finetune.model import load_model, load_tokenizer
     tokenizer = load_tokenizer(cfg.model)
@@ -134,7 +137,6 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
 
     # --- model, and the base model's scores before any training
     import datasets
-    import torch
     from transformers import set_seed
     from trl import SFTTrainer
     from finetune.guards import StopOnNonFiniteLoss, out_of_memory_advice
@@ -143,7 +145,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
     held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
-                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                 generation=OmegaConf.to_container(cfg.eval.generation))
     base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
     log.info("base: %s", base and base["metrics"])
 

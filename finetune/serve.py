@@ -28,6 +28,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def make_server(provider, host: str = "127.0.0.1", port: int = 8000, run_dir=Non
                 raise BadRequest(f"body of {length} bytes is over {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             raw = self.rfile.read(length)
             try:
-                body = json.loads(raw or b"null")
+                body = safe_json.loads(raw or b"null")  # deep nesting, bad UTF-8: a 400
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise BadRequest(f"body is not JSON ({e})") from None
             if not isinstance(body, dict):

@@ -1,5 +1,8 @@
 """Write data/demo_signals.jsonl: the default run's chat data, market snapshots -> BUY/SELL/HOLD + confidence.
 
+The prompts are written by the trade-signals builder's own `market_prompt`, so an adapter trained on this
+data answers `SignalProvider.get_signal(market_data)` with the prompt it was trained on.
+
 Labels follow seed 000's indicator rule (RSI < 35 and bullish -> BUY, RSI > 65 and bearish -> SELL,
 trend strength > 0.6 -> follow the trend, else HOLD), so a model can learn them from the prompt alone.
 Deterministic: `python scripts/sample_demo_signals.py` always writes the same file.
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from sample_trades import rule as label  # seed 000's indicator rule, the same as the trade log's
 
-SYSTEM = "You are a crypto trading assistant. Answer with a JSON signal and confidence."
+from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 BASE_PRICE = {"BTC-USDT": 43000.0, "ETH-USDT": 2300.0, "SOL-USDT": 95.0, "BNB-USDT": 310.0}
 
@@ -37,12 +40,12 @@ def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "demo_signal
         price = round(BASE_PRICE[symbol] * rng.uniform(0.9, 1.1), 2)
         macd = rng.choice(["golden_cross", "death_cross", "flat"])
         signal, confidence = label(snap["rsi"], snap["trend"], snap["strength"])
-        user = (f"{symbol} price {price}\nRSI: {snap['rsi']}\nMACD: {macd}\n"
-                f"Trend: {snap['trend']} ({snap['strength']})")
+        market_data = {"symbol": symbol, "price": price, "technical": {
+            "rsi": snap["rsi"], "macd_state": macd, "trend_direction": snap["trend"],
+            "trend_strength": snap["strength"]}}
         answer = json.dumps({"signal": signal, "confidence": round(min(confidence, 0.95), 2)})
-        rows.append({"messages": [{"role": "system", "content": SYSTEM},
-                                  {"role": "user", "content": user},
-                                  {"role": "assistant", "content": answer}],
+        messages = market_prompt(market_data, system_prompt=SYSTEM_PROMPT)
+        rows.append({"messages": messages + [{"role": "assistant", "content": answer}],
                      "label": signal, "timestamp": (start + timedelta(hours=i)).isoformat()})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
