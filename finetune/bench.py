@@ -3,7 +3,8 @@ one command on a random-init model of a preset's shape (conf/model/<preset>.yaml
 
     python -m finetune.bench --model qwen2_5_7b --method qlora --setups ours,plain,trl_peer --steps 50 \\
         --lengths 100-512 --out docs/benchmarks/qwen2_5_7b_qlora.json
-    python -m finetune.bench --model tiny --device cpu --steps 4 --samples 48 --lengths 80-160   # CPU smoke test
+    python -m finetune.bench --model tiny --device cpu --method lora --steps 4 --warmup-steps 1 --samples 48 \\
+        --lengths 80-160 --batch 2 --grad-accum 1 --max-length 256 --peer-max-length 256   # the CPU smoke test
 
 Setups (same weights, same synthetic samples, same LoRA config and learning-rate schedule):
 - ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.sft_config,
@@ -30,16 +31,19 @@ What is measured, per setup:
 Setups run one after another in this process. Liger patches transformers' modeling modules for the rest of the
 process, so setups without Liger run first whatever the order given.
 
-The JSON written to --out (and a Markdown table beside it, same name with .md):
+The JSON written to --out (rewritten after each setup; a Markdown table beside it, same name with .md), with "..."
+for what a run measures:
 {"model": "qwen2_5_7b", "method": "qlora", "device": "NVIDIA H100 80GB HBM3", "params": 7615616512,
- "peak_flops": 9.894e14, "flops_per_token": "6N", "lengths": [100, 512], "steps": 50, "warmup_steps": 3,
- "setups": [{"name": "ours", "settings": "batch 4x4, packed rows of 2048, ...", "overrides": [...],
-             "tokens_per_s": ..., "real_tokens": ..., "positions": ..., "seconds": ..., "peak_gib": ..., "mfu": ...,
-             "probe_loss": 11.93, "losses": [{"step": 1, "loss": 11.94, "real_tokens": 32611}, ...], "error": null},
-            ...],
- "ratios_vs_peer": {"ours": 1.43, "plain": 0.21, "trl_peer": 1.0},
- "latency": {"setup": "ours", "latency_seconds": ..., "answers_per_second": ..., ...} or null,
- "versions": {...}, "command": "python -m finetune.bench ..."}
+ "peak_flops": 9.894e14, "flops_per_token": "6N", "lengths": [100, 512], "samples": 4000, "steps": 50,
+ "warmup_steps": 3, "seed": 0, "complete": true,
+ "setups": [{"name": "ours", "settings": "batch 4x4, packed rows of 2048, checkpointing full, ...",
+             "overrides": [...], "tokens_per_s": ..., "real_tokens": ..., "positions": ..., "padding_fraction": 0.0,
+             "seconds": ..., "peak_gib": ..., "mfu": ..., "probe_loss": ..., "start_digest": "...",
+             "losses": [{"step": 1, "loss": ..., "real_tokens": ...}, ...], "error": null, ...},
+            {"name": "plain", ...}, {"name": "trl_peer", ...}, {"name": "ours[liger]", "error": "...", ...}],
+ "ratios_vs_peer": {"ours": ..., "plain": ..., "trl_peer": 1.0},
+ "latency": {"setup": "ours", "latency_seconds": ..., "answers_per_second": ..., "batch_size": 32, ...} or null,
+ "versions": {"torch": ..., ...}, "command": "python -m finetune.bench ..."}
 """
 import argparse
 import gc
@@ -505,8 +509,10 @@ def planned(args) -> list[tuple[str, list[str]]]:
     for text in args.variant:
         levers = lever_parser().parse_args([f"--{word}" for word in shlex.split(text)])
         plan.append((f"ours[{text.strip()}]", base + lever_overrides(levers)))
-    uses_liger = lambda item: (item[0] == "trl_peer" and args.device == "cuda" and find_spec("liger_kernel")
-                               is not None) or "++training.use_liger_kernel=true" in item[1]
+    def uses_liger(item: tuple[str, list[str]]) -> bool:
+        peer_liger = item[0] == "trl_peer" and args.device == "cuda" and find_spec("liger_kernel") is not None
+        return peer_liger or "++training.use_liger_kernel=true" in item[1]
+
     return sorted(plan, key=uses_liger)
 
 
