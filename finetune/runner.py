@@ -28,6 +28,7 @@ from finetune.recipes import register
 from finetune.rundir import manifest, redact_hydra_dir, secret_values, set_status, write_json
 
 log = logging.getLogger("finetune")
+USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # read once: runs in one process must not inherit each other's
 
 register()
 OmegaConf.register_new_resolver("sample_data", lambda name: str(SAMPLE_DATA_DIR / name), replace=True)
@@ -133,7 +134,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
         secrets = secret_values(config)
         redact_hydra_dir(run_dir, secrets)
         write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed, secrets))
-        os.environ.setdefault("WANDB_DIR", str(run_dir))  # wandb's offline run (if chosen) lands in the run dir
+        # wandb's offline run (if chosen) lands in this run dir, unless the user chose a WANDB_DIR
+        os.environ["WANDB_DIR"] = USER_WANDB_DIR or str(run_dir)
 
     # --- model, and the base model's scores before any training
     import datasets
@@ -150,7 +152,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
     log.info("base: %s", base and base["metrics"])
 
-    # --- train: SFTTrainer wraps the model with the PEFT method (and prepares a k-bit base for QLoRA)
+    # --- train: SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16;
+    # TRL 1.16 does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save)
     def as_dataset(samples):  # prompt/completion form: loss on the answer only
         return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
                                            for s in samples])
