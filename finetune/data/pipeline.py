@@ -147,7 +147,9 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
     cached = cache_root() / "datasets" / key[:16]
     started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
     if not from_cache:
-        built: Built = instantiate(cfg.builder, skip_bad_rows=cfg.skip_bad_rows)
+        # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
+        build = instantiate(cfg.builder, _partial_=True, _convert_="all")
+        built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
         dropped = Counter(built.dropped)
         samples = validate(built.samples, cfg.task, cfg.skip_bad_rows, dropped, str(source))
         if cfg.dedupe:

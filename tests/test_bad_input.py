@@ -1,0 +1,107 @@
+"""Bad input stops the run before training: non-zero exit, one line naming the place, status.json failed,
+no adapter and no metrics (issue 5). One case goes through the command line; the rest call run() directly."""
+import json
+import shutil
+import sqlite3
+
+import pytest
+
+from conftest import ROOT, cli, compose
+from finetune.errors import DataError
+from finetune.runner import run
+
+DATA = ROOT / "data"
+
+
+def assert_nothing_written(run_dir):
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith("DataError")
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_missing_file_exits_with_one_line(tmp_path):
+    out = cli("dataset=trade_signals", f"dataset.path={tmp_path}/nope.db", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nope.db" in errors[0] and "no such file" in errors[0]
+    assert "Traceback" not in out.stderr
+    assert_nothing_written(tmp_path / "run")
+
+
+def empty_db(tmp_path):
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    return path
+
+
+def seed_001_wide_schema(tmp_path):
+    """The seed's own failure: impacts stored wide (ret_post_15m), not long (window_min, ret)."""
+    path = tmp_path / "wide.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE events (event_id TEXT, ts TEXT, content TEXT)")
+    con.execute("CREATE TABLE event_impacts (event_id TEXT, ticker TEXT, ret_post_15m REAL)")
+    con.execute("INSERT INTO events VALUES ('e1', '2024-01-01T09:30:00', 'Fed holds rates')")
+    con.commit()
+    con.close()
+    return path
+
+
+def bad_market_data(tmp_path):
+    path = tmp_path / "trades.db"
+    shutil.copy(DATA / "trades.db", path)
+    con = sqlite3.connect(path)
+    row = con.execute("SELECT s.rowid FROM trades t JOIN signals s ON t.timestamp = s.timestamp "
+                      "WHERE t.status = 'closed' AND t.pnl_percent IS NOT NULL ORDER BY s.rowid LIMIT 1").fetchone()[0]
+    con.execute("UPDATE signals SET market_data = '{\"rsi\": 28.4,' WHERE rowid = ?", (row,))
+    con.commit()
+    con.close()
+    return path
+
+
+def only_open_trades(tmp_path):
+    path = tmp_path / "open.db"
+    shutil.copy(DATA / "trades.db", path)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE trades SET status = 'open'")
+    con.commit()
+    con.close()
+    return path
+
+
+def malformed_jsonl(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    lines = (DATA / "decisions.jsonl").read_text(encoding="utf-8").splitlines()[:5]
+    lines[2] = lines[2][:40]  # cut mid-record
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def missing_field(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    rows = [json.loads(line) for line in (DATA / "demo_signals.jsonl").read_text().splitlines()[:30]]
+    del rows[3]["messages"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CASES = {  # name -> (dataset, make the input, words the error must hold)
+    "empty database": ("trade_signals", empty_db, ["empty.db", "trades"]),
+    "wrong schema (seed 001)": ("finance_news", seed_001_wide_schema, ["wide.db", "window_min", "ret_post_15m"]),
+    "invalid JSON in a column": ("trade_signals", bad_market_data, ["trades.db", "market_data", "row"]),
+    "no samples left": ("trade_signals", only_open_trades, ["open.db", "no samples"]),
+    "malformed JSON line": ("decision_records", malformed_jsonl, ["decisions.jsonl", "line 3"]),
+    "record missing a field": ("generic", missing_field, ["chats.jsonl", "line 4", "messages"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_named_and_nothing_is_written(case, tmp_path):
+    dataset, make, words = CASES[case]
+    source = make(tmp_path)
+    with pytest.raises(DataError) as err:
+        run(compose(f"dataset={dataset}", f"dataset.path={source}"), tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert_nothing_written(tmp_path / "run")
