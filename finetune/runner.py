@@ -242,8 +242,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             # sweeper (Optuna) counts NaN as a failed trial
             log.exception("job failed: %s", err)
             return float("nan")
-        if isinstance(err, (ConfigError, DataError, TrainingError)):
-            log.error("%s", err)
+        if isinstance(err, (ConfigError, DataError, TrainingError)):  # status.json keeps it too
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
