@@ -20,6 +20,14 @@ def test_default_command_writes_hydra_config_and_report(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert "| perplexity |" in (tmp_path / "report.md").read_text()
+    assert metrics["tuned"]["parse_rate"] >= 0.95 and metrics["tuned"]["accuracy"] > metrics["tuned"]["majority_baseline"]
+    # re-evaluating the finished run dir (python -m finetune.evaluate) reproduces its tuned metrics
+    from finetune.evaluate import evaluate_run
+    again = evaluate_run(tmp_path)
+    for side in ("base", "tuned"):
+        for key in ("perplexity", "accuracy", "macro_f1", "parse_rate", "confidence_mean"):
+            expected = metrics[side][key]
+            assert again[side][key] == (expected if expected is None else pytest.approx(expected, rel=1e-5)), key
 
 
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
