@@ -79,6 +79,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
         if main:
             set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
         raise
+    finally:  # this run's WANDB_DIR must not outlive it (a later run, or a subprocess, would inherit it)
+        if USER_WANDB_DIR is None:
+            os.environ.pop("WANDB_DIR", None)
+        else:
+            os.environ["WANDB_DIR"] = USER_WANDB_DIR
     if main:
         set_status(run_dir, "skipped" if result.skipped else "completed", result.skipped)
     return result
