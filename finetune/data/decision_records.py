@@ -57,6 +57,7 @@ from collections import Counter
 from pathlib import Path
 
 from finetune.data import Built, safe_json
+from finetune.data.numbers import finite_number
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -228,13 +229,8 @@ def _short(text, limit):
 
 def _number(value):
     """A finite number (int kept int, 60.0 -> 60) from a number or numeric text; None otherwise."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range, 10**400
-        return None
-    if not math.isfinite(number):
+    number = finite_number(value)
+    if number is None:
         return None
     return int(number) if number.is_integer() else round(number, 6)
 

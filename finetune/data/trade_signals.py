@@ -65,12 +65,12 @@ Example sample:
 """
 import json
 import logging
-import math
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
 from finetune.data import Built, safe_json
+from finetune.data.numbers import finite_number
 from finetune.data.sqlite import check_columns, check_names, connect
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
@@ -166,7 +166,7 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
             continue
         seen.add(trade_id)
         at = f"table '{trades_table}' row id {trade_id}"
-        pnl_value = _number(raw_pnl)
+        pnl_value = finite_number(raw_pnl)
         if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
             bad("bad_pnl", f"{at}, column '{cols['pnl_percent']}'", f"{raw_pnl!r} is not a number")
             continue
@@ -216,8 +216,8 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
         sign = {"long": 1, "short": -1}.get(direction)
         samples.append({"messages": messages, "label": label, "timestamp": timestamp,
                         "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
-                                 "pnl_percent": pnl_value, "entry_price": _number(entry),
-                                 "exit_price": _number(exit_), "action_taken": None if action is None else str(action),
+                                 "pnl_percent": pnl_value, "entry_price": finite_number(entry),
+                                 "exit_price": finite_number(exit_), "action_taken": None if action is None else str(action),
                                  "direction": direction,
                                  "return_percent": None if sign is None else sign * pnl_value}})
     if extra_signals:
@@ -258,7 +258,7 @@ def _indicators(snapshot):
         if value is None:
             continue
         if numeric:
-            number = _number(value)
+            number = finite_number(value)
             if number is None:
                 raise ValueError(f"'{key}' is {value!r}, not a number")
             value, text = number, _fmt(number)
@@ -301,14 +301,14 @@ def _direction(action, entry, exit_, pnl):
     for direction, words in DIRECTIONS.items():
         if word in words:
             return direction
-    entry, exit_ = _number(entry), _number(exit_)
+    entry, exit_ = finite_number(entry), finite_number(exit_)
     if entry is None or exit_ is None or entry == exit_ or pnl == 0:
         return None
     return "long" if (exit_ > entry) == (pnl > 0) else "short"
 
 
 def _confidence(label, ai_signal, signal_confidence, ruled):
-    given = _number(signal_confidence)
+    given = finite_number(signal_confidence)
     agrees = ai_signal is None or _signal_word(ai_signal) == label
     if given is not None and given >= 0 and agrees:
         value = given / 100 if given > 1 else given
@@ -325,15 +325,6 @@ def _signal_word(value):
     return "HOLD" if word in ("hold", "wait", "观望", "持有") else word.upper()
 
 
-def _number(value):
-    """A finite float from a number or numeric text; None otherwise (bool is not a number)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range, 10**400
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _fmt(number):
