@@ -168,25 +168,14 @@ def _beta_fraction(a: float, b: float, x: float) -> float:
 
 def read_lines(path: Path, required: dict) -> list[dict]:
     """JSONL rows with the `required` fields ({name: check}); DataError naming the file, line and field."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = safe_json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name}: line {number}: invalid JSON ({e.msg} at char {e.pos})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path.name}: line {number}: expected a JSON object")
-            for name, (check, what) in required.items():
-                if name not in row or not check(row[name]):
-                    raise DataError(f"{path.name}: line {number}, field '{name}': expected {what}, "
-                                    f"got {row.get(name, 'nothing')!r}")
-            row["_line"] = number
-            rows.append(row)
+    for number, row in safe_json.jsonl_objects(path):
+        for name, (check, what) in required.items():
+            if name not in row or not check(row[name]):
+                raise DataError(f"{path.name}: line {number}, field '{name}': expected {what}, "
+                                f"got {row.get(name, 'nothing')!r}")
+        row["_line"] = number
+        rows.append(row)
     return rows
 
 

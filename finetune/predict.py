@@ -42,46 +42,35 @@ def read_inputs(path: Path, system_prompt: str | None) -> list[dict]:
     """Each non-blank line -> {"line", "id", "kind" (market_data | messages | prompt), "chat", "expected"};
     `system_prompt` is the run's training one (finetune.inference.training_system_prompt)."""
     from finetune.data.trade_signals import market_prompt
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; --input takes a JSONL file")
     records = []
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}: line {number}"
-            try:
-                item = safe_json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at char {e.pos}); write one object per line") from e
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-            record = {"line": number, "id": item.get("id"), "expected": None}
-            if "market_data" in item:
-                if not isinstance(item["market_data"], dict):
-                    raise DataError(f"{where}, field 'market_data': expected a JSON object, "
-                                    f"got {type(item['market_data']).__name__}")
-                try:  # the same prompt as SignalProvider.signal_prompt
-                    chat = market_prompt(item["market_data"], item.get("symbol"), system_prompt)
-                except ValueError as e:
-                    raise DataError(f"{where}, field 'market_data': {e}") from e
-                record.update(kind="market_data", chat=chat)
-            elif "messages" in item:
-                chat = _messages(item["messages"], where)
-                if chat[-1]["role"] == "assistant":
-                    record["expected"] = chat.pop()["content"]
-                if not chat:
-                    raise DataError(f"{where}, field 'messages': only an assistant answer, no prompt")
-                record.update(kind="messages", chat=chat)
-            elif "prompt" in item:
-                if not isinstance(item["prompt"], str) or not item["prompt"].strip():
-                    raise DataError(f"{where}, field 'prompt': expected non-empty text")
-                system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-                record.update(kind="prompt", chat=system + [{"role": "user", "content": item["prompt"]}])
-            else:
-                raise DataError(f"{where}: needs one of 'market_data', 'messages' or 'prompt' "
-                                f"(found: {', '.join(item) or 'no keys'})")
-            records.append(record)
+    for number, item in safe_json.jsonl_objects(path):
+        where = f"{path.name}: line {number}"
+        record = {"line": number, "id": item.get("id"), "expected": None}
+        if "market_data" in item:
+            if not isinstance(item["market_data"], dict):
+                raise DataError(f"{where}, field 'market_data': expected a JSON object, "
+                                f"got {type(item['market_data']).__name__}")
+            try:  # the same prompt as SignalProvider.signal_prompt
+                chat = market_prompt(item["market_data"], item.get("symbol"), system_prompt)
+            except ValueError as e:
+                raise DataError(f"{where}, field 'market_data': {e}") from e
+            record.update(kind="market_data", chat=chat)
+        elif "messages" in item:
+            chat = _messages(item["messages"], where)
+            if chat[-1]["role"] == "assistant":
+                record["expected"] = chat.pop()["content"]
+            if not chat:
+                raise DataError(f"{where}, field 'messages': only an assistant answer, no prompt")
+            record.update(kind="messages", chat=chat)
+        elif "prompt" in item:
+            if not isinstance(item["prompt"], str) or not item["prompt"].strip():
+                raise DataError(f"{where}, field 'prompt': expected non-empty text")
+            system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            record.update(kind="prompt", chat=system + [{"role": "user", "content": item["prompt"]}])
+        else:
+            raise DataError(f"{where}: needs one of 'market_data', 'messages' or 'prompt' "
+                            f"(found: {', '.join(item) or 'no keys'})")
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no input lines")
     return records

@@ -4,7 +4,6 @@ One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks t
 `run()` does the rest and can be called from Python with a composed config.
 """
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -138,7 +137,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     if main:
         secrets = secret_values(config)
         redact_hydra_dir(run_dir, secrets)
-        write_json(run_dir / "manifest.json", manifest(config, stats["source"]["sha256"], cfg.seed, secrets))
+        run_manifest = manifest(config, stats["source"]["sha256"], cfg.seed, secrets)
+        write_json(run_dir / "manifest.json", run_manifest)
         # wandb's offline run (if chosen) lands in this run dir, unless the user chose a WANDB_DIR
         os.environ["WANDB_DIR"] = USER_WANDB_DIR or str(run_dir)
 
@@ -209,8 +209,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
                "train samples": len(splits["train"]), "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(time.perf_counter() - started, 1)}
-    write_json(run_dir / "manifest.json", {**json.loads((run_dir / "manifest.json").read_text()),
-                                           "seconds": summary["seconds"], "steps": summary["steps"]})
+    write_json(run_dir / "manifest.json", {**run_manifest, "seconds": summary["seconds"], "steps": summary["steps"]})
     write_report(run_dir, summary, result, stats, trainer.state.log_history)
     write_json(run_dir / "metrics.json", result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)

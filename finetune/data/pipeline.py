@@ -142,7 +142,8 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
     source = Path(cfg.path)
     if not source.exists():
         raise DataError(f"dataset.path={source}: no such file or folder")
-    key = hashlib.sha256(json.dumps([source_hash(source), OmegaConf.to_container(cfg, resolve=True), seed,
+    digest = source_hash(source)
+    key = hashlib.sha256(json.dumps([digest, OmegaConf.to_container(cfg, resolve=True), seed,
                                      tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
     cached = cache_root() / "datasets" / key[:16]
     started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
@@ -165,7 +166,7 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
         except ValueError as err:
             raise DataError(str(err)) from None
         stats = describe(splits, dropped, tokenizer, len(built.samples))
-        stats["source"] = {"path": str(source), "sha256": source_hash(source)}
+        stats["source"] = {"path": str(source), "sha256": digest}
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))  # one per process
         for name in SPLITS:

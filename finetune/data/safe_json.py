@@ -11,6 +11,10 @@ file, line and column for every one.
 """
 import json
 import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from finetune.errors import DataError
 
 _LONG_NUMBER = re.compile(r"\d{4300}")
 _LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
@@ -42,3 +46,21 @@ def loads(text: str | bytes):
             raise json.JSONDecodeError("a \\u escape that is half a surrogate pair, not a character", text,
                                        match.start() if match else 0) from None
     return value
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; DataError naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; give a JSONL file, one JSON object per line")
+    with path.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path.name}: line {number}: invalid JSON ({e.msg} at char {e.pos}); "
+                                "write one object per line") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path.name}: line {number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
