@@ -67,6 +67,12 @@ def check_training_overrides(overrides: list[str]) -> None:
 
 
 def check_model(model: dict) -> None:
+    if model.get("path") == "???":  # OmegaConf's mandatory marker, left as is by resolve()
+        raise ConfigError(f"model.path: missing; model={model.get('name')} needs model.path=/dir, a local Hugging "
+                          f"Face folder (config.json, tokenizer files, *.safetensors)")
+    if model.get("path") is not None and not Path(model["path"]).is_dir():
+        raise ConfigError(f"model.path={model['path']}: no such folder; point it at a local Hugging Face folder "
+                          f"(config.json, tokenizer files, *.safetensors)")
     if model["dtype"] not in DTYPES:
         raise ConfigError(f"model.dtype={model['dtype']}: choose one of {', '.join(DTYPES)}")
     if model["attn_implementation"] not in ATTENTION:

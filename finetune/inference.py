@@ -15,7 +15,9 @@ run's system prompt (`dataset.builder.system_prompt`, or the builder's default w
 it). A run trained on another builder (the demo data's own prompt format) is warned about, since its
 prompts will differ; send it `messages` written as in its training data through `generate` instead.
 
-Answers are greedy (the same input gives the same answer, batched or one by one) and read with
+Answers are decoded as the run's evaluation decoded them (`eval.generation`: greedy unless it says otherwise,
+stopping at every id of the model's `generation_config.eos_token_id`), so the same prompt gets the answer the
+report scored; greedy answers are the same batched or one by one. They are read with
 `finetune.eval.answers.parse_signal`. The rules a trading loop can rely on:
 - an answer without a readable signal AND confidence is the fallback ("HOLD", 0.0), counted in
   `provider.fallbacks` (a trading loop must not act on an unquantified signal);
@@ -37,6 +39,8 @@ import logging
 import threading
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
 from finetune.errors import ConfigError
 from finetune.eval.answers import SIGNALS, parse_signal
@@ -49,7 +53,8 @@ SIGNAL_BUILDER = "finetune.data.trade_signals.build"
 
 class SignalProvider:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = SYSTEM_PROMPT, max_new_tokens: int = 32,
-                 batch_size: int = 16, confidence_threshold: float = 0.0, task: str = "signals"):
+                 batch_size: int = 16, confidence_threshold: float = 0.0, task: str = "signals",
+                 generation: dict | None = None):
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"confidence_threshold={confidence_threshold}: a fraction in [0, 1]")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -58,6 +63,7 @@ class SignalProvider:
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt = system_prompt  # None: the prompts have no system turn
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.generation = dict(generation or {})  # model.generate keywords: the run's eval.generation (greedy if empty)
         self.confidence_threshold = confidence_threshold
         self.task = task  # the run's dataset.task: how predict / serve read an answer to `messages`
         self.fallbacks = 0  # answers that gave no signal + confidence
@@ -91,6 +97,8 @@ class SignalProvider:
         options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
         options.setdefault("batch_size", cfg.eval.batch_size)
         options.setdefault("task", cfg.dataset.task)
+        # the evaluation's decoding (eval.generation) and stop ids: the same prompt gets the answer the report scored
+        options.setdefault("generation", OmegaConf.to_container(cfg.eval.generation))
         return cls(model, tokenizer, **options)
 
     @classmethod
@@ -132,7 +140,7 @@ class SignalProvider:
         from finetune.eval.suite import generate_chats
         with self._lock:
             return generate_chats(self.model, self.tokenizer, chats, max_new_tokens or self.max_new_tokens,
-                                  self.batch_size, progress=False)
+                                  self.batch_size, progress=False, **self.generation)
 
     def read_signal(self, text: str) -> tuple[str, float]:
         """An answer -> (signal, confidence) with the fallback and the threshold applied (and counted)."""

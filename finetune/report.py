@@ -116,21 +116,157 @@ def write_ab_sheet(run_dir: Path, samples: list[dict], base: list[str], tuned: l
 
 
 def fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return f"{value:,}"  # parameter counts: 4,718,592
+    return str(value)
 
 
-def metrics_table(metrics: dict) -> str:
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Sizes and timings of an eval, not its quality: shown in their own table. Anything else numeric is quality.
+COUNT_KEYS = {"n_answers", "perplexity_tokens", "generation_seconds", "latency_seconds", "answers_per_second",
+              "answer_tokens_mean", "reference_tokens_mean", "n_trades", "n_long", "n_short", "n_opportunities",
+              "n_directional"}
+# Shares in [0, 1]: a verdict states their differences in percentage points.
+PROPORTIONS = {"accuracy", "macro_f1", "parse_rate", "win_rate", "profitable_ratio", "stop_rate"}
+# A trivial strategy's score for a metric, from the same metrics dict: what tuning must beat besides the base.
+BASELINES = {"accuracy": ("majority_baseline", "majority baseline"),
+             "total_return": ("always_long_return", "always-long baseline")}
+PEFT_METHODS = {"LoraConfig": "lora", "PrefixTuningConfig": "prefix", "PromptTuningConfig": "prompt",
+                "IA3Config": "ia3"}
+
+
+def is_count(name: str) -> bool:
+    return (name in COUNT_KEYS or name.startswith("n_") or name.endswith(("_seconds", "_per_second"))
+            or name.startswith("latency"))
+
+
+def method_name(method: dict, quantized: bool, choice: str | None = None) -> str:
+    """The method as a user names it: the Hydra choice (`method=dora`) when there is one, else from the peft
+    class: LoraConfig -> lora (dora with use_dora, qlora on a quantized base), PrefixTuningConfig -> prefix."""
+    if choice:
+        return str(choice)
+    target = str(method.get("_target_", "")).rsplit(".", 1)[-1]
+    name = PEFT_METHODS.get(target, target.removesuffix("Config").lower() or "none")
+    if name == "lora" and method.get("use_dora"):
+        return "dora"
+    if name == "lora" and quantized:
+        return "qlora"
+    return name
+
+
+def change(name: str, base, tuned) -> str:
+    """tuned - base; for perplexity also the relative change in %."""
+    if not (number(base) and number(tuned)):
+        return "–"
+    text = f"{tuned - base:+.4g}"
+    if name == "perplexity" and base:
+        text += f" ({(tuned - base) / base * 100:+.1f}%)"
+    return text
+
+
+def table(metrics: dict, names: list[str]) -> str:
     base, tuned = metrics.get("base", {}), metrics.get("tuned", {})
-    names = [k for k in {**base, **tuned} if not isinstance(base.get(k, tuned.get(k)), (dict, list))]
-    rows = ["| metric | base | tuned |", "|---|---|---|"]
-    rows += [f"| {n} | {fmt(base.get(n, '–'))} | {fmt(tuned.get(n, '–'))} |" for n in names]
+    rows = ["| metric | base | tuned | change (tuned - base) |", "|---|---|---|---|"]
+    rows += [f"| {n} | {fmt(base.get(n, '–'))} | {fmt(tuned.get(n, '–'))} | {change(n, base.get(n), tuned.get(n))} |"
+             for n in names]
     return "\n".join(rows)
 
 
-def write_report(run_dir: Path, summary: dict, metrics: dict, stats: dict, log_history: list[dict]) -> None:
-    lines = [f"# Run report: {summary['recipe']}", "", "| | |", "|---|---|"]
+def scalar_names(metrics: dict) -> list[str]:
+    base, tuned = metrics.get("base", {}), metrics.get("tuned", {})
+    return [k for k in {**base, **tuned} if not isinstance(base.get(k, tuned.get(k)), (dict, list))]
+
+
+def quality_table(metrics: dict) -> str:
+    return table(metrics, [n for n in scalar_names(metrics) if not is_count(n)])
+
+
+def counts_table(metrics: dict) -> str | None:
+    names = [n for n in scalar_names(metrics) if is_count(n)]
+    return table(metrics, names) if names else None
+
+
+def metrics_table(metrics: dict) -> str:
+    """Quality metrics, then (when any) the counts and timings, as markdown tables."""
+    counts = counts_table(metrics)
+    return quality_table(metrics) + (f"\n\nCounts and timings:\n\n{counts}" if counts else "")
+
+
+def main_metric(metrics: dict, metric: str | None, mode: str | None) -> tuple[str | None, str]:
+    """The metric the verdict is about: `leaderboard.metric` / `mode` when the tuned scores have it, else
+    perplexity (min), else None."""
+    tuned = metrics.get("tuned", {})
+    if metric and number(tuned.get(metric)):
+        return metric, mode if mode in ("min", "max") else "max"
+    if number(tuned.get("perplexity")):
+        return "perplexity", "min"
+    return None, mode or "max"
+
+
+def show(name: str, value: float) -> str:
+    return f"{value:.3f}" if name in PROPORTIONS else fmt(float(value))
+
+
+def difference(name: str, value: float, other: float) -> str:
+    if name in PROPORTIONS:
+        return f"{(value - other) * 100:+.1f} points"
+    if name == "perplexity" and other:
+        return f"{(value - other) / other * 100:+.1f}%"
+    return f"{value - other:+.4g}"
+
+
+def comparison(metrics: dict, name: str, mode: str) -> tuple[bool, str]:
+    """(tuned is better than the base and any trivial baseline, 'accuracy 0.804 tuned vs ... (...)')."""
+    base, tuned = metrics.get("base", {}), metrics.get("tuned", {})
+    value = tuned[name]
+    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    others = []
+    if number(base.get(name)):
+        others.append(("base", base[name], "base"))
+    key, label = BASELINES.get(name, (None, None))
+    if key and number(tuned.get(key, base.get(key))):
+        others.append((label, tuned.get(key, base.get(key)), "the baseline"))
+    text = f"{name} {show(name, value)} tuned"
+    if others:
+        text += " vs " + " and ".join(f"{show(name, v)} {label}" for label, v, _ in others)
+        text += " (" + ", ".join(f"{difference(name, value, v)} over {short}" for _, v, short in others)
+        text += ", lower is better)" if mode == "min" else ")"
+    helped = bool(others) and all(better(value, v) for _, v, _ in others)
+    return helped, text
+
+
+def verdict(metrics: dict, metric: str | None = None, mode: str | None = None) -> str:
+    """report.md's first line after the title: did tuning help on the run's main metric (leaderboard.metric,
+    leaderboard.mode), against the base and, where the task has one, a trivial baseline?"""
+    name, mode = main_metric(metrics, metric, mode)
+    if name is None:
+        wanted = f"{metric} nor perplexity" if metric and metric != "perplexity" else "perplexity"
+        return f"**Verdict: unknown.** The eval suite reported neither {wanted}; see the tables below."
+    helped, text = comparison(metrics, name, mode)
+    line = f"**Verdict: tuning {'helped' if helped else 'did not help'}.** {text}."
+    if name != metric and metric:
+        line += f" (leaderboard.metric {metric} was not measured; perplexity stands in.)"
+    tuned = metrics.get("tuned", {})
+    if name != "accuracy" and number(tuned.get("accuracy")):  # a classification suite ranked by another metric
+        line += f" Classification: {comparison(metrics, 'accuracy', 'max')[1]}."
+    return line
+
+
+def write_report(run_dir: Path, summary: dict, metrics: dict, stats: dict, log_history: list[dict],
+                 metric: str | None = None, mode: str | None = None) -> None:
+    """report.md: the verdict on `metric` (leaderboard.metric, `mode` min or max) first, then what ran, base vs
+    tuned quality with the change, counts and timings, plots, data and training."""
+    lines = [f"# Run report: {summary['recipe']}", "", verdict(metrics, metric, mode), "", "| | |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary.items()]
-    lines += ["", "## Base vs tuned (held-out test split)", "", metrics_table(metrics), ""]
+    lines += ["", "## Base vs tuned (held-out test split)", "", quality_table(metrics), ""]
+    counts = counts_table(metrics)
+    if counts:
+        lines += ["### Counts and timings", "", counts, ""]
     plots = [(plot_confusion(metrics, run_dir / "confusion.png"), "Confusion matrices", "confusion.png"),
              (plot_equity(metrics, run_dir / "equity.png"), "Backtest", "equity.png"),
              (plot_sentence_lengths(metrics, run_dir / "sentence_lengths.png"), "Style", "sentence_lengths.png")]

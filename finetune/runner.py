@@ -4,6 +4,7 @@ One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks t
 `run()` does the rest and can be called from Python with a composed config.
 """
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -91,6 +92,12 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
 def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     started = time.perf_counter()
     # --- config: everything checked before data is built or weights load
+    if HydraConfig.initialized():  # the user's recipe and the method's own values outrank a fit
+        from finetune.fit import apply_fit_precedence
+        for line in apply_fit_precedence(cfg, HydraConfig.get()):
+            log.info("%s", line)
+            if main:
+                print(line)
     config = resolve(cfg)
     check_training(config["training"])
     check_method(config["method"], config["training"])
@@ -150,6 +157,11 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     from finetune.eval.suite import evaluate
     set_seed(cfg.seed)
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
+    if cfg.quantization is not None and not cfg.model.modules_to_save:
+        # a 4-bit pretrained base: norms in fp32 and input grads on, as QLoRA trains it (peft's k-bit preparation);
+        # with modules_to_save (the random-init tiny base) it would cast the saved copies wrongly, so not there
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
@@ -196,30 +208,55 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     # --- tuned scores on the same held-out samples, then the report
     tuned = evaluate(model=trainer.model, **suite)
     log.info("tuned: %s", tuned["metrics"])
+    write_answers(run_dir / "answers.jsonl", held_out, base["outputs"], tuned["outputs"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}
     # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
     trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    from finetune.report import write_ab_sheet, write_report
+    from finetune.model import model_source
+    from finetune.report import method_name, write_ab_sheet, write_report
     if cfg.dataset.task == "text" and tuned["outputs"] is not None:
         write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
-    summary = {"recipe": HydraConfig.get().runtime.choices.get("recipe", "none") if HydraConfig.initialized()
-               else "none", "model": cfg.model.name, "method": cfg.method._target_.split(".")[-1],
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    recipe = choices.get("recipe") or "none"
+    if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel: adapter + frozen base (4-bit aware)
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+    loaded = {"model_folder": model_source(cfg.model), "parameters": total - trainable,
+              "trainable_parameters": trainable}
+    summary = {"recipe": "default" if recipe == "none" else recipe, "model": cfg.model.name,
+               "model folder": loaded["model_folder"], "parameters": loaded["parameters"],
+               "trainable parameters": f"{trainable:,} ({trainable / max(total, 1):.2%} of all)",
+               "method": method_name(config["method"], cfg.quantization is not None, choices.get("method")),
                "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
                "train samples": len(splits["train"]), "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(time.perf_counter() - started, 1)}
-    write_json(run_dir / "manifest.json", {**run_manifest, "seconds": summary["seconds"], "steps": summary["steps"]})
-    write_report(run_dir, summary, result, stats, trainer.state.log_history)
+    write_json(run_dir / "manifest.json", {**run_manifest, **loaded, "seconds": summary["seconds"],
+                                           "steps": summary["steps"]})
+    write_report(run_dir, summary, result, stats, trainer.state.log_history, cfg.leaderboard.metric,
+                 cfg.leaderboard.mode)
     write_json(run_dir / "metrics.json", result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
 
 
+def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned: list[str] | None) -> None:
+    """Each held-out prompt's gold answer beside the base and tuned answers the metrics scored."""
+    if tuned is None:
+        return
+    from finetune.rundir import write_text
+    rows = [{"prompt": s["messages"][:-1], "reference": s["messages"][-1]["content"], "label": s.get("label"),
+             "base": b, "tuned": t} for s, b, t in zip(samples, base, tuned)]
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def dry_run_estimate(cfg: DictConfig, config: dict, stats: dict, tokenizer) -> dict:
-    from finetune.estimate import estimate, tiny_size
-    size = config["model"]["size"] or tiny_size(config["model"]["tiny"], len(tokenizer))
-    return estimate(size, config["method"], cfg.quantization is not None, cfg.model.dtype, config["training"],
-                    stats["splits"]["train"]["tokens"]["total"], len(tokenizer))
+    from finetune.estimate import estimate, model_shape
+    shape = model_shape(cfg.model, cfg.method)  # the chosen model's real shape, counted on the meta device
+    return estimate(shape, cfg.quantization is not None, cfg.model.dtype, config["training"],
+                    stats["splits"]["train"]["tokens"]["total"])
 
 
 def print_dry_run(stats: dict) -> None:

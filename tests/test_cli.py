@@ -20,6 +20,11 @@ def test_default_command_writes_hydra_config_and_report(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert "| perplexity |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text().splitlines()  # the verdict first, then what ran
+    assert report[2].startswith("**Verdict: tuning helped.**") and "majority baseline" in report[2], report[:3]
+    assert "| recipe | default |" in report and "| method | lora |" in report
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["parameters"] > manifest["trainable_parameters"] > 0 and manifest["model_folder"]
     assert metrics["tuned"]["parse_rate"] >= 0.95 and metrics["tuned"]["accuracy"] > metrics["tuned"]["majority_baseline"]
     # re-evaluating the finished run dir (python -m finetune.evaluate) reproduces its tuned metrics
     from finetune.evaluate import evaluate_run
@@ -50,6 +55,28 @@ def test_recipe_from_a_user_folder(tmp_path):
     assert completed(tmp_path / "run")
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["use_dora"] is True
+
+
+def test_a_user_recipe_value_wins_over_the_fit(tmp_path):
+    """conf/fit/tiny_cpu.yaml sets lr 3e-3 after the recipe; the user's own recipe (not a shipped one) outranks it."""
+    (tmp_path / "mine" / "recipe").mkdir(parents=True)
+    (tmp_path / "mine" / "recipe" / "my_lr.yaml").write_text(
+        "# @package _global_\ntraining:\n  learning_rate: 0.002\n  per_device_train_batch_size: 4\n")
+    steps = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "eval.max_samples=4"]
+    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_lr", "model=tiny", "training=cpu", *steps,
+              f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kept training.learning_rate=0.002 from your recipe" in out.stdout, out.stdout
+    training = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["training"]
+    assert training["learning_rate"] == 0.002 and training["per_device_train_batch_size"] == 4
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["train_batch_size"] == 4
+    # a shipped recipe's 7B value is replaced, and the run says so; a method's own learning rate is kept
+    shipped = cli("recipe=lora_qwen_signals", "model=tiny", "training=cpu", "dry_run=true",
+                  f"hydra.run.dir={tmp_path / 'dry'}")
+    assert "fit tiny_cpu replaced training.learning_rate: 0.0001 -> 0.003" in shipped.stdout, shipped.stdout
+    prompt = cli("method=prompt", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry2'}")
+    assert "kept training.learning_rate=0.03 from the method" in prompt.stdout, prompt.stdout
 
 
 def test_flat_recipe_folder_through_recipes_scheme(tmp_path):

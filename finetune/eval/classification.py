@@ -5,7 +5,10 @@ that cannot be parsed, or names a class outside `labels`, counts as wrong and la
 matrix's extra 'unparsed' column. Plain Python: `evaluate` can only load its metric modules from the hub,
 which is unreachable here.
 
-Result (task="signals"; sentiment has no confidence, so those keys are None; only signals has
+task="first_line" reads the label from the answer's first non-empty line only (the finance-news builder puts
+the label there and an explanation after it).
+
+Result (task="signals"; sentiment and first_line have no confidence, so those keys are None; only signals has
 `profitable_ratio`):
 
     {"accuracy": 0.667, "macro_f1": 0.711, "parse_rate": 0.833, "majority_baseline": 0.5,
@@ -36,7 +39,9 @@ from finetune.eval.answers import parse_action, parse_label, parse_signal, to_co
 
 DEFAULT_LABELS = {"signals": ["BUY", "SELL", "HOLD"],
                   "sentiment": ["positive", "neutral", "negative"],
-                  "action": ["BUY", "SELL", "HOLD", "CLOSE"]}
+                  "action": ["BUY", "SELL", "HOLD", "CLOSE"],
+                  # the answer's first line is the label (finance_news: direction, or how a reaction developed)
+                  "first_line": ["up", "down", "flat", "priced_in", "follow_through", "wait_and_see"]}
 
 
 class Classification:
@@ -56,6 +61,9 @@ class Classification:
             label, confidence = parse_signal(text)
         elif self.task == "sentiment":
             label, confidence = parse_label(text, self.labels), None
+        elif self.task == "first_line":
+            first = next((line for line in text.splitlines() if line.strip()), "") if isinstance(text, str) else ""
+            label, confidence = parse_label(first, self.labels), None
         else:
             action = parse_action(text)
             label = action["action"] if action else None

@@ -16,27 +16,61 @@ def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_s
                           **generation)
 
 
-@torch.no_grad()
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation_config.eos_token_id (a list on Llama-3 and Gemma,
+    e.g. <|eot_id|> beside <|end_of_text|>) and the tokenizer's EOS. Passing only `tokenizer.eos_token_id` to
+    generate() would override the list and let such a model talk past the end of its turn."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    ids = [*ids, tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def generate_chats(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
                    progress: bool = True, **generation) -> list[str]:
     """Answers to prompt conversations (each a list of messages ending before the answer): greedy unless
     `generation` (eval.generation: model.generate keywords, e.g. repetition_penalty) says otherwise."""
+    return generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, progress, **generation)["texts"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     progress: bool = True, **generation) -> dict:
+    """{"texts": answers, "tokens": generated tokens per answer (its stop token not counted), "stopped": whether
+    the answer ended on a stop id before `max_new_tokens` ran out}."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
     device = next(model.parameters()).device
-    answers = []
+    stops = stop_ids(model, tokenizer)
+    texts, tokens, stopped = [], [], []
     try:
         for start in tqdm(range(0, len(chats), batch_size), desc="generate", leave=False, disable=not progress):
             prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
                        for chat in chats[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **{"do_sample": False, **generation})
-            answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                                 eos_token_id=stops, **{"do_sample": False, **generation})
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                end = next((i for i, token in enumerate(row) if token in stops), None)
+                tokens.append(len(row) if end is None else end)
+                stopped.append(end is not None)
+                texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    return {"texts": texts, "tokens": tokens, "stopped": stopped}
+
+
+def answer_lengths(tokenizer, samples: list[dict], answers: dict) -> dict:
+    """How long the generated answers are against the gold ones, in tokens: a model that never learned to stop
+    runs to max_new_tokens (length_ratio >> 1, stop_rate 0)."""
+    reference = [len(tokenizer(s["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for s in samples]
+    generated = answers["tokens"]
+    mean_reference = sum(reference) / len(reference) if reference else 0.0
+    mean_generated = sum(generated) / len(generated) if generated else 0.0
+    return {"answer_tokens_mean": mean_generated, "reference_tokens_mean": mean_reference,
+            "length_ratio": mean_generated / mean_reference if mean_reference else None,
+            "stop_rate": sum(answers["stopped"]) / len(generated) if generated else None}
 
 
 def evaluate(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int,
@@ -44,8 +78,11 @@ def evaluate(metrics: dict, model, tokenizer, samples: list[dict], max_new_token
     results, outputs = {}, None
     if any(m.needs_generation for m in metrics.values()):
         start = time.perf_counter()
-        outputs = generate(model, tokenizer, samples, max_new_tokens, batch_size, **(generation or {}))
+        answers = generate_answers(model, tokenizer, [s["messages"][:-1] for s in samples], max_new_tokens,
+                                   batch_size, **(generation or {}))
         results["generation_seconds"] = time.perf_counter() - start
+        results.update(answer_lengths(tokenizer, samples, answers))
+        outputs = answers["texts"]
     for metric in metrics.values():
         results.update(metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer))
     return {"metrics": results, "outputs": outputs}

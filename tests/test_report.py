@@ -1,0 +1,81 @@
+"""report.md: the verdict line on the run's main metric, the change column, counts apart from quality."""
+import pytest
+
+from finetune.report import counts_table, method_name, quality_table, verdict, write_report
+
+CLASSIFICATION = {"base": {"accuracy": 0.0, "majority_baseline": 0.357, "perplexity": 25.0, "n_answers": 28,
+                           "generation_seconds": 1.5},
+                  "tuned": {"accuracy": 0.804, "majority_baseline": 0.357, "perplexity": 3.1, "n_answers": 28,
+                            "generation_seconds": 1.2}}
+
+
+def sides(base: dict, tuned: dict) -> dict:
+    return {"base": base, "tuned": tuned}
+
+
+def test_verdict_max_metric_helped_states_base_and_majority_baseline():
+    line = verdict(CLASSIFICATION, "accuracy", "max")
+    assert line == ("**Verdict: tuning helped.** accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline "
+                    "(+80.4 points over base, +44.7 points over the baseline).")
+
+
+@pytest.mark.parametrize("tuned", [0.3, 0.0])  # beats the base but not the majority baseline; ties the base
+def test_verdict_max_metric_not_helped(tuned):
+    line = verdict(sides({"accuracy": 0.0, "majority_baseline": 0.357},
+                         {"accuracy": tuned, "majority_baseline": 0.357}), "accuracy", "max")
+    assert line.startswith("**Verdict: tuning did not help.** accuracy ")
+    assert "0.357 majority baseline" in line
+
+
+def test_verdict_min_metric():
+    helped = verdict(sides({"perplexity": 20.0}, {"perplexity": 5.0}), "perplexity", "min")
+    assert helped == ("**Verdict: tuning helped.** perplexity 5 tuned vs 20 base (-75.0% over base, "
+                      "lower is better).")
+    worse = verdict(sides({"perplexity": 5.0}, {"perplexity": 6.0}), "perplexity", "min")
+    assert worse.startswith("**Verdict: tuning did not help.** perplexity 6 tuned vs 5 base (+20.0%")
+
+
+def test_verdict_falls_back_to_perplexity_when_the_metric_is_missing():
+    line = verdict(sides({"perplexity": 20.0}, {"perplexity": 5.0}), "accuracy", "max")
+    assert line.startswith("**Verdict: tuning helped.** perplexity 5 tuned vs 20 base")
+    assert "accuracy was not measured" in line
+    assert verdict(sides({}, {"n_answers": 3}), "accuracy", "max").startswith("**Verdict: unknown.**")
+
+
+def test_verdict_on_perplexity_also_states_the_classification():
+    line = verdict(CLASSIFICATION, "perplexity", "min")
+    assert line.startswith("**Verdict: tuning helped.** perplexity 3.1 tuned vs 25 base (-87.6% over base")
+    assert "Classification: accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline" in line
+
+
+def test_tables_split_quality_from_counts_with_a_change_column():
+    quality, counts = quality_table(CLASSIFICATION), counts_table(CLASSIFICATION)
+    assert "| accuracy | 0 | 0.804 | +0.804 |" in quality
+    assert "| perplexity | 25 | 3.1 | -21.9 (-87.6%) |" in quality
+    assert "n_answers" not in quality and "generation_seconds" not in quality
+    assert "| n_answers | 28 | 28 | +0 |" in counts and "| generation_seconds |" in counts
+    assert counts_table(sides({"accuracy": 0.5}, {"accuracy": 0.6})) is None
+
+
+@pytest.mark.parametrize("method, quantized, choice, name", [
+    ({"_target_": "peft.LoraConfig"}, False, None, "lora"),
+    ({"_target_": "peft.LoraConfig", "use_dora": True}, False, None, "dora"),
+    ({"_target_": "peft.LoraConfig"}, True, None, "qlora"),
+    ({"_target_": "peft.PrefixTuningConfig"}, False, None, "prefix"),
+    ({"_target_": "peft.PromptTuningConfig"}, False, None, "prompt"),
+    ({"_target_": "peft.IA3Config"}, False, None, "ia3"),
+    ({"_target_": "peft.LoraConfig"}, True, "qlora", "qlora"),
+])
+def test_method_name(method, quantized, choice, name):
+    assert method_name(method, quantized, choice) == name
+
+
+def test_report_opens_with_the_verdict(tmp_path):
+    summary = {"recipe": "default", "model": "tiny", "method": "lora", "parameters": 4_718_592}
+    stats = {"splits": {"test": {"count": 28, "labels": {"BUY": 10}, "tokens": {"p50": 40, "p99": 60}}}}
+    write_report(tmp_path, summary, CLASSIFICATION, stats, [], "accuracy", "max")
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[0] == "# Run report: default" and lines[1] == ""
+    assert lines[2].startswith("**Verdict: tuning helped.** accuracy 0.804 tuned")
+    text = "\n".join(lines)
+    assert "| parameters | 4,718,592 |" in text and "### Counts and timings" in text
