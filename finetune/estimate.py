@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import ConfigError
 
-SUSTAINED_FLOPS = {"cuda": 0.4 * 989e12, "cpu": 2.0e10}
+# cpu: SmolLM2-135M LoRA measured on 2 shared cores, 40 steps of 8 x ~133 tokens in ~550 s (docs/results.md)
+SUSTAINED_FLOPS = {"cuda": 0.4 * 989e12, "cpu": 4.0e10}
 
 
 def model_config(model_cfg: DictConfig):
@@ -58,7 +59,8 @@ def checkpointing(training: dict) -> bool:
     return True
 
 
-def estimate(shape: dict, quantized: bool, dtype: str, training: dict, train_tokens: int) -> dict:
+def estimate(shape: dict, quantized: bool, dtype: str, training: dict, train_tokens: int,
+             train_samples: int = 0) -> dict:
     params, trainable = shape["params"], shape["trainable_params"]
     weight_bytes = 0.55 if quantized else {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     recompute = checkpointing(training)
@@ -68,7 +70,11 @@ def estimate(shape: dict, quantized: bool, dtype: str, training: dict, train_tok
            "activations": tokens_per_step * act_per_token / 2**30}
     device = "cpu" if training.get("use_cpu") else "cuda"
     epochs = training["num_train_epochs"] if training.get("max_steps", -1) <= 0 else None
-    tokens = train_tokens * epochs if epochs else training["max_steps"] * tokens_per_step
+    # with max_steps: steps x samples per step x the mean sample's tokens (rows are padded to their batch, not
+    # to max_length)
+    per_sample = min(train_tokens / train_samples, training["max_length"]) if train_samples else training["max_length"]
+    samples_per_step = training["per_device_train_batch_size"] * training.get("gradient_accumulation_steps", 1)
+    tokens = train_tokens * epochs if epochs else training["max_steps"] * samples_per_step * per_sample
     flops = (6 if recompute else 4) * params * tokens
     return {"params": int(params), "trainable_params": int(trainable),
             "memory_gib": {**{k: round(v, 3) for k, v in gib.items()}, "total": round(sum(gib.values()), 3)},

@@ -256,7 +256,7 @@ def dry_run_estimate(cfg: DictConfig, config: dict, stats: dict, tokenizer) -> d
     from finetune.estimate import estimate, model_shape
     shape = model_shape(cfg.model, cfg.method)  # the chosen model's real shape, counted on the meta device
     return estimate(shape, cfg.quantization is not None, cfg.model.dtype, config["training"],
-                    stats["splits"]["train"]["tokens"]["total"])
+                    stats["splits"]["train"]["tokens"]["total"], stats["splits"]["train"]["count"])
 
 
 def print_dry_run(stats: dict) -> None:

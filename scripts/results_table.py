@@ -1,0 +1,40 @@
+"""Print the Markdown table of docs/results.md from finished run dirs: each row read from the run's own files.
+
+    python scripts/results_table.py outputs/<run> [outputs/<run> ...]
+
+Columns: the command (manifest argv), wall minutes (manifest seconds), the main metric base -> tuned with its
+baseline, parse rate, answer length against the reference (length_ratio) and perplexity base -> tuned.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def row(run_dir: Path) -> str:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    base, tuned = metrics["base"], metrics["tuned"]
+    argv = " ".join(a for a in manifest["argv"][1:] if not a.startswith("hydra.run.dir="))
+    accuracy = (f"{fmt(base['accuracy'])} → **{fmt(tuned['accuracy'])}** (majority {fmt(tuned['majority_baseline'])})"
+                if "accuracy" in tuned else "–")
+    style = (f"{fmt(base['style_distance'])} → **{fmt(tuned['style_distance'])}**" if "style_distance" in tuned else "–")
+    return (f"| `python -m finetune {argv}` | {manifest['seconds'] / 60:.1f} | {accuracy} | "
+            f"{fmt(base.get('parse_rate'), 2)} → {fmt(tuned.get('parse_rate'), 2)} | "
+            f"{fmt(base['perplexity'], 2)} → **{fmt(tuned['perplexity'], 2)}** | {style} | "
+            f"{fmt(base.get('length_ratio'), 2)} → {fmt(tuned.get('length_ratio'), 2)} |")
+
+
+def main(paths: list[str]) -> None:
+    print("| command | minutes | accuracy base → tuned | parse rate | perplexity | style distance | "
+          "answer length / reference |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        print(row(Path(path)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
