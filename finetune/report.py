@@ -128,9 +128,8 @@ def number(value) -> bool:
 
 
 # Sizes and timings of an eval, not its quality: shown in their own table. Anything else numeric is quality.
-COUNT_KEYS = {"n_answers", "perplexity_tokens", "generation_seconds", "latency_seconds", "answers_per_second",
-              "answer_tokens_mean", "reference_tokens_mean", "n_trades", "n_long", "n_short", "n_opportunities",
-              "n_directional"}
+# n_*, *_seconds, *_per_second and latency* are counts by their names (is_count); these three are not.
+COUNT_KEYS = {"perplexity_tokens", "answer_tokens_mean", "reference_tokens_mean"}
 # Shares in [0, 1]: a verdict states their differences in percentage points.
 PROPORTIONS = {"accuracy", "macro_f1", "parse_rate", "win_rate", "profitable_ratio", "stop_rate"}
 # A trivial strategy's score for a metric, from the same metrics dict: what tuning must beat besides the base.

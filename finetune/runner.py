@@ -25,7 +25,7 @@ from finetune.errors import ConfigError, DataError, TrainingError
 from finetune.resume import resume_from
 from finetune.paths import CONF_DIR, SAMPLE_DATA_DIR
 from finetune.recipes import register
-from finetune.rundir import manifest, redact_hydra_dir, secret_values, set_status, write_json
+from finetune.rundir import manifest, redact_hydra_dir, secret_values, set_status, write_json, write_text
 
 log = logging.getLogger("finetune")
 USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # read once: runs in one process must not inherit each other's
@@ -213,7 +213,6 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
     trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    from finetune.model import model_source
     from finetune.report import method_name, write_ab_sheet, write_report
     if cfg.dataset.task == "text" and tuned["outputs"] is not None:
         write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
@@ -224,7 +223,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     else:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
-    loaded = {"model_folder": model_source(cfg.model), "parameters": total - trainable,
+    loaded = {"model_folder": model.name_or_path, "parameters": total - trainable,  # the folder it loaded from
               "trainable_parameters": trainable}
     summary = {"recipe": "default" if recipe == "none" else recipe, "model": cfg.model.name,
                "model folder": loaded["model_folder"], "parameters": loaded["parameters"],
@@ -246,7 +245,6 @@ def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned
     """Each held-out prompt's gold answer beside the base and tuned answers the metrics scored."""
     if tuned is None:
         return
-    from finetune.rundir import write_text
     rows = [{"prompt": s["messages"][:-1], "reference": s["messages"][-1]["content"], "label": s.get("label"),
              "base": b, "tuned": t} for s, b, t in zip(samples, base, tuned)]
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
