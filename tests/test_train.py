@@ -63,3 +63,32 @@ def test_prefix_refuses_settings_it_cannot_train_with(setting, tmp_path):
         run(compose("method=prefix", setting), tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_generation_sees_the_prefix():
+    """generate() answers with the prefix, not as the base: its first token is the forward pass's argmax, in a
+    left-padded batch (transformers 5 generate() dropped the prefix PEFT passes, so prefix-tuned models
+    answered as their base)."""
+    from peft import get_peft_model
+    from hydra.utils import instantiate
+    from finetune.eval.suite import generate_answers
+    from finetune.model import load_model, load_tokenizer
+
+    cfg = compose("method=prefix")
+    tokenizer = load_tokenizer(cfg.model)
+    model = get_peft_model(load_model(cfg.model, None, True), instantiate(cfg.method, _convert_="all"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.copy_(torch.randn_like(p) * 3)  # virtual tokens far from their initialisation
+    model.eval()
+    chats = [[{"role": "user", "content": "BTC-USDT price 43000"}],
+             [{"role": "user", "content": "ETH-USDT price 2300, RSI 71, trend bearish, volume rising"}]]
+    ids = tokenizer.apply_chat_template(chats[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        adapted = model(**ids).logits[0, -1]
+        with model.disable_adapter():
+            base = model(**ids).logits[0, -1]
+    assert adapted.argmax() != base.argmax()
+    answers = generate_answers(model, tokenizer, chats, max_new_tokens=1, batch_size=2, progress=False)
+    assert tokenizer.decode([adapted.argmax()], skip_special_tokens=True).strip() == answers["texts"][0]

@@ -4,6 +4,7 @@
 `metric(samples=..., outputs=..., model=..., tokenizer=...) -> dict`, `outputs` being None unless a
 metric of the suite `needs_generation`.
 """
+import functools
 import time
 
 import torch
@@ -26,6 +27,29 @@ def stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def prefix_into_cache(model) -> None:
+    """Make generate() see a prefix-tuned PeftModel's virtual tokens. PEFT (0.21) hands them to the model as
+    `past_key_values`, but transformers 5 generate() already passes its own (empty) `cache`, which wins: the
+    prefix is dropped and the answers are the base model's. Here the prefix becomes that first cache."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or config.peft_type != "PREFIX_TUNING" or hasattr(model, "_prefix_into_cache"):
+        return
+    prepare = model.prepare_inputs_for_generation
+
+    @functools.wraps(prepare)  # generate() checks its keywords against this signature
+    def prepare_inputs(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        prefix, cache = inputs.pop("past_key_values", None), inputs.get("cache")
+        if prefix is not None and "cache" in inputs and (cache is None or cache.get_seq_length() == 0):
+            inputs["cache"] = prefix
+        elif prefix is not None and "cache" not in inputs:
+            inputs["past_key_values"] = prefix  # a transformers that still calls it past_key_values
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare_inputs  # PeftModel.generate hands this to the base model
+    model._prefix_into_cache = True
+
+
 def generate_chats(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
                    progress: bool = True, **generation) -> list[str]:
     """Answers to prompt conversations (each a list of messages ending before the answer): greedy unless
@@ -39,6 +63,7 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
     """{"texts": answers, "tokens": generated tokens per answer (its stop token not counted), "stopped": whether
     the answer ended on a stop id before `max_new_tokens` ran out}."""
     model.eval()
+    prefix_into_cache(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
     device = next(model.parameters()).device
