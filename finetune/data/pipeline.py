@@ -23,7 +23,7 @@ from finetune.data.augment import augment, rebalance
 from finetune.errors import DataError
 from finetune.model import cache_root
 from finetune.rundir import write_json
-from finetune.eval.answers import parse_action, parse_signal
+from finetune import tasks
 
 SPLITS = ("train", "validation", "test")
 ROLES = {"system", "user", "assistant"}
@@ -39,7 +39,8 @@ def source_hash(path: Path) -> str:
 
 
 def check_sample(sample: dict, task: str) -> str | None:
-    """Why a built sample cannot train, or None. The reason names the field."""
+    """Why a built sample cannot train for `task` (finetune/tasks.py), or None. The reason names the field."""
+    task = tasks.get(task)
     messages = sample.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages missing or empty"
@@ -50,14 +51,9 @@ def check_sample(sample: dict, task: str) -> str | None:
             return f"empty {message.get('role')} content"
     if messages[-1]["role"] != "assistant":
         return "last message must be the assistant's answer"
-    if task != "text" and sample.get("label") in (None, ""):
+    if task.labels and sample.get("label") in (None, ""):
         return "label missing"
-    answer = messages[-1]["content"]
-    if task == "signals" and parse_signal(answer)[0] is None:
-        return f"answer is not a signal: {answer!r:.60}"
-    if task == "action" and parse_action(answer) is None:
-        return f"answer is not a JSON action: {answer!r:.60}"
-    return None
+    return task.check(messages[-1]["content"])
 
 
 def validate(samples: list[dict], task: str, skip_bad_rows: bool, dropped: Counter, where: str) -> list[dict]:

@@ -5,8 +5,8 @@ that cannot be parsed, or names a class outside `labels`, counts as wrong and la
 matrix's extra 'unparsed' column. Plain Python: `evaluate` can only load its metric modules from the hub,
 which is unreachable here.
 
-task="first_line" reads the label from the answer's first non-empty line only (the finance-news builder puts
-the label there and an explanation after it).
+How an answer is read is the task's (finetune/tasks.py): `first_line` reads the label from the answer's first
+non-empty line only (the finance-news builder puts the label there and an explanation after it).
 
 Result (task="signals"; sentiment and first_line have no confidence, so those keys are None; only signals has
 `profitable_ratio`):
@@ -34,14 +34,8 @@ Result (task="signals"; sentiment and first_line have no confidence, so those ke
 import statistics
 from collections import Counter
 
+from finetune import tasks
 from finetune.errors import DataError
-from finetune.eval.answers import parse_action, parse_label, parse_signal, to_confidence
-
-DEFAULT_LABELS = {"signals": ["BUY", "SELL", "HOLD"],
-                  "sentiment": ["positive", "neutral", "negative"],
-                  "action": ["BUY", "SELL", "HOLD", "CLOSE"],
-                  # the answer's first line is the label (finance_news: direction, or how a reaction developed)
-                  "first_line": ["up", "down", "flat", "priced_in", "follow_through", "wait_and_see"]}
 
 
 class Classification:
@@ -49,26 +43,18 @@ class Classification:
 
     def __init__(self, task: str = "signals", labels: list[str] | None = None, bins: int = 10,
                  return_key: str = "pnl_percent"):
-        if task not in DEFAULT_LABELS:
-            raise ValueError(f"Classification: task={task!r} is not one of {sorted(DEFAULT_LABELS)}")
-        self.task = task
-        self.labels = list(labels) if labels else list(DEFAULT_LABELS[task])
+        if task not in tasks.TASKS:
+            raise ValueError(f"Classification: task={task!r} is not one of {', '.join(tasks.TASKS)}")
+        self.task = tasks.TASKS[task]
+        if not self.task.labels and not labels:
+            raise ValueError(f"Classification: task={task!r} has no labels to score; give `labels` or a "
+                             "labelled task")
+        self.labels = list(labels) if labels else list(self.task.labels)
         self.bins = bins
         self.return_key = return_key
 
     def parse(self, text: str) -> tuple[str | None, float | None]:
-        if self.task == "signals":
-            label, confidence = parse_signal(text)
-        elif self.task == "sentiment":
-            label, confidence = parse_label(text, self.labels), None
-        elif self.task == "first_line":
-            first = next((line for line in text.splitlines() if line.strip()), "") if isinstance(text, str) else ""
-            label, confidence = parse_label(first, self.labels), None
-        else:
-            action = parse_action(text)
-            label = action["action"] if action else None
-            confidence = to_confidence(action.get("confidence")) if action else None
-        return (label, confidence) if label in self.labels else (None, None)
+        return self.task.parse(text, self.labels)
 
     def __call__(self, *, samples: list[dict], outputs: list[str], model=None, tokenizer=None) -> dict:
         if len(samples) != len(outputs):
@@ -78,7 +64,7 @@ class Classification:
         gold = []
         for i, sample in enumerate(samples, 1):
             if sample.get("label") is None:
-                raise DataError(f"held-out sample {i}: 'label' is None; task '{self.task}' needs a gold label")
+                raise DataError(f"held-out sample {i}: 'label' is None; task '{self.task.name}' needs a gold label")
             gold.append(str(sample["label"]))
         # Gold labels outside the configured list still get a row, so nothing is silently dropped.
         labels = self.labels + sorted(set(gold) - set(self.labels))
@@ -121,7 +107,7 @@ class Classification:
             "ece": ece,
             "calibration": calibration,
         }
-        if self.task == "signals":
+        if self.task.scores_returns:
             result.update(self.profitable(samples, predicted))
         return result
 
