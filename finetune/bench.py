@@ -7,7 +7,7 @@ one command on a random-init model of a preset's shape (conf/model/<preset>.yaml
         --lengths 80-160 --batch 2 --grad-accum 1 --max-length 256 --peer-max-length 256   # the CPU smoke test
 
 Setups (same weights, same synthetic samples, same LoRA config and learning-rate schedule):
-- ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.sft_config,
+- ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.check_config,
   finetune.model.load_tokenizer / load_model and SFTTrainer on the runner's prompt/completion data. The lever flags
   (--liger, --batch, --checkpointing, ...) are Hydra overrides of it; each --variant adds one more `ours`.
 - plain: the seeds' recipe (seed 003 without Unsloth): transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
@@ -49,10 +49,8 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import random
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -65,10 +63,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-import finetune.runner  # noqa: F401  registers the resolvers (sample_data, ...) that composing the config needs
-from finetune.config import ATTENTION, check_method, check_model, check_training, resolve, sft_config
+from finetune.config import ATTENTION, check_config
 from finetune.errors import ConfigError
-from finetune.model import TINY_TOKENIZER, build_tiny, cache_root, load_model, load_tokenizer, model_source
+from finetune.model import TINY_TOKENIZER, build_tiny, load_model, load_tokenizer, model_source, random_model
 from finetune.paths import CONF_DIR
 from finetune.rundir import versions, write_json, write_text
 
@@ -186,11 +183,13 @@ def lengths(text: str, flag: str) -> tuple[int, int]:
 
 def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
+    from finetune.registration import register
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def random_model(model_cfg: DictConfig, seed: int, device: str) -> Path:
+def bench_model(model_cfg: DictConfig, seed: int, device: str) -> Path:
     """The folder every setup loads: the tiny preset's own build, or a random-init model of the preset's `arch`.
 
     A preset's model is built on the device in its dtype (a 7B model initialises in seconds on a GPU), saved once
@@ -203,30 +202,12 @@ def random_model(model_cfg: DictConfig, seed: int, device: str) -> Path:
     if model_cfg.get("arch") is None:
         raise ConfigError(f"model {model_cfg.name}: no `arch` block in its conf/model/ file; add the architecture "
                           "(model_type, hidden_size, ...) to benchmark its shape")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    arch = OmegaConf.to_container(model_cfg.arch)
-    tokenizer_bytes = (TINY_TOKENIZER / "tokenizer.json").read_bytes()
-    key = hashlib.sha256(json.dumps([arch, seed, model_cfg.dtype], sort_keys=True).encode()
-                         + tokenizer_bytes).hexdigest()[:12]
-    out = cache_root() / f"bench-{model_cfg.name}-{key}"
-    if out.is_dir():
-        return out
+    from transformers import AutoConfig, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    config = AutoConfig.for_model(**arch, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  bos_token_id=None)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg.dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".bench-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    del model
+    config = AutoConfig.for_model(**OmegaConf.to_container(model_cfg.arch), pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    out = random_model(f"bench-{model_cfg.name}", config, seed, model_cfg.dtype, device)
     free_memory()
-    try:
-        os.replace(tmp, out)  # atomic: a second bench process may have built it meanwhile
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -324,11 +305,7 @@ def real_tokens(batch: dict):
 def ours(cfg: DictConfig, out_dir: Path, samples: list[dict]):
     from trl import SFTTrainer
     from finetune.guards import StopOnNonFiniteLoss
-    config = resolve(cfg)
-    check_training(config["training"])
-    check_method(config["method"], config["training"])
-    check_model(config["model"])
-    args = sft_config(config["training"], out_dir)
+    _, args = check_config(cfg, out_dir)
     if args.pad_to_multiple_of is not None:
         raise ConfigError("training.pad_to_multiple_of: the bench counts a padding-free row as all real tokens; "
                           "leave it unset")
@@ -528,7 +505,7 @@ def run(args, save=lambda report: None) -> dict:
     if not cuda:  # training=gpu, run on the CPU: only the smoke test does this
         common += ["training.use_cpu=true", "training.bf16=false", "training.dataloader_num_workers=0"]
     cfg = compose(common)
-    source = random_model(cfg.model, args.seed, args.device)
+    source = bench_model(cfg.model, args.seed, args.device)
     path = [] if cfg.model.tiny is not None else [f"model.path={source}"]
     cfg = compose(common + path)
     tokenizer = load_tokenizer(cfg.model)

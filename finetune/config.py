@@ -115,9 +115,19 @@ def check_peft(method: dict) -> None:
     check_types("method", values, cls)
 
 
+def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
+    """The resolved config with every part checked, and the trainer's arguments writing checkpoints into
+    `output_dir` (None, e.g. for a dry run: no arguments built, so no GPU is needed)."""
+    config = resolve(cfg)
+    check_training(config["training"])
+    check_method(config["method"], config["training"])
+    check_model(config["model"])
+    return config, None if output_dir is None else sft_config(config["training"], output_dir)
+
+
 def sft_config(training: dict, output_dir: Path):
+    """trl.SFTConfig from `training` (checked by check_training first)."""
     from trl import SFTConfig
-    check_training(training)
     if not training.get("use_cpu") and not cuda_available():
         raise ConfigError("training.use_cpu=false but this machine has no CUDA GPU; use training=cpu "
                           "(or dry_run=true to only build the data and estimate)")

@@ -9,21 +9,44 @@ training.learning_rate x incremental.learning_rate_scale (seed 000: 5e-5 after 1
 bare adapter folder, every sample counts as new. Fewer than incremental.min_new_samples (seed 002: 500): skip.
 """
 import json
+import logging
 from pathlib import Path
 
 from finetune.errors import ConfigError
+from finetune.rundir import ADAPTER, DATA
+
+log = logging.getLogger("finetune")
+
+
+def plan(cfg, config: dict, args, train: list[dict]) -> tuple[Path | None, str | None]:
+    """(the earlier adapter to continue, or None; why not to train, or None). Continuing lowers the learning
+    rate in the run's config and its trainer arguments."""
+    if not cfg.incremental.adapter:
+        return None, None
+    adapter = adapter_dir(cfg.incremental.adapter)
+    fresh = new_samples(cfg.incremental.adapter, train)
+    if fresh < cfg.incremental.min_new_samples:
+        message = (f"incremental: only {fresh} new train samples since {cfg.incremental.adapter} "
+                   f"(incremental.min_new_samples={cfg.incremental.min_new_samples}); not training")
+        log.warning(message)
+        print(message)
+        return adapter, message
+    config["training"]["learning_rate"] *= cfg.incremental.learning_rate_scale
+    args.learning_rate = config["training"]["learning_rate"]
+    log.info("incremental: %d new train samples; continuing %s at lr %g", fresh, adapter, args.learning_rate)
+    return adapter, None
 
 
 def adapter_dir(path: str) -> Path:
     path = Path(path)
-    for candidate in (path / "adapter", path):
+    for candidate in (path / ADAPTER, path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise ConfigError(f"incremental.adapter={path}: no adapter_config.json there or in its adapter/ folder")
 
 
 def new_samples(path: str, train: list[dict]) -> int:
-    previous = Path(path) / "data" / "train.jsonl"
+    previous = Path(path) / DATA / "train.jsonl"
     if not previous.is_file():
         return len(train)
     seen = {json.dumps(json.loads(line)["messages"], sort_keys=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
+from finetune import tasks
 from finetune.errors import ConfigError
 from finetune.eval.answers import SIGNALS, parse_signal
 
@@ -65,7 +66,7 @@ class SignalProvider:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generation = dict(generation or {})  # model.generate keywords: the run's eval.generation (greedy if empty)
         self.confidence_threshold = confidence_threshold
-        self.task = task  # the run's dataset.task: how predict / serve read an answer to `messages`
+        self.task = tasks.get(task).name  # the run's dataset.task: how predict / serve read an answer to `messages`
         self.fallbacks = 0  # answers that gave no signal + confidence
         self.held = 0       # BUY / SELL answers turned into HOLD by the threshold
         self._lock = threading.Lock()
@@ -76,23 +77,14 @@ class SignalProvider:
     def from_run(cls, run_dir, **options) -> "SignalProvider":
         """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top."""
         from peft import PeftModel
-        from finetune.evaluate import load_run_config
-        from finetune.model import load_model, load_tokenizer
-        run_dir = Path(run_dir)
-        cfg = load_run_config(run_dir, [])
-        if not (run_dir / "adapter" / "adapter_config.json").is_file():
-            raise ConfigError(f"{run_dir}: no adapter/ (did the run complete? see status.json)")
+        from finetune.rundir import load_run
+        cfg, tokenizer, model, adapter = load_run(Path(run_dir))
         target = cfg.dataset.builder.get("_target_")
         if cfg.dataset.task == "signals" and target != SIGNAL_BUILDER:
             log.warning("%s was trained on %s: get_signal builds prompts as %s writes them, which this run's "
                         "data may not; send it messages written as in its training data instead",
                         run_dir, target, SIGNAL_BUILDER)
-        tokenizer = load_tokenizer(cfg.model)
-        use_cpu = bool(cfg.training.get("use_cpu", False)) or not _cuda()
-        model = load_model(cfg.model, cfg.quantization, use_cpu)
-        if cfg.quantization is None and not use_cpu:
-            model = model.to("cuda")
-        model = PeftModel.from_pretrained(model, run_dir / "adapter")
+        model = PeftModel.from_pretrained(model, adapter)
         options.setdefault("system_prompt", training_system_prompt(cfg))
         options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
         options.setdefault("batch_size", cfg.eval.batch_size)

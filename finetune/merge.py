@@ -15,7 +15,6 @@ at the end, so it is whole or absent; an existing non-empty OUT_DIR is refused u
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,16 +23,11 @@ from finetune.errors import ConfigError, DataError
 
 def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False) -> Path:
     import torch
-    from omegaconf import OmegaConf
     from peft import PeftConfig, PeftModel
-    from finetune.evaluate import load_run_config
-    from finetune.model import load_model, load_tokenizer
-    from finetune.rundir import write_json
+    from finetune.rundir import adapter_path, atomic_dir, load_run, load_run_config, write_json
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = load_run_config(run_dir, [])
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{run_dir}: no adapter/ (did the run complete? see status.json)")
+    cfg = load_run_config(run_dir)  # everything checked before the model loads
+    adapter = adapter_path(run_dir)
     peft_config = PeftConfig.from_pretrained(adapter)
     method = getattr(peft_config.peft_type, "value", peft_config.peft_type)  # PeftType.LORA -> "LORA"
     if peft_config.is_prompt_learning:
@@ -42,22 +36,18 @@ def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = 
                           "(finetune.inference.SignalProvider.from_run, python -m finetune.serve)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ConfigError(f"{out_dir}: exists and is not empty; choose another folder or pass --force")
-    model_cfg = cfg.model if dtype is None else OmegaConf.merge(cfg.model, {"dtype": dtype})
-    if not isinstance(getattr(torch, str(model_cfg.dtype), None), torch.dtype):
-        raise ConfigError(f"dtype={model_cfg.dtype}: not a torch dtype (float32, bfloat16, float16)")
-    base = load_model(model_cfg, None, use_cpu=True)  # quantization=None: full-precision layers to fold into
+    dtype = str(cfg.model.dtype if dtype is None else dtype)
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"dtype={dtype}: not a torch dtype (float32, bfloat16, float16)")
+    # quantized=False: full-precision layers to fold the adapter into
+    _, tokenizer, base, _ = load_run(run_dir, quantized=False, dtype=dtype, use_cpu=True)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    tokenizer = load_tokenizer(cfg.model)
-
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "merge.json", {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()),
-                                    "peft_type": method, "base": peft_config.base_model_name_or_path,
-                                    "model": cfg.model.name, "dtype": str(model_cfg.dtype)})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "merge.json", {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()),
+                                        "peft_type": method, "base": peft_config.base_model_name_or_path,
+                                        "model": cfg.model.name, "dtype": dtype})
     return out_dir
 
 

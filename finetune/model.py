@@ -8,17 +8,16 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from finetune.errors import ConfigError
 from finetune.paths import ASSETS_DIR
+from finetune.rundir import atomic_dir
 
 TINY_TOKENIZER = ASSETS_DIR / "tiny"
 TEMPLATES = ASSETS_DIR / "templates"  # named chat templates: model.chat_template=alpaca | chatml
@@ -29,23 +28,32 @@ def cache_root() -> Path:
 
 
 def build_tiny(arch: DictConfig) -> Path:
-    """A random-init Llama-style model from `model.tiny` and the tokenizer in finetune/assets/tiny.
-
-    Saved once under the cache, keyed by the architecture and the tokenizer, so the adapter's
-    `base_model_name_or_path` names a real local folder and `PeftModel.from_pretrained` needs no code of ours.
-    """
+    """A random-init Llama-style model from `model.tiny` and the tokenizer in finetune/assets/tiny."""
     arch = OmegaConf.to_container(arch)
-    tokenizer_bytes = (TINY_TOKENIZER / "tokenizer.json").read_bytes()
-    key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode() + tokenizer_bytes).hexdigest()[:12]
-    out = cache_root() / f"tiny-{key}"
-    if (out / "model.safetensors").exists():
-        return out
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     seed = arch.pop("seed")
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False, **arch)
+    return random_model("tiny", config, seed)
+
+
+def random_model(name: str, config, seed: int, dtype: str = "float32", device: str = "cpu") -> Path:
+    """A random-init model of `config` (a transformers config) with the tiny tokenizer, built on `device` in
+    `dtype` and saved once under the cache, keyed by the config, seed, dtype and tokenizer, so the adapter's
+    `base_model_name_or_path` names a real local folder and `PeftModel.from_pretrained` needs no code of ours."""
+    shape = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    tokenizer_bytes = (TINY_TOKENIZER / "tokenizer.json").read_bytes()
+    key = hashlib.sha256(json.dumps([shape, seed, dtype], sort_keys=True, default=str).encode()
+                         + tokenizer_bytes).hexdigest()[:12]
+    out = cache_root() / f"{name}-{key}"
+    if (out / "config.json").exists():  # folders appear whole (save_atomically)
+        return out
     torch.manual_seed(seed)
-    return save_atomically(out, LlamaForCausalLM(config), tokenizer)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    save_atomically(out, model, AutoTokenizer.from_pretrained(TINY_TOKENIZER))
+    del model
+    return out
 
 
 def gguf_file(spec: DictConfig) -> Path:
@@ -92,15 +100,10 @@ def convert_gguf(spec: DictConfig) -> Path:
 
 def save_atomically(out: Path, model, tokenizer) -> Path:
     """Save into a temp folder beside `out`, then rename: a crash or a second process never leaves half a model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)  # atomic: another process may have built it meanwhile
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out, replace=False) as tmp:  # another process may have built it meanwhile: theirs is kept
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
     return out
 
 

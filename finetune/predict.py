@@ -28,7 +28,6 @@ or not at all.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -88,20 +87,15 @@ def _messages(messages, where: str) -> list[dict]:
 
 def read_answer(provider, task: str, kind: str, text: str) -> dict:
     """The parsed fields of one answer, as the module docstring says."""
-    from finetune.eval.answers import parse_action, parse_label
-    from finetune.eval.classification import DEFAULT_LABELS
+    from finetune import tasks
     if task == "generate":
         return {}
     reading = "signals" if task == "signals" or kind == "market_data" else provider.task
-    if reading == "signals":
+    if reading == "signals":  # the provider's rules: fallback and threshold
         before = provider.fallbacks
         signal, confidence = provider.read_signal(text)
         return {"signal": signal, "confidence": confidence, "fallback": provider.fallbacks > before}
-    if reading == "sentiment":
-        return {"label": parse_label(text, DEFAULT_LABELS["sentiment"])}
-    if reading == "action":
-        return {"action": parse_action(text)}
-    return {}
+    return tasks.get(reading).fields(text)
 
 
 def predict(provider, records: list[dict], task: str = "auto", batch_size: int = 16, progress: bool = True):
@@ -132,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    from finetune.evaluate import load_run_config
     from finetune.inference import SignalProvider, training_system_prompt
+    from finetune.rundir import atomic_file, load_run_config
     try:
         # the inputs are checked before the model loads: a bad line 9000 fails in a second, not after minutes
         records = read_inputs(args.input, training_system_prompt(load_run_config(args.run_dir, [])))
@@ -145,11 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as out:
+    with atomic_file(args.output) as out:  # whole or absent
         for row in predict(provider, records, args.task, args.batch_size):
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.output)
     print(f"{len(records)} answers written to {args.output}"
           + (f" ({provider.fallbacks} unparsable -> HOLD 0.0)" if provider.fallbacks else ""))
 

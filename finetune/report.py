@@ -1,6 +1,5 @@
 """report.md and its plots: what ran, base vs tuned side by side, data balance, loss curves, confusion
 matrices, sentence-length histograms, the backtest's equity curves; for text generation, a blind A/B sheet."""
-import json
 import random
 from pathlib import Path
 

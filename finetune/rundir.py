@@ -1,34 +1,140 @@
-"""The run directory's small files, written atomically (temp file + rename) so none is ever half-written."""
+"""A run directory: its layout (every module asks here for a path in it), opening a finished run, and writing
+files and folders atomically (temp + rename) so none is ever half-written.
+
+    RUN_DIR/
+      .hydra/config.yaml, overrides.yaml   Hydra's composed config and the command line's overrides
+      status.json                          running | completed | failed | skipped, and why
+      manifest.json                        versions, git sha, data hash, the config; model, steps, seconds
+      data/{train,validation,test}.jsonl   the splits as trained, and stats.json
+      checkpoints/checkpoint-N/            the Trainer's, for resume
+      adapter/                             the PEFT adapter (PeftModel.from_pretrained(base, RUN_DIR/adapter))
+      metrics.json, answers.jsonl          base vs tuned scores; each held-out prompt's answers
+      report.md, *.png                     the report
+"""
 import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from finetune.errors import ConfigError
 from finetune.paths import PACKAGE_DIR
+
+HYDRA = ".hydra"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+DATA = "data"
+STATUS = "status.json"
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+ANSWERS = "answers.jsonl"
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "hydra-core", "omegaconf")
 SECRET_NAME = re.compile(r"token|secret|passw|api[_-]?key|(^|_)key$", re.IGNORECASE)
 
 
-def write_text(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: Path):
+    """An open text file that becomes `path` in one rename when the block ends; on an error, nothing is left."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as out:
+        out.write(text)
 
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+@contextmanager
+def atomic_dir(out: Path, replace: bool = True):
+    """Yield a fresh folder beside `out` to write into; when the block ends it becomes `out` in one rename, so
+    `out` is whole or absent (an error removes the temp folder). replace=False: when another process made `out`
+    meanwhile (the same cached content), theirs is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if replace:
+            shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replace or not out.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
     """running | completed | failed (error says why) | skipped (the incremental gate; error says why)."""
-    write_json(run_dir / "status.json", {"status": status, "error": error})
+    write_json(run_dir / STATUS, {"status": status, "error": error})
+
+
+def adapter_path(run_dir: Path) -> Path:
+    """RUN_DIR/adapter, or an error saying the run did not finish."""
+    adapter = Path(run_dir) / ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{run_dir}: no {ADAPTER}/ (did the run complete? see {STATUS})")
+    return adapter
+
+
+def load_run_config(run_dir: Path, overrides: list[str] = ()):
+    """The run's saved config, with `eval=NAME` (a whole suite from conf/eval) and dotted keys put over it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from finetune.paths import CONF_DIR
+    from finetune.registration import register
+    register()  # the resolvers the saved config uses
+    path = Path(run_dir) / HYDRA / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no {HYDRA}/config.yaml)")
+    cfg = OmegaConf.load(path)
+    groups = [o for o in overrides if o.startswith("eval=")]
+    if groups:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg.eval = compose(config_name="config", overrides=groups).eval
+    dotted = [o for o in overrides if not o.startswith("eval=")]
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+
+
+def load_run(run_dir: Path, overrides: list[str] = (), quantized: bool = True, dtype: str | None = None,
+             use_cpu: bool | None = None):
+    """A finished run, opened: (config, tokenizer, base model, adapter folder). The base is the run's preset
+    as it trained: 4-bit for QLoRA unless quantized=False (to merge into full-precision layers), `dtype` in
+    place of the preset's, on the GPU when there is one and the run did not train on CPU (or use_cpu says)."""
+    import torch
+    from omegaconf import OmegaConf
+    from finetune.model import load_model, load_tokenizer
+    cfg = load_run_config(run_dir, list(overrides))
+    adapter = adapter_path(run_dir)
+    model_cfg = cfg.model if dtype is None else OmegaConf.merge(cfg.model, {"dtype": dtype})
+    quantization = cfg.quantization if quantized else None
+    if use_cpu is None:
+        use_cpu = bool(cfg.training.get("use_cpu", False)) or not torch.cuda.is_available()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(model_cfg, quantization, use_cpu)
+    if quantization is None and not use_cpu:
+        model = model.to("cuda")
+    return cfg, tokenizer, model, adapter
 
 
 def git_sha() -> str | None:
@@ -82,10 +188,10 @@ def redact(value, key: str = "", secrets: frozenset = frozenset()):
 
 
 def redact_hydra_dir(run_dir: Path, secrets: set[str]) -> None:
-    """Hydra writes the config and the overrides into .hydra/ before our code runs: scrub them too."""
+    """Hydra writes the config and the overrides into RUN_DIR/.hydra before our code runs: scrub them too."""
     if not secrets:
         return
-    for path in (run_dir / ".hydra").glob("*.yaml"):
+    for path in (run_dir / HYDRA).glob("*.yaml"):
         text = path.read_text(encoding="utf-8")
         clean = text
         for secret in secrets:

@@ -1,13 +1,13 @@
-"""`python -m finetune`: compose -> check -> data -> model -> base eval -> train -> save -> tuned eval -> report.
+"""`python -m finetune`: check -> data -> model -> base scores -> train -> save -> tuned scores -> report.
 
-One run, top to bottom. Hydra composes the config (conf/ + a recipe) and picks the run directory;
-`run()` does the rest and can be called from Python with a composed config.
+One run, top to bottom: `_run` calls one function per step. Hydra composes the config (conf/ + a recipe) and
+picks the run directory; `run()` does the rest and can be called from Python with a composed config (call
+`finetune.registration.register()` before composing).
 """
 import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,37 +19,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import (check_method, check_model, check_training, check_training_overrides, resolve,
-                             sft_config)
+from finetune import incremental
+from finetune.config import check_config, check_training_overrides
 from finetune.errors import ConfigError, DataError, TrainingError
+from finetune.paths import CONF_DIR
+from finetune.registration import register
 from finetune.resume import resume_from
-from finetune.paths import CONF_DIR, SAMPLE_DATA_DIR
-from finetune.recipes import register
-from finetune.rundir import manifest, redact_hydra_dir, secret_values, set_status, write_json, write_text
+from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
+                             redact_hydra_dir, secret_values, set_status, write_json, write_text)
 
 log = logging.getLogger("finetune")
 USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # read once: runs in one process must not inherit each other's
-
-register()
-OmegaConf.register_new_resolver("sample_data", lambda name: str(SAMPLE_DATA_DIR / name), replace=True)
-OmegaConf.register_new_resolver("launch_time", lambda fmt: launch_time(fmt), use_cache=True, replace=True)
-OmegaConf.register_new_resolver("run_name", lambda recipe: "default" if recipe in (None, "none")
-                                else str(recipe).replace("/", "-"), replace=True)
-
-
-def launch_time(fmt: str) -> str:
-    """The run dir's time stamp. Hydra's ${now:} is per process, and DDP ranks started a second apart would
-    write to different dirs; ranks share their launcher (torchrun, accelerate), so they take its start time."""
-    started = time.time()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        try:
-            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-            boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                        if line.startswith("btime"))
-            started = boot + ticks / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, StopIteration):
-            pass  # not Linux: set hydra.run.dir explicitly for multi-process runs
-    return time.strftime(fmt, time.localtime(started))
 
 
 @dataclass
@@ -91,70 +71,97 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
 
 def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     started = time.perf_counter()
-    # --- config: everything checked before data is built or weights load
+    config, args = check(cfg, run_dir, main)  # everything checked before data is built or weights load
+    metrics = instantiate(cfg.eval.metrics, _convert_="all")
+    peft_config = instantiate(cfg.method, _convert_="all")
+    import torch
+    from finetune.model import load_tokenizer
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    tokenizer = load_tokenizer(cfg.model)
+
+    splits, stats = build_data(cfg, tokenizer, run_dir, main)
+    if cfg.dry_run:
+        return dry_run(cfg, config, stats, tokenizer, run_dir)
+    earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
+    if skipped:
+        return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
+    checkpoint = resume_from(cfg.resume, run_dir) if main else None
+    run_manifest = record(cfg, config, stats, run_dir) if main else None
+
+    model = load_base(cfg, args)
+    held_out = splits["test"][: cfg.eval.max_samples]
+    suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
+                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                 generation=OmegaConf.to_container(cfg.eval.generation))
+    from finetune.eval.suite import evaluate
+    base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
+    log.info("base: %s", base and base["metrics"])
+
+    trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, tokenizer)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as err:
+        from finetune.guards import out_of_memory_advice
+        raise TrainingError(out_of_memory_advice(config["training"])) from err
+    if not main:
+        return Run(model=trainer.model, tokenizer=tokenizer)
+    with atomic_dir(run_dir / ADAPTER) as tmp:  # PEFT format; a crash never leaves half an adapter
+        trainer.model.save_pretrained(tmp)
+
+    tuned = evaluate(model=trainer.model, **suite)
+    log.info("tuned: %s", tuned["metrics"])
+    write_answers(run_dir / ANSWERS, held_out, base["outputs"], tuned["outputs"])
+    result = {"base": base["metrics"], "tuned": tuned["metrics"]}
+    # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
+    trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    report(cfg, config, run_dir, run_manifest, model, trainer, train_output, splits, held_out, stats,
+           base, tuned, result, time.perf_counter() - started)
+    write_json(run_dir / METRICS, result)
+    return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
+
+
+def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
+    """The resolved config (a fit's replacements printed) and the trainer's arguments (None for a dry run)."""
     if HydraConfig.initialized():  # the user's recipe and the method's own values outrank a fit
         from finetune.fit import apply_fit_precedence
         for line in apply_fit_precedence(cfg, HydraConfig.get()):
             log.info("%s", line)
             if main:
                 print(line)
-    config = resolve(cfg)
-    check_training(config["training"])
-    check_method(config["method"], config["training"])
-    args = None if cfg.dry_run else sft_config(config["training"], run_dir / "checkpoints")
-    check_model(config["model"])
-    if cfg.incremental.adapter:  # continue an earlier adapter at a lower learning rate
-        from finetune.incremental import adapter_dir
-        incremental_adapter = adapter_dir(cfg.incremental.adapter)
-        config["training"]["learning_rate"] *= cfg.incremental.learning_rate_scale
-        if args is not None:
-            args.learning_rate = config["training"]["learning_rate"]
-    metrics = instantiate(cfg.eval.metrics, _convert_="all")
-    peft_config = instantiate(cfg.method, _convert_="all")
+    return check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
 
-    import torch
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+
+def build_data(cfg: DictConfig, tokenizer, run_dir: Path, main: bool) -> tuple[dict, dict]:
     from finetune.data.pipeline import prepare
-    from finetune.model import load_model, load_tokenizer
-    tokenizer = load_tokenizer(cfg.model)
-
-    # --- data
-    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / "data" if main else None, cfg.seed,
+    splits, stats = prepare(cfg.dataset, tokenizer, run_dir / DATA if main else None, cfg.seed,
                             load=not cfg.dry_run)
     log.info("data: %s (%s in %.3f s)", {k: v["count"] for k, v in stats["splits"].items()},
              "from cache" if stats["build"]["from_cache"] else "built", stats["build"]["seconds"])
-    if cfg.dry_run:
-        stats["estimate"] = dry_run_estimate(cfg, config, stats, tokenizer)
-        print_dry_run(stats)
-        write_json(run_dir / "data" / "estimate.json", stats["estimate"])
-        return Run(stats=stats, tokenizer=tokenizer)
-    if cfg.incremental.adapter:
-        from finetune.incremental import new_samples
-        fresh = new_samples(cfg.incremental.adapter, splits["train"])
-        if fresh < cfg.incremental.min_new_samples:
-            message = (f"incremental: only {fresh} new train samples since {cfg.incremental.adapter} "
-                       f"(incremental.min_new_samples={cfg.incremental.min_new_samples}); not training")
-            log.warning(message)
-            print(message)
-            return Run(stats=stats, tokenizer=tokenizer, skipped=message)
-        log.info("incremental: %d new train samples; continuing %s at lr %g", fresh, incremental_adapter,
-                 args.learning_rate)
-    resume_checkpoint = resume_from(cfg.resume, run_dir) if main else None
-    if main:
-        secrets = secret_values(config)
-        redact_hydra_dir(run_dir, secrets)
-        run_manifest = manifest(config, stats["source"]["sha256"], cfg.seed, secrets)
-        write_json(run_dir / "manifest.json", run_manifest)
-        # wandb's offline run (if chosen) lands in this run dir, unless the user chose a WANDB_DIR
-        os.environ["WANDB_DIR"] = USER_WANDB_DIR or str(run_dir)
+    return splits, stats
 
-    # --- model, and the base model's scores before any training
-    import datasets
+
+def dry_run(cfg: DictConfig, config: dict, stats: dict, tokenizer, run_dir: Path) -> Run:
+    stats["estimate"] = dry_run_estimate(cfg, config, stats, tokenizer)
+    print_dry_run(stats)
+    write_json(run_dir / DATA / "estimate.json", stats["estimate"])
+    return Run(stats=stats, tokenizer=tokenizer)
+
+
+def record(cfg: DictConfig, config: dict, stats: dict, run_dir: Path) -> dict:
+    """manifest.json before training (secrets scrubbed, .hydra/ too); wandb's offline run into the run dir."""
+    secrets = secret_values(config)
+    redact_hydra_dir(run_dir, secrets)
+    run_manifest = manifest(config, stats["source"]["sha256"], cfg.seed, secrets)
+    write_json(run_dir / MANIFEST, run_manifest)
+    os.environ["WANDB_DIR"] = USER_WANDB_DIR or str(run_dir)  # unless the user chose a WANDB_DIR
+    return run_manifest
+
+
+def load_base(cfg: DictConfig, args):
     from transformers import set_seed
-    from trl import SFTTrainer
-    from finetune.guards import StopOnNonFiniteLoss, out_of_memory_advice
-    from finetune.eval.suite import evaluate
+    from finetune.model import load_model
     set_seed(cfg.seed)
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
     if cfg.quantization is not None and not cfg.model.modules_to_save:
@@ -162,15 +169,17 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
         # with modules_to_save (the random-init tiny base) it would cast the saved copies wrongly, so not there
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    held_out = splits["test"][: cfg.eval.max_samples]
-    suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
-                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                 generation=OmegaConf.to_container(cfg.eval.generation))
-    base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
-    log.info("base: %s", base and base["metrics"])
+    return model
 
-    # --- train: SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16;
-    # TRL 1.16 does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save)
+
+def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, tokenizer):
+    """SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16; TRL 1.16
+    does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
+    with the earlier adapter of an incremental run."""
+    import datasets
+    from trl import SFTTrainer
+    from finetune.guards import StopOnNonFiniteLoss
+
     def as_dataset(samples):  # prompt/completion form: loss on the answer only
         return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
                                            for s in samples])
@@ -178,9 +187,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
-    if cfg.incremental.adapter:  # the earlier adapter, trainable: SFTTrainer must not wrap it again
+    if earlier_adapter is not None:  # trainable: SFTTrainer must not wrap it again
         from peft import PeftModel
-        model, peft_config = PeftModel.from_pretrained(model, incremental_adapter, is_trainable=True), None
+        model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
                          eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
@@ -191,28 +200,13 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
         first = next(iter(trainer.get_train_dataloader()))["input_ids"]
         log.info("rank %d of %d: first batch digest %s", args.process_index, args.world_size,
                  hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:12])
-    try:
-        train_output = trainer.train(resume_from_checkpoint=resume_checkpoint)
-    except torch.OutOfMemoryError as err:
-        raise TrainingError(out_of_memory_advice(config["training"])) from err
-    if not main:
-        return Run(model=trainer.model, tokenizer=tokenizer)
+    return trainer
 
-    # --- save: PEFT format, written beside and renamed so a crash never leaves a half adapter
-    tmp = run_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-    tmp.rename(run_dir / "adapter")
 
-    # --- tuned scores on the same held-out samples, then the report
-    tuned = evaluate(model=trainer.model, **suite)
-    log.info("tuned: %s", tuned["metrics"])
-    write_answers(run_dir / "answers.jsonl", held_out, base["outputs"], tuned["outputs"])
-    result = {"base": base["metrics"], "tuned": tuned["metrics"]}
-    # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
-    trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, model, trainer, train_output,
+           splits: dict, held_out: list[dict], stats: dict, base: dict, tuned: dict, result: dict,
+           seconds: float) -> None:
+    """report.md (and the A/B sheet for free text) and the manifest completed with the model and the time."""
     from finetune.report import method_name, write_ab_sheet, write_report
     if cfg.dataset.task == "text" and tuned["outputs"] is not None:
         write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
@@ -232,13 +226,11 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
                "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
                "train samples": len(splits["train"]), "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
-               "seconds": round(time.perf_counter() - started, 1)}
-    write_json(run_dir / "manifest.json", {**run_manifest, **loaded, "seconds": summary["seconds"],
-                                           "steps": summary["steps"]})
+               "seconds": round(seconds, 1)}
+    write_json(run_dir / MANIFEST, {**run_manifest, **loaded, "seconds": summary["seconds"],
+                                    "steps": summary["steps"]})
     write_report(run_dir, summary, result, stats, trainer.state.log_history, cfg.leaderboard.metric,
                  cfg.leaderboard.mode)
-    write_json(run_dir / "metrics.json", result)
-    return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
 
 
 def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned: list[str] | None) -> None:
@@ -292,6 +284,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """The `finetune` command and `python -m finetune`."""
+    register()
     try:
         check_training_overrides(sys.argv[1:])
     except ConfigError as err:

@@ -10,8 +10,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import finetune.runner  # noqa: E402  registers the recipes source and the resolvers
 from finetune.paths import CONF_DIR, RECIPES_DIR  # noqa: E402
+from finetune.registration import register  # noqa: E402
+
+register()  # the recipes source and the resolvers, as the CLI registers them
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6", "eval.max_samples=24"]

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.evaluate import load_run_config
+from finetune.rundir import load_run_config
 from finetune.inference import SignalProvider
 from finetune.merge import main as merge_main
 from finetune.model import load_model, load_tokenizer, model_source
