@@ -3,7 +3,7 @@
     python -m finetune.evaluate RUN_DIR                      # the run's own eval suite, same held-out split
     python -m finetune.evaluate RUN_DIR eval=style eval.max_samples=20   # another suite or setting
 
-Reads RUN_DIR/.hydra/config.yaml, the held-out split in RUN_DIR/data/test.jsonl and the adapter in
+Reads the run's saved config (finetune/rundir.py), the held-out split in RUN_DIR/data/test.jsonl and the adapter in
 RUN_DIR/adapter; writes RUN_DIR/evals/<time>/metrics.json (and report.md with the plots).
 """
 import argparse

@@ -1,7 +1,7 @@
 """A sweep's leaderboard: one row per job, best first, in <sweep dir>/leaderboard.csv and leaderboard.md.
 
 A Hydra callback (conf/config.yaml: hydra.callbacks.leaderboard) that runs when a multirun ends and reads
-each job's run dir (status.json, metrics.json, .hydra/overrides.yaml), so it works with any launcher
+each job's run dir (status, metrics, Hydra's overrides: finetune/rundir.py), so it works with any launcher
 (local, joblib, submitit) and lists a failed job as a failed row instead of stopping the sweep.
 The metric that ranks the jobs is `leaderboard.metric` of the config (a key of metrics.json's "tuned"),
 with `leaderboard.mode` min or max; recipes choose theirs.
@@ -15,19 +15,24 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.rundir import write_text
+from finetune.rundir import HYDRA, MANIFEST, METRICS, STATUS, write_text
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def job_rows(sweep_dir: Path, metric: str) -> list[dict]:
     rows = []
-    for status_file in sorted(sweep_dir.glob("*/status.json"), key=lambda p: int(p.parent.name)
+    for status_file in sorted(sweep_dir.glob(f"*/{STATUS}"), key=lambda p: int(p.parent.name)
                               if p.parent.name.isdigit() else 0):
         job = status_file.parent
         status = json.loads(status_file.read_text())
-        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml") if (job / ".hydra" / "overrides.yaml").exists() else []
-        metrics = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").exists() else {}
+        overrides_file = job / HYDRA / "overrides.yaml"
+        overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
+        metrics = read_json(job / METRICS)
         tuned = metrics.get("tuned", {})
-        manifest = json.loads((job / "manifest.json").read_text()) if (job / "manifest.json").exists() else {}
+        manifest = read_json(job / MANIFEST)
         rows.append({"job": job.name, "overrides": " ".join(overrides), "status": status["status"],
                      metric: tuned.get(metric), **{f"base_{metric}": metrics.get("base", {}).get(metric)},
                      **{k: v for k, v in tuned.items() if isinstance(v, (int, float)) and k != metric},

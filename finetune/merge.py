@@ -6,7 +6,7 @@ The base is loaded unquantized in the preset's dtype (model.dtype; --dtype to ch
 run: weights are folded into full-precision layers, since a 4-bit base cannot hold the sum. Then peft's
 merge_and_unload(), and save_pretrained (safetensors) with the tokenizer and its chat template, so
 `AutoTokenizer.from_pretrained(OUT_DIR).apply_chat_template(...)` builds the prompts training used.
-merge.json records the run, the adapter and the base it came from.
+merge.json records the run, the adapter folder (`adapter_dir`) and the base it came from.
 
 Methods that add virtual tokens at run time (prefix-tuning, prompt tuning, p-tuning) have no weights to
 fold in and are refused: serve those with their adapter (finetune.inference, finetune.serve). LoRA, DoRA,
@@ -45,7 +45,7 @@ def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = 
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "merge.json", {"run_dir": str(run_dir.resolve()), "adapter": str(adapter.resolve()),
+        write_json(tmp / "merge.json", {"run_dir": str(run_dir.resolve()), "adapter_dir": str(adapter.resolve()),
                                         "peft_type": method, "base": peft_config.base_model_name_or_path,
                                         "model": cfg.model.name, "dtype": dtype})
     return out_dir

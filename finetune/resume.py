@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from finetune.errors import ConfigError
+from finetune.rundir import CHECKPOINTS
 
 log = logging.getLogger("finetune")
 STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -46,7 +47,7 @@ def drop_incomplete(folder: Path) -> None:
 
 def resume_from(resume, run_dir: Path) -> str | None:
     """The checkpoint folder to pass to trainer.train(resume_from_checkpoint=...), or None to start fresh."""
-    own = run_dir / "checkpoints"
+    own = run_dir / CHECKPOINTS
     if resume is False or str(resume).lower() == "false":
         if checkpoints(own):
             log.warning("resume=false: deleting %d checkpoint(s) in %s and starting over", len(checkpoints(own)), own)
@@ -56,7 +57,7 @@ def resume_from(resume, run_dir: Path) -> str | None:
         folder, required = own, str(resume).lower() == "true"
     else:
         path = Path(str(resume))
-        folder = path if STEP.match(path.name) else path / "checkpoints"
+        folder = path if STEP.match(path.name) else path / CHECKPOINTS
         if STEP.match(path.name):
             if not is_complete(path):
                 raise ConfigError(f"resume={resume}: that checkpoint is incomplete (missing or unreadable "

@@ -150,7 +150,8 @@ def dry_run(cfg: DictConfig, config: dict, stats: dict, tokenizer, run_dir: Path
 
 
 def record(cfg: DictConfig, config: dict, stats: dict, run_dir: Path) -> dict:
-    """manifest.json before training (secrets scrubbed, .hydra/ too); wandb's offline run into the run dir."""
+    """manifest.json before training (secrets scrubbed from Hydra's saved config too); wandb's offline run into
+    the run dir."""
     secrets = secret_values(config)
     redact_hydra_dir(run_dir, secrets)
     run_manifest = manifest(config, stats["source"]["sha256"], cfg.seed, secrets)
