@@ -1,6 +1,7 @@
-"""Decision records builder (seed 002): JSONL of trading decisions with outcome labels -> JSON actions.
+"""Decision records builder, the trading-decision records use case: JSONL of trading decisions with outcome
+labels -> JSON actions.
 
-One JSON object per line, the seed's `training_data` export (extra keys are ignored):
+One JSON object per line, the design note's `training_data` export (extra keys are ignored):
 
     {"conversation_id": "d-0042", "timestamp": "2025-10-31T10:00:00Z",
      "input": {"market_data": {"BTC": {"price": 68500.0, "change_24h": 0.025, "trend": "bullish",
@@ -13,11 +14,12 @@ One JSON object per line, the seed's `training_data` export (extra keys are igno
      "result": {"profitable": true, "pnl": 2.5, "duration_hours": 6, "exit_reason": "take_profit"},
      "label": "excellent_decision"}
 
-Outcome labels: excellent / good / acceptable_loss / bad, with or without the seed's "_decision" suffix;
-"neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that become
-samples, default excellent + good: the seed's export also keeps bad decisions, but its trainer imitates
-every exported output, so it would teach the model the decisions that lost money. Records with another
-outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever skip_bad_rows says.
+Outcome labels: excellent / good / acceptable_loss / bad, with or without the design note's "_decision"
+suffix; "neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that
+become samples, default excellent + good: the design note's export also keeps bad decisions, but its
+trainer imitates every exported output, so it would teach the model the decisions that lost money. Records
+with another outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever
+skip_bad_rows says.
 
 The sample: input -> user prompt, one line per part; nested values are written as compact JSON; only
 the last `history_items` entries of recent_history (taken as oldest first) are shown, and no History line
@@ -69,7 +71,7 @@ ACTIONS = {
     "HOLD": ("hold", "wait", "none", "no_action", "观望", "持有"),
     "CLOSE": ("close", "close_long", "close_short", "close_all", "close_position", "平仓"),
 }
-# answer key -> the record's output keys, in lookup order (the seed's name first)
+# answer key -> the record's output keys, in lookup order (the design note's name first)
 NUMBERS = {"size": ("size_usd", "size"), "leverage": ("leverage",),
            "stop_loss": ("stop_loss_pct", "stop_loss"), "take_profit": ("take_profit_pct", "take_profit"),
            "confidence": ("confidence",)}
@@ -191,7 +193,8 @@ def _answer(line, output, action, max_reasoning_chars) -> dict:
     absent = [k for k in need if answer[k] in (None, "")]
     if absent:
         field = "size_usd" if absent[0] == "size" else "symbol"
-        raise BadRow("missing_field", f"line {line}, field 'output.{field}' is missing, which a {action} decision needs")
+        raise BadRow("missing_field",
+                     f"line {line}, field 'output.{field}' is missing, which a {action} decision needs")
     if answer["confidence"] is not None:
         confidence = answer["confidence"] / 100 if answer["confidence"] > 1 else answer["confidence"]
         answer["confidence"] = round(min(max(confidence, 0.0), 1.0), 4)

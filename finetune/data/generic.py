@@ -1,4 +1,4 @@
-"""Generic builder (any seed): ready-made instruction data in chat, alpaca or prompt/completion form.
+"""Generic builder (any use case): ready-made instruction data in chat, alpaca or prompt/completion form.
 
 Input (`path`): one file, or a folder whose .jsonl / .json / .csv / .parquet files are all read (sorted,
 recursively). Each file is one of three forms, detected from its columns (or forced with `format`):

@@ -1,4 +1,4 @@
-"""Sentiment builder (seed 004): labelled financial headlines -> positive / neutral / negative.
+"""Sentiment builder, the finance sentiment use case: labelled financial headlines -> positive / neutral / negative.
 
 Input: a CSV (header row; read with the csv module, so quoted commas and newlines, a UTF-8 BOM and
 Chinese text are fine) or a JSONL file (one object per line), chosen by the file extension

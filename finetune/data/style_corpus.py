@@ -1,5 +1,5 @@
-"""Style corpus builder (seed 003): a folder of Markdown posts -> rewrite / continue / summarize-expand samples
-whose answers are the author's own text.
+"""Style corpus builder, the writing-style use case: a folder of Markdown posts -> rewrite / continue /
+summarize-expand samples whose answers are the author's own text.
 
 Input (`path`): one folder per post, at any depth; the folder's path below `path` is the post's slug.
 
@@ -19,7 +19,7 @@ unescaped. Lines of a paragraph join with a space, or with nothing between Chine
 indented block holding Chinese text is kept, not taken for code: Chinese editors indent paragraphs
 with spaces. A first paragraph equal to the title (the post's "# Title" line) is dropped.
 
-Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (seed: 300-800), cutting only
+Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (design note: 300-800), cutting only
 between paragraphs; a paragraph longer than `max_tokens` is cut between sentences (a sentence longer
 than that, between words or characters). Chunks of one post are balanced (a 900-token post gives two
 of ~450, not 800 + 100); a short last chunk joins the one before when they fit together. Tokens are
