@@ -82,7 +82,7 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
             if field and field not in columns:
                 log.info("%s: no '%s' field, so its samples have %s None", name, field, what)
         bad = BadRows(name, skip_bad_rows, "fix it or set dataset.skip_bad_rows=true", dropped)
-        for where, record in records:  # the messages of _sample's BadRows name the field, not the place
+        for where, record in records:  # a BadRow from _sample names the field; the place is added here
             try:
                 samples.append(_sample(record, kind, {k: f for k, f in fields.items() if f in columns},
                                        meta_fields, system_prompt))
