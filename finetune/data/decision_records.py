@@ -1,6 +1,7 @@
-"""Decision records builder (seed 002): JSONL of trading decisions with outcome labels -> JSON actions.
+"""Decision records builder, the trading-decision records use case: JSONL of trading decisions with outcome
+labels -> JSON actions.
 
-One JSON object per line, the seed's `training_data` export (extra keys are ignored):
+One JSON object per line, the design note's `training_data` export (extra keys are ignored):
 
     {"conversation_id": "d-0042", "timestamp": "2025-10-31T10:00:00Z",
      "input": {"market_data": {"BTC": {"price": 68500.0, "change_24h": 0.025, "trend": "bullish",
@@ -13,11 +14,12 @@ One JSON object per line, the seed's `training_data` export (extra keys are igno
      "result": {"profitable": true, "pnl": 2.5, "duration_hours": 6, "exit_reason": "take_profit"},
      "label": "excellent_decision"}
 
-Outcome labels: excellent / good / acceptable_loss / bad, with or without the seed's "_decision" suffix;
-"neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that become
-samples, default excellent + good: the seed's export also keeps bad decisions, but its trainer imitates
-every exported output, so it would teach the model the decisions that lost money. Records with another
-outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever skip_bad_rows says.
+Outcome labels: excellent / good / acceptable_loss / bad, with or without the design note's "_decision"
+suffix; "neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that
+become samples, default excellent + good: the design note's export also keeps bad decisions, but its
+trainer imitates every exported output, so it would teach the model the decisions that lost money. Records
+with another outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever
+skip_bad_rows says.
 
 The sample: input -> user prompt, one line per part; nested values are written as compact JSON; only
 the last `history_items` entries of recent_history (taken as oldest first) are shown, and no History line
@@ -53,11 +55,12 @@ Example sample:
 """
 import json
 import math
-from collections import Counter
+from functools import partial
 from pathlib import Path
 
-from finetune.data import Built, safe_json
+from finetune.data import Built
 from finetune.data.numbers import finite_number
+from finetune.data.rows import BadRow, BadRows, SkipRow, jsonl_records
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -68,7 +71,7 @@ ACTIONS = {
     "HOLD": ("hold", "wait", "none", "no_action", "观望", "持有"),
     "CLOSE": ("close", "close_long", "close_short", "close_all", "close_position", "平仓"),
 }
-# answer key -> the record's output keys, in lookup order (the seed's name first)
+# answer key -> the record's output keys, in lookup order (the design note's name first)
 NUMBERS = {"size": ("size_usd", "size"), "leverage": ("leverage",),
            "stop_loss": ("stop_loss_pct", "stop_loss"), "take_profit": ("take_profit_pct", "take_profit"),
            "confidence": ("confidence",)}
@@ -78,7 +81,20 @@ SYSTEM_PROMPT = "You are a crypto trading AI. Reply with one JSON decision."
 def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), history_items=3,
           max_reasoning_chars=200, system_prompt=SYSTEM_PROMPT, encoding="utf-8-sig") -> Built:
     path = Path(path)
-    name = path.name
+    train = _check_options(train_outcomes, history_items, max_reasoning_chars)
+    records = _read(path, encoding)
+    bad = BadRows(path.name, skip_bad_rows, "fix the record or set dataset.skip_bad_rows=true")
+    samples = bad.each(records, partial(_sample, train=train, history_items=history_items,
+                                        max_reasoning_chars=max_reasoning_chars, system_prompt=system_prompt))
+    if not samples:
+        raise DataError(f"{path.name}: no samples left from {len(records)} records (dropped: "
+                        f"{dict(bad.dropped) or 'none, the file is empty'}); train_outcomes={sorted(train)}")
+    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["line"]))
+    return Built(samples, bad.dropped)
+
+
+def _check_options(train_outcomes, history_items, max_reasoning_chars) -> set[str]:
+    """The outcomes that train; a ConfigError for a bad option, before the file is read."""
     train = {_outcome(o) for o in ([train_outcomes] if isinstance(train_outcomes, str) else train_outcomes)}
     if not train or not train <= set(OUTCOMES):
         raise ConfigError(f"dataset.builder.train_outcomes={list(train_outcomes)}: choose from {', '.join(OUTCOMES)}")
@@ -86,111 +102,104 @@ def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), hi
         raise ConfigError(f"dataset.builder.history_items={history_items!r}: a number of entries, 0 or more")
     if max_reasoning_chars is not None and (type(max_reasoning_chars) is not int or max_reasoning_chars < 1):
         raise ConfigError(f"dataset.builder.max_reasoning_chars={max_reasoning_chars!r}: a positive integer or null")
+    return train
+
+
+def _read(path, encoding) -> list[tuple[int, dict | str]]:
+    """(line, record) for every non-blank line, the whole file read before any record is checked."""
     if not path.is_file():
-        raise DataError(f"{name}: file not found ({path}); set dataset.path to the decisions JSONL file")
-    dropped, samples, n_records = Counter(), [], 0
-
-    def bad(reason, line, message):
-        if not skip_bad_rows:
-            raise DataError(f"{name}: line {line}, {message}; fix the record or set dataset.skip_bad_rows=true")
-        dropped[reason] += 1
-
+        raise DataError(f"{path.name}: file not found ({path}); set dataset.path to the decisions JSONL file")
     try:
-        with open(path, encoding=encoding) as f:
-            lines = list(enumerate(f, 1))
+        return list(jsonl_records(path, encoding))
     except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
-    for line, text in lines:
-        if not text.strip():
-            continue
-        n_records += 1
-        try:
-            record = safe_json.loads(text)
-        except json.JSONDecodeError as e:
-            bad("malformed_json", line, f"malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(record, dict):
-            bad("malformed_json", line, f"expected a JSON object, got {type(record).__name__}")
-            continue
-        # ---- outcome first: records that will not train are counted, not checked further
-        if record.get("label") is None:
-            bad("missing_field", line, "field 'label' is missing (excellent / good / acceptable_loss / bad)")
-            continue
-        outcome = _outcome(record["label"])
-        if outcome not in OUTCOMES:
-            bad("unknown_outcome", line, f"field 'label': unknown outcome {record['label']!r} "
-                f"(known: {', '.join(OUTCOMES)}, with or without '_decision')")
-            continue
-        if outcome not in train:
-            dropped[f"outcome_{outcome}"] += 1
-            continue
-        # ---- required fields
-        given, output = record.get("input"), record.get("output")
-        fields = {"timestamp": record.get("timestamp"),
-                  "input.market_data": given.get("market_data") if isinstance(given, dict) else None,
-                  "input.account_state": given.get("account_state") if isinstance(given, dict) else None,
-                  "output.action": output.get("action") if isinstance(output, dict) else None}
-        missing = [k for k, v in fields.items() if v is None or v == "" or v == {}]
-        if missing:
-            bad("missing_field", line, f"field '{missing[0]}' is missing")
-            continue
-        timestamp = parse_timestamp(fields["timestamp"])
-        if timestamp is None:
-            bad("bad_timestamp", line, f"field 'timestamp': {fields['timestamp']!r} is not a date-time")
-            continue
-        not_object = [k for k in ("input.market_data", "input.account_state") if not isinstance(fields[k], dict)]
-        if not_object:
-            bad("bad_value", line, f"field '{not_object[0]}' must be a JSON object, "
-                f"got {type(fields[not_object[0]]).__name__}")
-            continue
-        action = _action(fields["output.action"])
-        if action is None:
-            bad("unknown_action", line, f"field 'output.action': unknown action {fields['output.action']!r} "
-                "(known: " + ", ".join(w for words in ACTIONS.values() for w in words) + ")")
-            continue
-        # ---- the answer
-        answer = {"action": action, "symbol": output.get("symbol")}
-        bad_number = None
-        for key, sources in NUMBERS.items():
-            source = next((s for s in sources if output.get(s) is not None), sources[0])
-            value = output.get(source)
-            number = _number(value)
-            if value is not None and number is None:
-                bad_number = f"field 'output.{source}': {value!r} is not a number"
-                break
-            answer[key] = number
-        if bad_number:
-            bad("bad_value", line, bad_number)
-            continue
-        need = ["symbol"] * (action != "HOLD") + ["size"] * (action in ("BUY", "SELL"))
-        absent = [k for k in need if answer[k] in (None, "")]
-        if absent:
-            bad("missing_field", line, f"field 'output.{'size_usd' if absent[0] == 'size' else 'symbol'}' "
-                f"is missing, which a {action} decision needs")
-            continue
-        if answer["confidence"] is not None:
-            confidence = answer["confidence"] / 100 if answer["confidence"] > 1 else answer["confidence"]
-            answer["confidence"] = round(min(max(confidence, 0.0), 1.0), 4)
-        answer["reasoning"] = _short(output.get("reasoning"), max_reasoning_chars)
-        history = given.get("recent_history") or []
-        history = history[-history_items:] if isinstance(history, list) and history_items else []
-        user = "\n".join([*(f"{k}: {_render(v)}" for k, v in fields["input.market_data"].items()),
-                          f"Account: {_render(fields['input.account_state'])}",
-                          *(["History: " + " | ".join(_render(h) for h in history)] if history else [])])
-        answer = {k: v for k, v in answer.items() if v not in (None, "")}  # a HOLD needs no size: fewer tokens
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages += [{"role": "user", "content": user},
-                     {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False, separators=(",", ":"))}]
-        result = record.get("result") if isinstance(record.get("result"), dict) else {}
-        samples.append({"messages": messages, "label": action, "timestamp": timestamp,
-                        "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
-                                 "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
-                                 "pnl": _number(result.get("pnl"))}})
-    if not samples:
-        raise DataError(f"{name}: no samples left from {n_records} records (dropped: "
-                        f"{dict(dropped) or 'none, the file is empty'}); train_outcomes={sorted(train)}")
-    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["line"]))
-    return Built(samples, dropped)
+        raise DataError(f"{path.name}: not {encoding} text ({e.reason} at byte {e.start}); "
+                        "re-save it as UTF-8") from e
+
+
+# ---- one record -> one sample
+
+def _sample(item, *, train, history_items, max_reasoning_chars, system_prompt) -> dict:
+    line, record = item
+    if isinstance(record, str):  # a line that is no JSON object: record holds why
+        raise BadRow("malformed_json", f"line {line}, {record}")
+    outcome = _train_outcome(line, record, train)
+    given, output = record.get("input"), record.get("output")
+    fields, timestamp, action = _required(line, record, given, output)
+    answer = _answer(line, output, action, max_reasoning_chars)
+    history = given.get("recent_history") or []
+    history = history[-history_items:] if isinstance(history, list) and history_items else []
+    user = "\n".join([*(f"{k}: {_render(v)}" for k, v in fields["input.market_data"].items()),
+                      f"Account: {_render(fields['input.account_state'])}",
+                      *(["History: " + " | ".join(_render(h) for h in history)] if history else [])])
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": user},
+                 {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False, separators=(",", ":"))}]
+    result = record.get("result") if isinstance(record.get("result"), dict) else {}
+    return {"messages": messages, "label": action, "timestamp": timestamp,
+            "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
+                     "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
+                     "pnl": _number(result.get("pnl"))}}
+
+
+def _train_outcome(line, record, train) -> str:
+    """The record's outcome, read first: records that will not train are counted, not checked further."""
+    if record.get("label") is None:
+        raise BadRow("missing_field",
+                     f"line {line}, field 'label' is missing (excellent / good / acceptable_loss / bad)")
+    outcome = _outcome(record["label"])
+    if outcome not in OUTCOMES:
+        raise BadRow("unknown_outcome", f"line {line}, field 'label': unknown outcome {record['label']!r} "
+                     f"(known: {', '.join(OUTCOMES)}, with or without '_decision')")
+    if outcome not in train:
+        raise SkipRow(f"outcome_{outcome}")
+    return outcome
+
+
+def _required(line, record, given, output) -> tuple[dict, str, str]:
+    """(the required fields by dotted name, the timestamp, the normalised action); BadRow if one is unusable."""
+    fields = {"timestamp": record.get("timestamp"),
+              "input.market_data": given.get("market_data") if isinstance(given, dict) else None,
+              "input.account_state": given.get("account_state") if isinstance(given, dict) else None,
+              "output.action": output.get("action") if isinstance(output, dict) else None}
+    missing = [k for k, v in fields.items() if v is None or v == "" or v == {}]
+    if missing:
+        raise BadRow("missing_field", f"line {line}, field '{missing[0]}' is missing")
+    timestamp = parse_timestamp(fields["timestamp"])
+    if timestamp is None:
+        raise BadRow("bad_timestamp", f"line {line}, field 'timestamp': {fields['timestamp']!r} is not a date-time")
+    not_object = [k for k in ("input.market_data", "input.account_state") if not isinstance(fields[k], dict)]
+    if not_object:
+        raise BadRow("bad_value", f"line {line}, field '{not_object[0]}' must be a JSON object, "
+                     f"got {type(fields[not_object[0]]).__name__}")
+    action = _action(fields["output.action"])
+    if action is None:
+        raise BadRow("unknown_action", f"line {line}, field 'output.action': unknown action "
+                     f"{fields['output.action']!r} (known: "
+                     + ", ".join(w for words in ACTIONS.values() for w in words) + ")")
+    return fields, timestamp, action
+
+
+def _answer(line, output, action, max_reasoning_chars) -> dict:
+    """The JSON answer: action, symbol, the numbers and the reasoning, keys without a value left out."""
+    answer = {"action": action, "symbol": output.get("symbol")}
+    for key, sources in NUMBERS.items():
+        source = next((s for s in sources if output.get(s) is not None), sources[0])
+        value = output.get(source)
+        number = _number(value)
+        if value is not None and number is None:
+            raise BadRow("bad_value", f"line {line}, field 'output.{source}': {value!r} is not a number")
+        answer[key] = number
+    need = ["symbol"] * (action != "HOLD") + ["size"] * (action in ("BUY", "SELL"))
+    absent = [k for k in need if answer[k] in (None, "")]
+    if absent:
+        field = "size_usd" if absent[0] == "size" else "symbol"
+        raise BadRow("missing_field",
+                     f"line {line}, field 'output.{field}' is missing, which a {action} decision needs")
+    if answer["confidence"] is not None:
+        confidence = answer["confidence"] / 100 if answer["confidence"] > 1 else answer["confidence"]
+        answer["confidence"] = round(min(max(confidence, 0.0), 1.0), 4)
+    answer["reasoning"] = _short(output.get("reasoning"), max_reasoning_chars)
+    return {k: v for k, v in answer.items() if v not in (None, "")}  # a HOLD needs no size: fewer tokens
 
 
 def _outcome(label):

@@ -1,5 +1,5 @@
-"""Finance news builder (seed 001): SQLite `events` + `event_impacts` -> news-impact, market-analysis
-and earnings Q&A samples in a configurable mix (seed: 60 / 20 / 20).
+"""Finance news builder, the finance news-impact use case: SQLite `events` + `event_impacts` -> news-impact,
+market-analysis and earnings Q&A samples in a configurable mix (design note: 60 / 20 / 20).
 
 Input schema (extra columns are ignored; the event text and time column names are options):
 
@@ -7,7 +7,8 @@ Input schema (extra columns are ignored; the event text and time column names ar
     event_impacts(event_id, ticker, window_min INTEGER, ret REAL, ...)
         -- long format: one row per event x ticker x window; `ret` is the ticker's return
         -- over `window_min` minutes after the event (a fraction, 0.0042 = +0.42 %, or
-        -- percent with ret_unit=percent). The seed died assuming a wide `ret_post_15m` column.
+        -- percent with ret_unit=percent). The design note's script died assuming a wide
+        -- `ret_post_15m` column.
 
 How samples are formed. A *candidate* is one (event, ticker) pair with a non-NULL `ret` for the
 main window (`main_window`, default the first of `windows`); every return of the configured
@@ -17,7 +18,7 @@ main window (`main_window`, default the first of `windows`); every return of the
       user:      "News: Apple beats Q3 estimates\\nTicker: AAPL\\nDirection over 15m?"
       assistant: "up\\n15m +0.82% | 1h +1.10% | 1d +1.95%"         label "up"
 - market_analysis: the news, the ticker and its returns over every window it has -> how the
-  reaction developed from the main window to the longest one, which must be longer (the seed's
+  reaction developed from the main window to the longest one, which must be longer (the design note's
   "priced in" / "wait and see" reading): wait_and_see if the main-window move is flat;
   follow_through if the longest-window return has the same sign and at least the same size;
   else priced_in.
@@ -54,10 +55,11 @@ import math
 import random
 import re
 import sqlite3
-from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from finetune.data import Built
+from finetune.data.rows import BadRow, BadRows, SkipRow
 from finetune.data.sqlite import check_columns, check_names, connect
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
@@ -74,6 +76,30 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
           text_column="content", time_column="ts", windows=(15, 60, 1440), main_window=None,
           flat_threshold=0.002, ret_unit="fraction", mix=None, num_samples=None,
           earnings_keywords=EARNINGS_KEYWORDS, seed=42, system_prompt=SYSTEM_PROMPT) -> Built:
+    windows, main_window, mix = _check_options(windows, main_window, ret_unit, mix, num_samples,
+                                               events_table, impacts_table, text_column, time_column)
+    name = Path(path).name
+    event_rows, impact_rows = _read(path, name, events_table, impacts_table, text_column, time_column)
+    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.builder.skip_bad_rows=true")
+    impacts, windows_found = _impacts(impact_rows, impacts_table, windows, bad)
+    candidates = _candidates(event_rows, impacts, events_table, text_column, time_column, main_window,
+                             earnings_keywords, bad)
+    if not candidates:
+        raise DataError(
+            f"{name}: no samples left: no (event, ticker) pair of {len(event_rows)} events has a usable "
+            f"'{impacts_table}' row with window_min {main_window} (window_min values found: "
+            f"{', '.join(map(str, sorted(windows_found))) or 'none'}; dropped: {dict(bad.dropped)}); "
+            "check dataset.builder.windows")
+    fmt = _formatter(ret_unit)
+    samples = [_sample(c, kind, main_window, fmt, flat_threshold, system_prompt)
+               for c, kind in _assign_kinds(candidates, mix, num_samples, main_window, seed, name)]
+    samples.sort(key=lambda s: (s["timestamp"] or "", s["meta"]["event_id"], s["meta"]["ticker"]))
+    return Built(samples, bad.dropped)
+
+
+def _check_options(windows, main_window, ret_unit, mix, num_samples, events_table, impacts_table,
+                   text_column, time_column):
+    """(windows sorted, main window, mix as shares); a ConfigError for a bad option or name, before any SQL."""
     windows = sorted({_window_option(w) for w in windows})
     main_window = windows[0] if main_window is None else _window_option(main_window)
     if main_window not in windows:
@@ -83,17 +109,20 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
     mix = _mix_option(mix)
     if num_samples is not None and (type(num_samples) is not int or num_samples < 1):
         raise ConfigError(f"dataset.builder.num_samples={num_samples!r}: a positive integer, or null for all")
-    name = Path(path).name
-    dropped = Counter()
+    # every name checked here, then against the schema in _read, before it reaches SQL
+    check_names(events_table, impacts_table, *_event_columns(text_column, time_column))
+    return windows, main_window, mix
 
-    def bad(reason, message):
-        if not skip_bad_rows:
-            raise DataError(f"{name}: {message}; fix the row or set dataset.builder.skip_bad_rows=true")
-        dropped[reason] += 1
 
-    # ---- read both tables (read-only; names checked, then checked against the schema, before any SQL)
-    event_cols = [text_column] + ([time_column] if time_column is not None else [])  # "" is refused
-    check_names(events_table, impacts_table, *event_cols)
+def _event_columns(text_column, time_column) -> list[str]:
+    return [text_column] + ([time_column] if time_column is not None else [])  # "" is refused
+
+
+# ---- reading (read-only)
+
+def _read(path, name, events_table, impacts_table, text_column, time_column):
+    """(event rows: event_id, text[, time]; impact rows: event_id, ticker, window_min, ret)."""
+    event_cols = _event_columns(text_column, time_column)
     con = connect(path)
     try:
         check_columns(con, name, events_table, ["event_id"] + event_cols)
@@ -108,76 +137,86 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
         con.close()
     if not event_rows:
         raise DataError(f"{name}: table '{events_table}' is empty")
+    return event_rows, impact_rows
 
-    # ---- impacts: {event_id: {ticker: {window: ret}}}, configured windows only
+
+# ---- rows -> candidates: one per (event, ticker) with a main-window return
+
+def _impacts(impact_rows, table, windows, bad):
+    """({event_id: {ticker: {window: ret}}} for the configured windows, every window_min found)."""
     impacts, windows_found = {}, set()
-    for i, (event_id, ticker, window, ret) in enumerate(impact_rows, 1):
-        where = f"{impacts_table} row {i} (event_id {event_id!r})"
-        try:
-            minutes = float(window)  # 15, 15.0 and '15' are all 15 minutes
-        except (TypeError, ValueError, OverflowError):
-            minutes = math.nan
-        if not minutes.is_integer():  # also NaN and inf, which int() would crash on
-            bad("bad_window", f"{where}, column 'window_min': {window!r} is not an integer")
-            continue
-        window = int(minutes)
-        windows_found.add(window)
-        if window not in windows:
-            continue
-        if ticker is None or str(ticker).strip() == "":
-            bad("null_ticker", f"{where}, column 'ticker' is empty")
-            continue
-        if ret is None:
-            dropped["null_ret"] += 1
-            continue
-        if not isinstance(ret, (int, float)) or not math.isfinite(ret):  # loose typing: text in a REAL column
-            bad("bad_ret", f"{where}, column 'ret': {ret!r} is not a number")
-            continue
-        per_window = impacts.setdefault(str(event_id), {}).setdefault(str(ticker).strip(), {})
-        if window in per_window:
-            bad("duplicate_impact", f"{where}: a second row for ticker {ticker!r}, window_min {window}")
-            continue
-        per_window[window] = float(ret)
+    bad.each(enumerate(impact_rows, 1), partial(_add_impact, impacts, windows_found, table, windows))
+    return impacts, windows_found
 
-    # ---- candidates: one per (event, ticker) with a main-window return
-    candidates, seen = [], set()
-    for i, (event_id, content, *time) in enumerate(event_rows, 1):
-        where = f"{events_table} row {i} (event_id {event_id!r})"
-        tickers = impacts.get(str(event_id))
-        if str(event_id) in seen:
-            bad("duplicate_event", f"{where}: event_id appears twice in '{events_table}'")
-            continue
-        seen.add(str(event_id))
-        if not tickers:
-            dropped["no_impacts"] += 1
-            continue
-        if content is None or str(content).strip() == "":
-            bad("empty_content", f"{where}, column '{text_column}' is empty")
-            continue
-        timestamp = None
-        if time_column is not None:
-            timestamp = parse_timestamp(time[0])
-            if timestamp is None:
-                bad("bad_time", f"{where}, column '{time_column}': {time[0]!r} is not a date-time")
-                continue
-        text = " ".join(str(content).split())
-        # a keyword must start a word, so "EPS" does not match "steps"; Chinese has no spaces to need it
-        is_earnings = any(re.search(rf"(?<![a-z]){re.escape(k.lower())}", text.lower()) for k in earnings_keywords)
-        for ticker in sorted(tickers):
-            rets = tickers[ticker]
-            if main_window not in rets:
-                dropped["no_main_window"] += 1
-                continue
-            candidates.append({"event_id": str(event_id), "ticker": ticker, "text": text,
-                               "timestamp": timestamp, "rets": rets, "earnings": is_earnings})
-    if not candidates:
-        raise DataError(
-            f"{name}: no samples left: no (event, ticker) pair of {len(event_rows)} events has a usable "
-            f"'{impacts_table}' row with window_min {main_window} (window_min values found: "
-            f"{', '.join(map(str, sorted(windows_found))) or 'none'}; dropped: {dict(dropped)}); "
-            "check dataset.builder.windows")
 
-    # ---- assign kinds to reach the mix, rarest pool first
+def _add_impact(impacts, windows_found, table, windows, row) -> None:
+    i, (event_id, ticker, window, ret) = row
+    where = f"{table} row {i} (event_id {event_id!r})"
+    try:
+        minutes = float(window)  # 15, 15.0 and '15' are all 15 minutes
+    except (TypeError, ValueError, OverflowError):
+        minutes = math.nan
+    if not minutes.is_integer():  # also NaN and inf, which int() would crash on
+        raise BadRow("bad_window", f"{where}, column 'window_min': {window!r} is not an integer")
+    window = int(minutes)
+    windows_found.add(window)
+    if window not in windows:
+        return
+    if ticker is None or str(ticker).strip() == "":
+        raise BadRow("null_ticker", f"{where}, column 'ticker' is empty")
+    if ret is None:
+        raise SkipRow("null_ret")
+    if not isinstance(ret, (int, float)) or not math.isfinite(ret):  # loose typing: text in a REAL column
+        raise BadRow("bad_ret", f"{where}, column 'ret': {ret!r} is not a number")
+    per_window = impacts.setdefault(str(event_id), {}).setdefault(str(ticker).strip(), {})
+    if window in per_window:
+        raise BadRow("duplicate_impact", f"{where}: a second row for ticker {ticker!r}, window_min {window}")
+    per_window[window] = float(ret)
+
+
+def _candidates(event_rows, impacts, table, text_column, time_column, main_window, earnings_keywords, bad):
+    seen = set()
+    per_event = bad.each(enumerate(event_rows, 1), partial(
+        _event_candidates, impacts=impacts, seen=seen, table=table, text_column=text_column,
+        time_column=time_column, main_window=main_window, earnings_keywords=earnings_keywords,
+        dropped=bad.dropped))
+    return [candidate for candidates in per_event for candidate in candidates]
+
+
+def _event_candidates(row, *, impacts, seen, table, text_column, time_column, main_window, earnings_keywords,
+                      dropped) -> list[dict]:
+    """One event row -> its candidates, one per ticker with a main-window return (others counted in dropped)."""
+    i, (event_id, content, *time) = row
+    where = f"{table} row {i} (event_id {event_id!r})"
+    tickers = impacts.get(str(event_id))
+    if str(event_id) in seen:
+        raise BadRow("duplicate_event", f"{where}: event_id appears twice in '{table}'")
+    seen.add(str(event_id))
+    if not tickers:
+        raise SkipRow("no_impacts")
+    if content is None or str(content).strip() == "":
+        raise BadRow("empty_content", f"{where}, column '{text_column}' is empty")
+    timestamp = None
+    if time_column is not None:
+        timestamp = parse_timestamp(time[0])
+        if timestamp is None:
+            raise BadRow("bad_time", f"{where}, column '{time_column}': {time[0]!r} is not a date-time")
+    text = " ".join(str(content).split())
+    # a keyword must start a word, so "EPS" does not match "steps"; Chinese has no spaces to need it
+    is_earnings = any(re.search(rf"(?<![a-z]){re.escape(k.lower())}", text.lower()) for k in earnings_keywords)
+    candidates = []
+    for ticker in sorted(tickers):
+        rets = tickers[ticker]
+        if main_window not in rets:
+            dropped["no_main_window"] += 1
+            continue
+        candidates.append({"event_id": str(event_id), "ticker": ticker, "text": text,
+                           "timestamp": timestamp, "rets": rets, "earnings": is_earnings})
+    return candidates
+
+
+def _assign_kinds(candidates, mix, num_samples, main_window, seed, name) -> list[tuple[dict, str]]:
+    """(candidate, kind) pairs reaching the mix, rarest pool first, over the candidates shuffled with `seed`."""
     rng = random.Random(seed)
     rng.shuffle(candidates)
     total = len(candidates) if num_samples is None else min(num_samples, len(candidates))
@@ -196,26 +235,23 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
         kinds.update({j: kind for j in pool})
         free = [j for j in free if j not in kinds]
     kinds.update({j: "news_impact" for j in free[:quota["news_impact"]]})
+    return [(candidates[j], kind) for j, kind in kinds.items()]
 
-    # ---- render
-    fmt = _formatter(ret_unit)
-    samples = []
-    for j, kind in kinds.items():
-        c = candidates[j]
-        if kind == "news_impact":
-            window, user, answer = _news_impact(c, main_window, fmt, flat_threshold)
-        elif kind == "market_analysis":
-            window, user, answer = _market_analysis(c, main_window, fmt, flat_threshold)
-        else:
-            window, user, answer = _earnings_qa(c, fmt, flat_threshold)
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        samples.append({"messages": messages, "label": answer.split("\n", 1)[0],
-                        "timestamp": c["timestamp"],
-                        "meta": {"event_id": c["event_id"], "ticker": c["ticker"], "kind": kind,
-                                 "window_min": window, "ret": c["rets"][window]}})
-    samples.sort(key=lambda s: (s["timestamp"] or "", s["meta"]["event_id"], s["meta"]["ticker"]))
-    return Built(samples, dropped)
+
+# ---- candidate -> sample
+
+def _sample(c, kind, main_window, fmt, flat_threshold, system_prompt) -> dict:
+    if kind == "news_impact":
+        window, user, answer = _news_impact(c, main_window, fmt, flat_threshold)
+    elif kind == "market_analysis":
+        window, user, answer = _market_analysis(c, main_window, fmt, flat_threshold)
+    else:
+        window, user, answer = _earnings_qa(c, fmt, flat_threshold)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "label": answer.split("\n", 1)[0], "timestamp": c["timestamp"],
+            "meta": {"event_id": c["event_id"], "ticker": c["ticker"], "kind": kind,
+                     "window_min": window, "ret": c["rets"][window]}}
 
 
 # ---- the three task kinds: each returns (label window, user prompt, answer)

@@ -1,4 +1,4 @@
-"""Generic builder (any seed): ready-made instruction data in chat, alpaca or prompt/completion form.
+"""Generic builder (any use case): ready-made instruction data in chat, alpaca or prompt/completion form.
 
 Input (`path`): one file, or a folder whose .jsonl / .json / .csv / .parquet files are all read (sorted,
 recursively). Each file is one of three forms, detected from its columns (or forced with `format`):
@@ -44,6 +44,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from finetune.data import Built, safe_json
+from finetune.data.rows import BadRow, BadRows
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -53,10 +54,6 @@ FORMATS = ("chat", "alpaca", "prompt_completion")
 REQUIRED = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
 ROLES = ("system", "user", "assistant")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
-
-
-class BadRow(Exception):
-    """One record cannot become a sample; args: (reason, message naming the field)."""
 
 
 def build(path, *, skip_bad_rows=False, format="auto", label_field="label", timestamp_field="timestamp",
@@ -84,15 +81,13 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
         for what, field in fields.items():
             if field and field not in columns:
                 log.info("%s: no '%s' field, so its samples have %s None", name, field, what)
-        for where, record in records:
+        bad = BadRows(name, skip_bad_rows, "fix it or set dataset.skip_bad_rows=true", dropped)
+        for where, record in records:  # a BadRow from _sample names the field; the place is added here
             try:
                 samples.append(_sample(record, kind, {k: f for k, f in fields.items() if f in columns},
                                        meta_fields, system_prompt))
-            except BadRow as bad:
-                reason, message = bad.args
-                if not skip_bad_rows:
-                    raise DataError(f"{name}: {where}, {message}; fix it or set dataset.skip_bad_rows=true") from None
-                dropped[reason] += 1
+            except BadRow as err:
+                bad(err.reason, f"{where}, {err.message}")
     if not samples:
         raise DataError(f"{path.name}: no samples left (dropped: {dict(dropped)})")
     return Built(samples, dropped)

@@ -1,4 +1,4 @@
-"""Sentiment builder (seed 004): labelled financial headlines -> positive / neutral / negative.
+"""Sentiment builder, the finance sentiment use case: labelled financial headlines -> positive / neutral / negative.
 
 Input: a CSV (header row; read with the csv module, so quoted commas and newlines, a UTF-8 BOM and
 Chinese text are fine) or a JSONL file (one object per line), chosen by the file extension
@@ -27,11 +27,11 @@ Example sample:
      "meta": {"line": 2, "raw_label": "positive"}}
 """
 import csv
-import json
-from collections import Counter
+from functools import partial
 from pathlib import Path
 
-from finetune.data import Built, safe_json
+from finetune.data import Built
+from finetune.data.rows import BadRow, BadRows, jsonl_records
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -47,60 +47,66 @@ SYSTEM_PROMPT = "You classify the sentiment of financial news headlines."
 def build(path, *, skip_bad_rows=False, text_field="text", label_field="label", timestamp_field=None,
           synonyms=None, encoding="utf-8-sig", system_prompt=SYSTEM_PROMPT) -> Built:
     path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise DataError(f"{name}: file not found ({path}); set dataset.path to a .csv or .jsonl file")
-    label_of = _label_map(synonyms)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise DataError(f"{name}: unsupported extension '{path.suffix}' (use .csv or .jsonl)")
-    fields = [f for f in (text_field, label_field, timestamp_field) if f]
-    dropped = Counter()
-    samples = []
-
-    def bad(reason, line, message):
-        if not skip_bad_rows:
-            raise DataError(f"{name}: line {line}, {message}; fix the row or set dataset.builder.skip_bad_rows=true")
-        dropped[reason] += 1
-
-    try:
-        records = _csv_records(path, name, fields, encoding) if suffix == ".csv" else _jsonl_records(path, encoding)
-        for line, record in records:
-            if isinstance(record, str):  # a JSONL line that did not parse: record holds the reason
-                bad("malformed_json", line, record)
-                continue
-            text = record.get(text_field)
-            if text is None or str(text).strip() == "":
-                bad("empty_text", line, f"column '{text_field}' is empty or missing")
-                continue
-            raw = record.get(label_field)
-            if raw is None or str(raw).strip() == "":
-                bad("missing_label", line, f"column '{label_field}' is empty or missing")
-                continue
-            label = label_of.get(str(raw).strip().lower()) if not isinstance(raw, bool) else None
-            if label is None:
-                bad("unknown_label", line, f"column '{label_field}': unknown label {raw!r} "
-                    f"(known: {', '.join(sorted(label_of))}); map it in dataset.builder.synonyms")
-                continue
-            timestamp = None
-            if timestamp_field:
-                timestamp = parse_timestamp(record.get(timestamp_field))
-                if timestamp is None:
-                    bad("bad_timestamp", line, f"column '{timestamp_field}': {record.get(timestamp_field)!r} "
-                        "is not a date-time (or set dataset.builder.timestamp_field=null)")
-                    continue
-            headline = " ".join(str(text).split())  # CSV cells may hold newlines; one line reads better
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            messages += [{"role": "user", "content": f"Headline: {headline}\nSentiment?"},
-                         {"role": "assistant", "content": label}]
-            samples.append({"messages": messages, "label": label, "timestamp": timestamp,
-                            "meta": {"line": line, "raw_label": str(raw)}})
+    label_of = _check_options(path, synonyms)
+    bad = BadRows(path.name, skip_bad_rows, "fix the row or set dataset.builder.skip_bad_rows=true")
+    to_sample = partial(_sample, text_field=text_field, label_field=label_field, timestamp_field=timestamp_field,
+                        label_of=label_of, system_prompt=system_prompt)
+    try:  # the records are read as they are converted: a decoding error can come at any row
+        samples = bad.each(_records(path, [f for f in (text_field, label_field, timestamp_field) if f], encoding),
+                           to_sample)
     except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); "
+        raise DataError(f"{path.name}: not {encoding} text ({e.reason} at byte {e.start}); "
                         "re-save as UTF-8 or set dataset.builder.encoding (e.g. gbk)") from e
     if not samples:
-        raise DataError(f"{name}: no samples left (dropped: {dict(dropped) or 'none, the file has no rows'})")
-    return Built(samples, dropped)
+        dropped = dict(bad.dropped) or "none, the file has no rows"
+        raise DataError(f"{path.name}: no samples left (dropped: {dropped})")
+    return Built(samples, bad.dropped)
+
+
+def _check_options(path, synonyms) -> dict[str, str]:
+    """The raw label -> label map; a DataError for a missing file or an unknown extension, a ConfigError for
+    bad synonyms, before any row is read."""
+    if not path.is_file():
+        raise DataError(f"{path.name}: file not found ({path}); set dataset.path to a .csv or .jsonl file")
+    label_of = _label_map(synonyms)
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise DataError(f"{path.name}: unsupported extension '{path.suffix}' (use .csv or .jsonl)")
+    return label_of
+
+
+def _sample(item, *, text_field, label_field, timestamp_field, label_of, system_prompt) -> dict:
+    line, record = item
+    if isinstance(record, str):  # a JSONL line that did not parse: record holds the reason
+        raise BadRow("malformed_json", f"line {line}, {record}")
+    text = record.get(text_field)
+    if text is None or str(text).strip() == "":
+        raise BadRow("empty_text", f"line {line}, column '{text_field}' is empty or missing")
+    raw = record.get(label_field)
+    if raw is None or str(raw).strip() == "":
+        raise BadRow("missing_label", f"line {line}, column '{label_field}' is empty or missing")
+    label = label_of.get(str(raw).strip().lower()) if not isinstance(raw, bool) else None
+    if label is None:
+        raise BadRow("unknown_label", f"line {line}, column '{label_field}': unknown label {raw!r} "
+                     f"(known: {', '.join(sorted(label_of))}); map it in dataset.builder.synonyms")
+    timestamp = None
+    if timestamp_field:
+        timestamp = parse_timestamp(record.get(timestamp_field))
+        if timestamp is None:
+            raise BadRow("bad_timestamp", f"line {line}, column '{timestamp_field}': {record.get(timestamp_field)!r} "
+                         "is not a date-time (or set dataset.builder.timestamp_field=null)")
+    headline = " ".join(str(text).split())  # CSV cells may hold newlines; one line reads better
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": f"Headline: {headline}\nSentiment?"},
+                 {"role": "assistant", "content": label}]
+    return {"messages": messages, "label": label, "timestamp": timestamp,
+            "meta": {"line": line, "raw_label": str(raw)}}
+
+
+# ---- reading: (line, record) pairs; a JSONL line that did not parse is a str saying why
+
+def _records(path, fields, encoding):
+    return _csv_records(path, path.name, fields, encoding) if path.suffix.lower() == ".csv" else \
+        jsonl_records(path, encoding)
 
 
 def _csv_records(path, name, fields, encoding):
@@ -125,19 +131,6 @@ def _csv_records(path, name, fields, encoding):
         except csv.Error as e:  # e.g. a cell over csv's 128 KiB field limit: no headline is that long
             raise DataError(f"{name}: line {reader.line_num}, not readable as CSV ({e}); "
                             "is it the right file?") from None
-
-
-def _jsonl_records(path, encoding):
-    with open(path, encoding=encoding) as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = safe_json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line, f"malformed JSON ({e.msg} at column {e.colno})"
-                continue
-            yield line, record if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
 
 
 def _label_map(extra):

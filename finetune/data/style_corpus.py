@@ -1,5 +1,5 @@
-"""Style corpus builder (seed 003): a folder of Markdown posts -> rewrite / continue / summarize-expand samples
-whose answers are the author's own text.
+"""Style corpus builder, the writing-style use case: a folder of Markdown posts -> rewrite / continue /
+summarize-expand samples whose answers are the author's own text.
 
 Input (`path`): one folder per post, at any depth; the folder's path below `path` is the post's slug.
 
@@ -19,7 +19,7 @@ unescaped. Lines of a paragraph join with a space, or with nothing between Chine
 indented block holding Chinese text is kept, not taken for code: Chinese editors indent paragraphs
 with spaces. A first paragraph equal to the title (the post's "# Title" line) is dropped.
 
-Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (seed: 300-800), cutting only
+Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (design note: 300-800), cutting only
 between paragraphs; a paragraph longer than `max_tokens` is cut between sentences (a sentence longer
 than that, between words or characters). Chunks of one post are balanced (a 900-token post gives two
 of ~450, not 800 + 100); a short last chunk joins the one before when they fit together. Tokens are
@@ -59,13 +59,13 @@ import json
 import math
 import random
 import re
-from collections import Counter
 from datetime import date
 from pathlib import Path
 
 import yaml
 
 from finetune.data import Built, safe_json
+from finetune.data.rows import BadRow, BadRows
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -133,16 +133,14 @@ def build(path, *, skip_bad_rows=False, min_tokens=300, max_tokens=800, tokenize
     if not folders:
         raise DataError(f"{root.name}: no posts (no <slug>/index.md + meta.json under {root})")
 
-    dropped = Counter()
+    bad = BadRows(None, skip_bad_rows, "fix it or set dataset.skip_bad_rows=true")  # messages name the file
+    dropped = bad.dropped
     chunks = []  # (post, chunk number, text, tokens)
     for folder in folders:
         try:
             post = _read_post(root, folder, title_field, date_field)
-        except _BadPost as bad:
-            reason, message = bad.args
-            if not skip_bad_rows:
-                raise DataError(f"{message}; fix it or set dataset.skip_bad_rows=true") from None
-            dropped[reason] += 1
+        except BadRow as err:
+            bad(err.reason, err.message)
             continue
         paragraphs = clean_markdown(post["markdown"])
         if paragraphs and post["title"] and paragraphs[0].casefold() == post["title"].casefold():
@@ -177,35 +175,31 @@ def build(path, *, skip_bad_rows=False, min_tokens=300, max_tokens=800, tokenize
 
 # ---- reading a post
 
-class _BadPost(Exception):
-    """args: (reason, one-line message naming the file)."""
-
-
 def _read_post(root, folder, title_field, date_field) -> dict:
     slug = folder.relative_to(root).as_posix() if folder != root else root.name
     where = f"{root.name}/{slug}" if folder != root else root.name
     index, meta_file = folder / "index.md", folder / "meta.json"
     if not index.is_file():
-        raise _BadPost("missing_index", f"{where}/index.md: missing (the folder has meta.json but no post)")
+        raise BadRow("missing_index", f"{where}/index.md: missing (the folder has meta.json but no post)")
     if not meta_file.is_file():
-        raise _BadPost("missing_meta", f"{where}/meta.json: missing; add one with at least "
-                                       f'{{"{title_field}": ..., "{date_field}": ...}}')
+        raise BadRow("missing_meta", f"{where}/meta.json: missing; add one with at least "
+                                     f'{{"{title_field}": ..., "{date_field}": ...}}')
     markdown, meta_text = _read_text(index, where), _read_text(meta_file, where)
     try:
         meta = safe_json.loads(meta_text)
     except json.JSONDecodeError as e:
-        raise _BadPost("bad_meta_json", f"{where}/meta.json: invalid JSON at line {e.lineno} column {e.colno} "
-                                        f"({e.msg})") from None
+        raise BadRow("bad_meta_json", f"{where}/meta.json: invalid JSON at line {e.lineno} column {e.colno} "
+                                      f"({e.msg})") from None
     if not isinstance(meta, dict):
-        raise _BadPost("bad_meta_json", f"{where}/meta.json: expected a JSON object, got {type(meta).__name__}")
+        raise BadRow("bad_meta_json", f"{where}/meta.json: expected a JSON object, got {type(meta).__name__}")
     front = _front_matter(markdown)
     title = meta.get(title_field) if meta.get(title_field) not in (None, "") else front.get(title_field)
     raw_date, date_from = (meta.get(date_field), "meta.json") if meta.get(date_field) not in (None, "") else \
         (front.get(date_field), "index.md front matter")
     timestamp = parse_timestamp(raw_date)
     if raw_date not in (None, "") and timestamp is None:
-        raise _BadPost("bad_date", f"{where}/{'meta.json' if date_from == 'meta.json' else 'index.md'}: "
-                                   f"field '{date_field}': {raw_date!r} is not a date (use ISO, e.g. 2024-03-02)")
+        raise BadRow("bad_date", f"{where}/{'meta.json' if date_from == 'meta.json' else 'index.md'}: "
+                                 f"field '{date_field}': {raw_date!r} is not a date (use ISO, e.g. 2024-03-02)")
     title = " ".join(str(title).split()) if title not in (None, "") else None
     return {"slug": slug, "title": title, "timestamp": timestamp, "markdown": markdown}
 
@@ -214,8 +208,8 @@ def _read_text(file, where) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise _BadPost("not_utf8", f"{where}/{file.name}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                                   "re-save it as UTF-8") from None
+        raise BadRow("not_utf8", f"{where}/{file.name}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "re-save it as UTF-8") from None
 
 
 def _front_matter(markdown) -> dict:

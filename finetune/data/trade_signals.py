@@ -1,18 +1,19 @@
-"""Trade signals builder (seed 000): SQLite `trades` LEFT JOIN `signals` on timestamp -> BUY / SELL / HOLD + confidence.
+"""Trade signals builder, the crypto trade-log signals use case: SQLite `trades` LEFT JOIN `signals` on timestamp
+-> BUY / SELL / HOLD + confidence.
 
-Input schema (the seed's; extra columns are ignored; any name can be changed with `columns`):
+Input schema (the design note's; extra columns are ignored; any name can be changed with `columns`):
 
     trades(id INTEGER PRIMARY KEY, timestamp TEXT, symbol TEXT, entry_price REAL, exit_price REAL,
            pnl_percent REAL, action_taken TEXT, position_size REAL, leverage REAL, status TEXT, ...)
     signals(id INTEGER PRIMARY KEY, timestamp TEXT, market_data TEXT, ai_signal TEXT,
             signal_confidence REAL, ...)
 
-One sample per closed trade, read with the seed's query
+One sample per closed trade, read with the design note's query
 
     SELECT ... FROM trades t LEFT JOIN signals s ON t.timestamp = s.timestamp
     WHERE t.pnl_percent IS NOT NULL AND t.status = 'closed'       -- status compared case-insensitively
 
-`market_data` holds the JSON snapshot the signal was made from, in the seed's nested shape or flat:
+`market_data` holds the JSON snapshot the signal was made from, in the design note's nested shape or flat:
 
     {"symbol": "BTC/USDT", "price": 50000, "change_percent": 2.5, "volume_ratio": 1.4,
      "technical": {"rsi": 28.4, "macd_state": "golden_cross", "trend_direction": "bullish",
@@ -22,17 +23,17 @@ Each known indicator (INDICATORS below; looked up in "technical" first, then at 
 prompt line; other keys are ignored. Trend words are normalised (up / 上涨 / 多头 -> bullish, ...).
 
 Labels (`label_rule`):
-- pnl (default; the seed labels a trade by its outcome): pnl_percent is the trade's own return in percent
+- pnl (default; the design note labels a trade by its outcome): pnl_percent is the trade's own return in percent
   (5.0 = 5 %). Above `profit_threshold` (5) the trade confirms its direction: a long -> BUY, a short -> SELL.
   Below `loss_threshold` (-3) it was on the wrong side of the move: `loss_label: opposite` (default) labels
   the other direction, since that side would have made the money; `loss_label: HOLD` says "do not trade
   this set-up". In between the move did not pay for the risk: HOLD. The direction comes from action_taken
   (BUY / long / open_long / 买入 / 做多 ..., SELL / short / ...), else from the prices (exit above entry
   with a profit is a long); a trade with neither is a bad row ("unknown_direction").
-- indicators (the seed's auto-labelling rule): RSI < rsi_oversold (35) and bullish -> BUY; RSI >
+- indicators (the design note's auto-labelling rule): RSI < rsi_oversold (35) and bullish -> BUY; RSI >
   rsi_overbought (65) and bearish -> SELL; bullish / bearish with trend_strength > strong_trend (0.6) ->
   BUY / SELL; else HOLD. market_data must then carry rsi, trend_direction and trend_strength (a missing
-  one is a bad row, "missing_indicator": the seed's silent defaults RSI 50 / neutral would invent a HOLD).
+  one is a bad row, "missing_indicator": the design note's silent defaults RSI 50 / neutral would invent a HOLD).
 
 Confidence: the signal row's signal_confidence when set and its ai_signal agrees with the label (or is NULL),
 as a fraction (a value above 1 is a percentage: 75 -> 0.75); otherwise how strongly the indicators back the
@@ -46,7 +47,8 @@ teaches nothing). Several signal rows at one timestamp: the first (lowest rowid)
 Bad rows (raise DataError naming the file, table, row id and column, or skip and count with
 skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number), "bad_market_data" (not a JSON object),
 "bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
-"unknown_direction". `limit` keeps the most recent samples, like the seed's ORDER BY timestamp DESC LIMIT.
+"unknown_direction". `limit` keeps the most recent samples, like the design note's
+ORDER BY timestamp DESC LIMIT.
 
 meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
@@ -67,10 +69,12 @@ import json
 import logging
 import sqlite3
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from finetune.data import Built, safe_json
 from finetune.data.numbers import finite_number
+from finetune.data.rows import BadRow, BadRows, SkipRow
 from finetune.data.sqlite import check_columns, check_names, connect
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
@@ -109,6 +113,30 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
           closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
           loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
           system_prompt=SYSTEM_PROMPT, limit=None) -> Built:
+    cols = _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
+                          trades_table, signals_table)
+    name = Path(path).name
+    rows, total, dropped, extra_signals = _read(path, name, trades_table, signals_table, cols, closed_status)
+    to_sample = partial(_sample, cols=cols, trades_table=trades_table, signals_table=signals_table,
+                        label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
+                        rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
+                        system_prompt=system_prompt)
+    samples = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true", dropped).each(
+        rows, to_sample)
+    if extra_signals:
+        log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
+                    name, extra_signals, signals_table)
+    if not samples:
+        raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
+                        f"{dict(dropped) or 'none'}); check closed_status={closed_status!r} and that "
+                        f"'{signals_table}' rows share the trades' timestamps")
+    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["trade_id"]))
+    return Built(samples[-limit:] if limit else samples, dropped)
+
+
+def _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
+                   trades_table, signals_table) -> dict:
+    """The column map; a ConfigError for a bad option or name, before the database is opened."""
     cols = _columns_option(columns)
     if label_rule not in ("pnl", "indicators"):
         raise ConfigError(f"dataset.builder.label_rule={label_rule!r}: choose pnl or indicators")
@@ -119,24 +147,32 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
                           f"profit_threshold={profit_threshold}")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise ConfigError(f"dataset.builder.limit={limit!r}: a positive integer, or null for all trades")
-    rule = {"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend}
-    name = Path(path).name
-    dropped = Counter()
+    # every name checked here, then against the schema in _read, before it reaches SQL
+    check_names(trades_table, signals_table, *_trade_columns(cols), *_signal_columns(cols))
+    return cols
 
-    def bad(reason, where, message):
-        if not skip_bad_rows:
-            raise DataError(f"{name}: {where}: {message}; fix the row or set dataset.skip_bad_rows=true")
-        dropped[reason] += 1
 
-    # ---- read (read-only; every name checked, then checked against the schema, before it reaches SQL)
-    trade_cols = [cols[k] for k in TRADE_COLUMNS if cols[k] is not None]  # null: no such column; "" is refused
-    signal_cols = [cols[k] for k in SIGNAL_COLUMNS if cols[k] is not None]
-    check_names(trades_table, signals_table, *trade_cols, *signal_cols)
+def _trade_columns(cols) -> list[str]:
+    return [cols[k] for k in TRADE_COLUMNS if cols[k] is not None]  # null: no such column; "" is refused
+
+
+def _signal_columns(cols) -> list[str]:
+    return [cols[k] for k in SIGNAL_COLUMNS if cols[k] is not None]
+
+
+# ---- reading (read-only)
+
+def _read(path, name, trades_table, signals_table, cols, closed_status):
+    """(one row per closed trade with a pnl, the trades' count, dropped so far, trades with extra signal rows).
+
+    A row: trade rowid, signal rowid, then TRADE_COLUMNS but status, then SIGNAL_COLUMNS but signal_timestamp
+    (NULL for a column mapped to null); the signal columns are NULL for a trade with no signal row.
+    """
     con = connect(path)
     try:
         hint = "; map it with dataset.builder.columns"
-        check_columns(con, name, trades_table, trade_cols, hint)
-        check_columns(con, name, signals_table, signal_cols, hint)
+        check_columns(con, name, trades_table, _trade_columns(cols), hint)
+        check_columns(con, name, signals_table, _signal_columns(cols), hint)
         pnl, status = f't."{cols["pnl_percent"]}"', f't."{cols["status"]}"'
         total, not_closed, null_pnl = con.execute(
             f'SELECT COUNT(*), COALESCE(SUM(LOWER({status}) IS NOT LOWER(?)), 0), '
@@ -155,80 +191,71 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
         con.close()
     if total == 0:
         raise DataError(f"{name}: table '{trades_table}' is empty")
-    dropped.update({k: v for k, v in (("not_closed", not_closed), ("null_pnl", null_pnl)) if v})
+    dropped = Counter({k: v for k, v in (("not_closed", not_closed), ("null_pnl", null_pnl)) if v})
+    first, seen = [], set()
+    for row in rows:  # several signal rows at one timestamp: the first (lowest rowid) is used
+        if row[0] not in seen:
+            seen.add(row[0])
+            first.append(row)
+    return first, total, dropped, len(rows) - len(first)
 
-    # ---- one sample per closed trade
-    samples, seen, extra_signals = [], set(), 0
-    for (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
-         market_data, ai_signal, signal_confidence) in rows:
-        if trade_id in seen:  # a second signal row at the same timestamp
-            extra_signals += 1
-            continue
-        seen.add(trade_id)
-        at = f"table '{trades_table}' row id {trade_id}"
-        pnl_value = finite_number(raw_pnl)
-        if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
-            bad("bad_pnl", f"{at}, column '{cols['pnl_percent']}'", f"{raw_pnl!r} is not a number")
-            continue
-        timestamp = parse_timestamp(ts)
-        if timestamp is None:
-            bad("bad_timestamp", f"{at}, column '{cols['timestamp']}'", f"{ts!r} is not a date-time")
-            continue
-        if signal_id is None or market_data is None:
-            dropped["no_signal"] += 1
-            continue
-        at_signal = f"table '{signals_table}' row id {signal_id} (trade id {trade_id}), column '{cols['market_data']}'"
-        try:
-            snapshot = safe_json.loads(market_data) if isinstance(market_data, (str, bytes)) else market_data
-        except json.JSONDecodeError as e:
-            bad("bad_market_data", at_signal, f"invalid JSON ({e.msg} at char {e.pos})")
-            continue
-        if not isinstance(snapshot, dict):
-            bad("bad_market_data", at_signal, f"expected a JSON object, got {type(snapshot).__name__}")
-            continue
-        try:
-            lines, values = _indicators(snapshot)
-        except ValueError as e:
-            bad("bad_indicator", at_signal, str(e))
-            continue
-        if not lines:
-            bad("no_indicators", at_signal, "no known indicator (keys looked for: "
-                + ", ".join(k for _, keys, _ in INDICATORS for k in keys) + ")")
-            continue
-        ruled = _rule(values, rule)
-        direction = _direction(action, entry, exit_, pnl_value)
-        if label_rule == "indicators":
-            if ruled is None:
-                missing = [k for k in ("rsi", "trend_direction", "trend_strength") if values.get(k) is None]
-                bad("missing_indicator", at_signal, f"no '{missing[0]}', which label_rule=indicators needs")
-                continue
-            label = ruled[0]
-        else:
-            if direction is None:
-                bad("unknown_direction", f"{at}, column '{cols['action_taken']}'",
-                    f"{action!r} is neither a buy nor a sell, and the prices do not tell the direction")
-                continue
-            label = _pnl_label(pnl_value, direction, profit_threshold, loss_threshold, loss_label)
-        confidence = _confidence(label, ai_signal, signal_confidence, ruled)
-        symbol = symbol if symbol is not None else snapshot.get("symbol")
-        messages = prompt_messages(lines, symbol, system_prompt)
-        messages.append({"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})})
-        sign = {"long": 1, "short": -1}.get(direction)
-        samples.append({"messages": messages, "label": label, "timestamp": timestamp,
-                        "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
-                                 "pnl_percent": pnl_value, "entry_price": finite_number(entry),
-                                 "exit_price": finite_number(exit_), "action_taken": None if action is None else str(action),
-                                 "direction": direction,
-                                 "return_percent": None if sign is None else sign * pnl_value}})
-    if extra_signals:
-        log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
-                    name, extra_signals, signals_table)
-    if not samples:
-        raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
-                        f"{dict(dropped) or 'none'}); check closed_status={closed_status!r} and that "
-                        f"'{signals_table}' rows share the trades' timestamps")
-    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["trade_id"]))
-    return Built(samples[-limit:] if limit else samples, dropped)
+
+# ---- one closed trade -> one sample
+
+def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rule, system_prompt) -> dict:
+    (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
+     market_data, ai_signal, signal_confidence) = row
+    at = f"table '{trades_table}' row id {trade_id}"
+    pnl_value = finite_number(raw_pnl)
+    if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
+        raise BadRow("bad_pnl", f"{at}, column '{cols['pnl_percent']}': {raw_pnl!r} is not a number")
+    timestamp = parse_timestamp(ts)
+    if timestamp is None:
+        raise BadRow("bad_timestamp", f"{at}, column '{cols['timestamp']}': {ts!r} is not a date-time")
+    if signal_id is None or market_data is None:
+        raise SkipRow("no_signal")
+    at_signal = f"table '{signals_table}' row id {signal_id} (trade id {trade_id}), column '{cols['market_data']}'"
+    snapshot, lines, values = _market_data(market_data, at_signal)
+    ruled = _rule(values, rule)
+    direction = _direction(action, entry, exit_, pnl_value)
+    if label_rule == "indicators":
+        if ruled is None:
+            missing = [k for k in ("rsi", "trend_direction", "trend_strength") if values.get(k) is None]
+            raise BadRow("missing_indicator", f"{at_signal}: no '{missing[0]}', which label_rule=indicators needs")
+        label = ruled[0]
+    else:
+        if direction is None:
+            raise BadRow("unknown_direction", f"{at}, column '{cols['action_taken']}': {action!r} is neither a buy "
+                         "nor a sell, and the prices do not tell the direction")
+        label = _pnl_label(pnl_value, direction, *pnl_rule)
+    confidence = _confidence(label, ai_signal, signal_confidence, ruled)
+    symbol = symbol if symbol is not None else snapshot.get("symbol")
+    messages = prompt_messages(lines, symbol, system_prompt)
+    messages.append({"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})})
+    sign = {"long": 1, "short": -1}.get(direction)
+    return {"messages": messages, "label": label, "timestamp": timestamp,
+            "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
+                     "pnl_percent": pnl_value, "entry_price": finite_number(entry),
+                     "exit_price": finite_number(exit_), "action_taken": None if action is None else str(action),
+                     "direction": direction, "return_percent": None if sign is None else sign * pnl_value}}
+
+
+def _market_data(market_data, at_signal):
+    """(snapshot, prompt lines, values the rules read) of a signal row's market_data; BadRow if unusable."""
+    try:
+        snapshot = safe_json.loads(market_data) if isinstance(market_data, (str, bytes)) else market_data
+    except json.JSONDecodeError as e:
+        raise BadRow("bad_market_data", f"{at_signal}: invalid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(snapshot, dict):
+        raise BadRow("bad_market_data", f"{at_signal}: expected a JSON object, got {type(snapshot).__name__}")
+    try:
+        lines, values = _indicators(snapshot)
+    except ValueError as e:
+        raise BadRow("bad_indicator", f"{at_signal}: {e}") from None
+    if not lines:
+        raise BadRow("no_indicators", f"{at_signal}: no known indicator (keys looked for: "
+                     + ", ".join(k for _, keys, _ in INDICATORS for k in keys) + ")")
+    return snapshot, lines, values
 
 
 # ---- market data -> prompt lines and the values the rules read
@@ -275,7 +302,7 @@ def _indicators(snapshot):
 
 
 def _rule(values, t):
-    """The seed's indicator rule -> (signal, confidence), or None without rsi / trend / strength."""
+    """The design note's indicator rule -> (signal, confidence), or None without rsi / trend / strength."""
     rsi, trend, strength = values.get("rsi"), values.get("trend_direction"), values.get("trend_strength")
     if rsi is None or trend is None or strength is None:
         return None
