@@ -34,8 +34,9 @@ from finetune.data import Built
 from finetune.data.rows import BadRow, BadRows, jsonl_records
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
+from finetune.tasks import TASKS
 
-LABELS = ("positive", "neutral", "negative")
+LABELS = TASKS["sentiment"].labels
 SYNONYMS = {
     "positive": ["pos", "bullish", "bull", "up", "buy", "+1", "正面", "积极", "利好", "看涨", "看多"],
     "neutral": ["neu", "flat", "hold", "none", "中性", "中立", "持平"],
