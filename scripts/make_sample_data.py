@@ -2,7 +2,7 @@
 
     python scripts/make_sample_data.py
 
-Each source has its own generator beside this file, in the seed's own format.
+Each source has its own generator beside this file, in the source format its use case's design note describes.
 """
 import make_tiny_tokenizer
 import sample_decisions

@@ -1,8 +1,8 @@
-"""Write data/decisions.jsonl: seed 002's decision records (input -> output -> result -> label), 800 lines.
+"""Write data/decisions.jsonl: trading-decision records (input -> output -> result -> label), 800 lines.
 
 Deterministic (seeded random.Random). Each record shows one symbol's market data and the account, with an
-empty recent_history (the seed's collector leaves it empty too). The good decision follows one rule, so
-what trains (excellent + good) is learnable from the prompt:
+empty recent_history (the trading-decision design note's collector leaves it empty too). The good decision
+follows one rule, so what trains (excellent + good) is learnable from the prompt:
 
     an open position on the symbol: CLOSE it if the trend turned against it (long & bearish, short &
     bullish), else HOLD it; no position: BUY if bullish, MACD up and RSI < 70; SELL (open a short)
@@ -12,7 +12,7 @@ what trains (excellent + good) is learnable from the prompt:
 
 About 80 % of the records follow the rule and end excellent / good / acceptable_loss; the rest take another
 action and end bad or acceptable_loss, so `train_outcomes: [excellent, good]` keeps only rule-following
-decisions. A few records are still "pending". About a third of the reasonings are in Chinese, as in the seed.
+decisions. A few records are still "pending". About a third of the reasonings are in Chinese, as in the design note.
 
     python scripts/sample_decisions.py
 """
@@ -79,7 +79,7 @@ def decision(rng, action, symbol, trend, macd, rsi, position, balance, level, re
 
 
 def result(rng, label, size):
-    """The seed's result block; pnl in USD. A HOLD without a position trades nothing: the move it sat out."""
+    """The design note's result block; pnl in USD. A HOLD without a position trades nothing: the move it sat out."""
     ranges = {"excellent": (0.05, 0.12), "good": (0.005, 0.05), "acceptable_loss": (-0.03, -0.005),
               "bad": (-0.10, -0.03)}
     if label == "pending":
@@ -122,7 +122,7 @@ def main():
                                       "market_regime": regime},
                       "account_state": {"balance": balance, "positions": [position] if position else [],
                                         "permission_level": level},
-                      "recent_history": []},   # the seed's collector leaves it empty too
+                      "recent_history": []},   # the design note's collector leaves it empty too
             "output": out,
             "result": result(rng, label, out["size_usd"] or (position or {}).get("size_usd")),
             "label": f"{label}_decision" if label in ("excellent", "good", "bad") else label,

@@ -1,4 +1,4 @@
-"""Write data/finance_analysis.db: seed 001's `events` + `event_impacts` (long format), ~400 events.
+"""Write data/finance_analysis.db: a news-impact database's `events` + `event_impacts` (long format), ~400 events.
 
 Deterministic (seeded random.Random). Returns follow the headline's wording so the direction is
 learnable: positive news moves its tickers up, negative down, neutral stays within +-0.15 %

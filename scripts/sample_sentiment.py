@@ -1,4 +1,4 @@
-"""Write data/headlines.csv: seed 004's labelled financial headlines, 150 per class, with timestamps.
+"""Write data/headlines.csv: labelled financial headlines for finance sentiment, 150 per class, with timestamps.
 
 Deterministic (seeded random.Random). The label follows from the wording (beats / surges / upgraded
 -> positive, misses / plunges / probe -> negative, schedules / names / announces date -> neutral),

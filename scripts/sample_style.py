@@ -1,4 +1,4 @@
-"""Write data/essays/<slug>/index.md + meta.json: seed 003's corpus of one author's posts, 12 short essays.
+"""Write data/essays/<slug>/index.md + meta.json: the writing-style corpus of one author's posts, 12 short essays.
 
 Deterministic (seeded random.Random). Eight essays are English, four Chinese. The author's style is
 easy to measure: very short sentences, a recurring "Here is the thing:" (说到底，), em dashes (——),

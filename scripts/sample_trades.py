@@ -1,8 +1,8 @@
-"""Write data/trades.db: seed 000's `trades` + `signals` tables, ~600 closed trades over six months.
+"""Write data/trades.db: the crypto trade log's `trades` + `signals` tables, ~600 closed trades over six months.
 
-Deterministic (seeded random.Random). Every closed trade's market snapshot is drawn so that the seed's
-indicator rule gives the wanted class (BUY / SELL / HOLD in turn, so the classes are balanced), and its
-outcome agrees with that class, so `label_rule: pnl` and `label_rule: indicators` give the same, learnable
+Deterministic (seeded random.Random). Every closed trade's market snapshot is drawn so that the indicator rule of
+the crypto trade-log design note gives the wanted class (BUY / SELL / HOLD in turn, so the classes are balanced),
+and its outcome agrees with that class, so `label_rule: pnl` and `label_rule: indicators` give the same, learnable
 labels: a BUY set-up is mostly a winning long (pnl > 5 %), sometimes a losing short (pnl < -3 %, the
 opposite side); SELL mirrors it; a HOLD set-up is a long or short that moved too little (-3 % .. 5 %).
 Real-log blemishes on purpose: extra columns, open trades, closed trades with NULL pnl, trades with no
@@ -22,7 +22,7 @@ SYMBOLS = {"BTC/USDT": 43000.0, "ETH/USDT": 2300.0, "SOL/USDT": 95.0, "BNB/USDT"
 
 
 def rule(rsi, trend, strength):
-    """Seed 000's indicator rule with its confidence (the builder's, so signal_confidence agrees)."""
+    """The design note's indicator rule with its confidence (the builder's, so signal_confidence agrees)."""
     if rsi < 35 and trend == "bullish":
         return "BUY", 0.6 + (35 - rsi) / 100
     if rsi > 65 and trend == "bearish":
