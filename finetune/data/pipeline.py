@@ -9,7 +9,6 @@ import hashlib
 import json
 import random
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from finetune.data import Built
 from finetune.data.augment import augment, rebalance
 from finetune.errors import DataError
 from finetune.model import cache_root
-from finetune.rundir import write_json
+from finetune.rundir import atomic_dir, write_json, write_text
 from finetune import tasks
 
 SPLITS = ("train", "validation", "test")
@@ -123,9 +122,7 @@ def describe(splits: dict[str, list[dict]], dropped: Counter, tokenizer, n_built
 
 
 def write_jsonl(path: Path, samples: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -163,15 +160,11 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
             raise DataError(str(err)) from None
         stats = describe(splits, dropped, tokenizer, len(built.samples))
         stats["source"] = {"path": str(source), "sha256": digest}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))  # one per process
-        for name in SPLITS:
-            write_jsonl(tmp / f"{name}.jsonl", splits[name])
-        write_json(tmp / "stats.json", stats)
-        try:
-            tmp.rename(cached)
-        except OSError:  # another process (a DDP rank) built the same data first: same content, keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        # another process (a DDP rank) may build the same data first: same content, theirs is kept
+        with atomic_dir(cached, replace=False) as tmp:
+            for name in SPLITS:
+                write_jsonl(tmp / f"{name}.jsonl", splits[name])
+            write_json(tmp / "stats.json", stats)
     if out_dir is not None:  # the run dir's copy (rank 0 only)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (*SPLITS, "stats"):
