@@ -10,9 +10,9 @@ Setups (same weights, same synthetic samples, same LoRA config and learning-rate
 - ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.check_config,
   finetune.model.load_tokenizer / load_model and SFTTrainer on the runner's prompt/completion data. The lever flags
   (--liger, --batch, --checkpointing, ...) are Hydra overrides of it; each --variant adds one more `ours`.
-- plain: the seeds' recipe (seed 003 without Unsloth): transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
+- plain: the writing-style design note without Unsloth: transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
   each batch padded to its longest sample, batch 4, activation checkpointing, paged 32-bit AdamW for QLoRA.
-- trl_peer: the best library-only setup of issue 10: SFTTrainer, bfd packing into 8,192-token rows, padding-free,
+- trl_peer: the best library-only setup (no Unsloth): SFTTrainer, bfd packing into 8,192-token rows, padding-free,
   Liger's kernels (when installed, on CUDA), activation checkpointing, paged 8-bit AdamW.
 
 What is measured, per setup:

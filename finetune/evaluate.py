@@ -20,7 +20,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     from hydra.utils import instantiate
     from peft import PeftModel
     from finetune.data.pipeline import read_jsonl
-    from finetune.eval.suite import evaluate
+    from finetune.eval.suite import score
     from finetune.rundir import DATA, adapter_path, load_run, load_run_config
     cfg = load_run_config(run_dir, list(overrides))  # everything checked before the model loads
     adapter_path(run_dir)
@@ -33,8 +33,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=samples, max_new_tokens=cfg.eval.max_new_tokens,
                  batch_size=cfg.eval.batch_size,
                  generation=OmegaConf.to_container(cfg.eval.generation))
-    base = evaluate(model=model, **suite)
-    tuned = evaluate(model=PeftModel.from_pretrained(model, adapter), **suite)
+    base = score(model=model, **suite)
+    tuned = score(model=PeftModel.from_pretrained(model, adapter), **suite)
     return {"base": base["metrics"], "tuned": tuned["metrics"]}
 
 

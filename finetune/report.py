@@ -99,7 +99,7 @@ def plot_equity(metrics: dict, path: Path) -> bool:
 
 
 def write_ab_sheet(run_dir: Path, samples: list[dict], base: list[str], tuned: list[str], seed: int) -> None:
-    """Seed 003's blind test: for each prompt, answers A and B in random order; the key is a separate file."""
+    """Blind test (writing-style note): each prompt's answers A and B in random order; the key is a separate file."""
     rng = random.Random(seed)
     lines, key = ["# Blind A/B sheet", "", "For each prompt, which answer reads more like the author? "
                   "The key is in ab_key.json: do not open it before judging.", ""], {}

@@ -94,8 +94,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                  generation=OmegaConf.to_container(cfg.eval.generation))
-    from finetune.eval.suite import evaluate
-    base = evaluate(model=model, **suite) if main else None  # other ranks wait at the first collective
+    from finetune.eval.suite import score
+    base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     log.info("base: %s", base and base["metrics"])
 
     trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, tokenizer)
@@ -109,7 +109,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     with atomic_dir(run_dir / ADAPTER) as tmp:  # PEFT format; a crash never leaves half an adapter
         trainer.model.save_pretrained(tmp)
 
-    tuned = evaluate(model=trainer.model, **suite)
+    tuned = score(model=trainer.model, **suite)
     log.info("tuned: %s", tuned["metrics"])
     write_answers(run_dir / ANSWERS, held_out, base["outputs"], tuned["outputs"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}

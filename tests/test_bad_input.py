@@ -86,7 +86,7 @@ def missing_field(tmp_path):
 
 CASES = {  # name -> (dataset, make the input, words the error must hold)
     "empty database": ("trade_signals", empty_db, ["empty.db", "trades"]),
-    "wrong schema (seed 001)": ("finance_news", seed_001_wide_schema, ["wide.db", "window_min", "ret_post_15m"]),
+    "wrong news schema": ("finance_news", seed_001_wide_schema, ["wide.db", "window_min", "ret_post_15m"]),
     "invalid JSON in a column": ("trade_signals", bad_market_data, ["trades.db", "market_data", "row"]),
     "no samples left": ("trade_signals", only_open_trades, ["open.db", "no samples"]),
     "malformed JSON line": ("decision_records", malformed_jsonl, ["decisions.jsonl", "line 3"]),

@@ -1,4 +1,4 @@
-"""Incremental training from an earlier run's adapter, and the new-samples gate (seeds 000, 002)."""
+"""Incremental training from an earlier run's adapter, and the new-samples gate (two design notes)."""
 import json
 
 import pytest

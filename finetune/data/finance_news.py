@@ -80,7 +80,7 @@ def build(path, *, skip_bad_rows=False, events_table="events", impacts_table="ev
                                                events_table, impacts_table, text_column, time_column)
     name = Path(path).name
     event_rows, impact_rows = _read(path, name, events_table, impacts_table, text_column, time_column)
-    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.builder.skip_bad_rows=true")
+    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true")
     impacts, windows_found = _impacts(impact_rows, impacts_table, windows, bad)
     candidates = _candidates(event_rows, impacts, events_table, text_column, time_column, main_window,
                              earnings_keywords, bad)

@@ -49,7 +49,7 @@ def build(path, *, skip_bad_rows=False, text_field="text", label_field="label", 
           synonyms=None, encoding="utf-8-sig", system_prompt=SYSTEM_PROMPT) -> Built:
     path = Path(path)
     label_of = _check_options(path, synonyms)
-    bad = BadRows(path.name, skip_bad_rows, "fix the row or set dataset.builder.skip_bad_rows=true")
+    bad = BadRows(path.name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true")
     to_sample = partial(_sample, text_field=text_field, label_field=label_field, timestamp_field=timestamp_field,
                         label_of=label_of, system_prompt=system_prompt)
     try:  # the records are read as they are converted: a decoding error can come at any row

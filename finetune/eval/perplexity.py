@@ -2,7 +2,7 @@
 
 The tokens scored are the ones training puts loss on (the last assistant turn, after the chat template's
 generation prompt), so base and tuned perplexity measure exactly what fine-tuning optimises. On a style
-corpus that is the author's own text (seed 003's main measure).
+corpus that is the author's own text (the writing-style design note's main measure).
 """
 import math
 

@@ -98,8 +98,10 @@ def answer_lengths(tokenizer, samples: list[dict], answers: dict) -> dict:
             "stop_rate": sum(answers["stopped"]) / len(generated) if generated else None}
 
 
-def evaluate(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int,
-             generation: dict | None = None) -> dict:
+def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int,
+          generation: dict | None = None) -> dict:
+    """The eval suite's metrics for one model (base or tuned) on the held-out samples: the answers are generated
+    once, for every metric that reads them. (`python -m finetune.evaluate` is the command that re-scores a run.)"""
     results, outputs = {}, None
     if any(m.needs_generation for m in metrics.values()):
         start = time.perf_counter()
