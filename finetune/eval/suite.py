@@ -61,7 +61,14 @@ def generate_chats(model, tokenizer, chats: list[list[dict]], max_new_tokens: in
 def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
                      progress: bool = True, **generation) -> dict:
     """{"texts": answers, "tokens": generated tokens per answer (its stop token not counted), "stopped": whether
-    the answer ended on a stop id before `max_new_tokens` ran out}."""
+    the answer ended on a stop id before `max_new_tokens` ran out}.
+
+    `repetition_penalty` counts the answer's own tokens only. transformers counts the prompt's too by default,
+    which pushes down the end-of-turn token (every turn of the prompt ends with it, so a penalised model never
+    stops) and every word a rewrite should keep; its processor's `prompt_ignore_length` leaves the prompt out."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+    generation = dict(generation)
+    penalty = generation.pop("repetition_penalty", None)
     model.eval()
     prefix_into_cache(model)
     side = tokenizer.padding_side
@@ -74,9 +81,12 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
             prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
                        for chat in chats[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            width = batch["input_ids"].shape[1]  # left-padded: every answer starts here
+            processors = LogitsProcessorList(
+                [RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=width)] if penalty else [])
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=stops, **{"do_sample": False, **generation})
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                                 eos_token_id=stops, logits_processor=processors, **{"do_sample": False, **generation})
+            for row in out[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 tokens.append(len(row) if end is None else end)
                 stopped.append(end is not None)
