@@ -180,10 +180,11 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     import datasets
     from trl import SFTTrainer
     from finetune.guards import StopOnNonFiniteLoss
+    from finetune.data.tokens import tokenize, trainable
 
-    def as_dataset(samples):  # prompt/completion form: loss on the answer only
-        return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "completion": s["messages"][-1:]}
-                                           for s in samples])
+    def as_dataset(samples):  # tokenized once, loss on the answers (finetune/data/tokens.py)
+        rows = [tokenize(s, tokenizer, cfg.dataset.train_turns) for s in samples]
+        return datasets.Dataset.from_list(trainable(rows, args.max_length))
     callbacks = [StopOnNonFiniteLoss()]
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
@@ -196,7 +197,7 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if len(trainer.train_dataset) == 0:
         raise DataError(f"no training sample is left after tokenization (training.max_length="
-                        f"{args.max_length}): every answer was cut off; raise training.max_length")
+                        f"{args.max_length}): every answer starts past it; raise training.max_length")
     if args.world_size > 1:  # each rank trains on its own shard: say which, so a log shows it
         first = next(iter(trainer.get_train_dataloader()))["input_ids"]
         log.info("rank %d of %d: first batch digest %s", args.process_index, args.world_size,

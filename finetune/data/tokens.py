@@ -9,7 +9,7 @@ A turn's tokens are found without template markup of our own: the conversation u
 is the text to its end (the template's end-of-turn token, EOS, included: the model learns to stop). Both
 must be prefixes of the whole rendering; a template for which they are not (one that rewrites earlier
 turns, e.g. drops past reasoning) is named in the error. The whole text is tokenized once and each token
-whose characters start inside an answer is trained: the same ids and mask TRL builds for a prompt/completion
+whose last character lies inside an answer is trained: the same ids and mask TRL builds for a prompt/completion
 pair, for any number of turns.
 
 Text samples (`segments`) are tokenized as plain text with the tokenizer's special tokens and EOS at the
@@ -60,8 +60,14 @@ def tokenize(sample: dict, tokenizer, turns: str = "all") -> dict:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template has them
     ids, mask = list(encoded["input_ids"]), []
     for start, end in encoded["offset_mapping"]:
-        mask.append(int(end > start and any(a <= start < b for a, b in spans)))
+        mask.append(int(end > start and any(a < end <= b for a, b in spans)))  # its last character trains
     if "segments" in sample and tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
         ids.append(tokenizer.eos_token_id)
         mask.append(int(sample["segments"][-1]["train"]))
     return {"input_ids": ids, "assistant_masks": mask}
+
+
+def trainable(rows: list[dict], max_length: int | None) -> list[dict]:
+    """The rows that keep a trained token within `max_length` (TRL cuts each row to it, keeping the start); a row
+    whose answers all start later would train on nothing, so it is left out here (the dry run counts them)."""
+    return [row for row in rows if 1 in row["assistant_masks"][:max_length]]
