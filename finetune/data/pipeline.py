@@ -197,7 +197,8 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
         raise DataError(f"dataset.path={source}: no such file or folder")
     digest = source_hash(source)
     key = hashlib.sha256(json.dumps([digest, OmegaConf.to_container(cfg, resolve=True), seed,
-                                     tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
+                                     tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)],
+                                    sort_keys=True).encode()).hexdigest()  # the template decides token counts
     cached = cache_root() / "datasets" / key[:16]
     started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
     if not from_cache:
