@@ -309,6 +309,16 @@ def test_llamafactory_folder_entries(caplog):
         build(FIXTURES / "text.jsonl", dataset_name="x")
 
 
+def test_a_dataset_info_json_that_is_no_registry_is_metadata(tmp_path):
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "dataset_info.json").write_text(json.dumps({"citation": "", "features": {"text": {}}}))
+    jsonl(tmp_path / "hub" / "train.jsonl", {"text": "doc one"})
+    assert build(tmp_path / "hub").samples == [{"segments": [{"text": "doc one", "train": True}], "label": None,
+                                                "timestamp": None, "meta": {}}]
+    with pytest.raises(ConfigError, match=r"dataset_name=x: hub is not a LLaMA-Factory data folder"):
+        build(tmp_path / "hub", dataset_name="x")
+
+
 def test_json_array_in_jsonl_and_one_pretty_printed_record(caplog, tmp_path):
     with caplog.at_level(logging.INFO, logger="finetune.data.files"):
         built = build(FIXTURES / "array.jsonl")

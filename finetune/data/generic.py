@@ -34,7 +34,8 @@ is one of these forms, detected from its columns or forced with `format`:
   `rejected` is ignored. Auto mode never picks it: pairs are DPO data, so it stops and says so.
       {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}
 - text (TRL language modeling, axolotl `completion`: `text`; axolotl `segments`, label false = not trained):
-      {"text": "A whole document."}   {"segments": [{"text": "Q: 2+2?\\n", "label": false}, {"text": "4", "label": true}]}
+      {"text": "A whole document."}
+      {"segments": [{"text": "Q: 2+2?\\n", "label": false}, {"text": "4", "label": true}]}
 
 Detection: preference pairs stop the build (set format=chosen); then chat (`messages`) and sharegpt
 (`conversations`; a messages / conversations column whose turns use the other's keys role / from is read
@@ -214,10 +215,9 @@ def _plan(format, hint, present, records, name, columns, tags, label_field) -> P
     def complete(shape):
         return all(has(shape, field) for field in REQUIRED[shape])
 
-    pairs = has(None, "chosen") and has(None, "rejected")
-    if format == "auto" and pairs:
-        found = f"'{_columns(None, columns, label_field)['chosen']}' / '{_columns(None, columns, label_field)['rejected']}'"
-        raise DataError(f"{name}: {found} columns: these rows are preference pairs (DPO data), not supervised "
+    if format == "auto" and has(None, "chosen") and has(None, "rejected"):
+        pair = _columns(None, columns, label_field)
+        raise DataError(f"{name}: '{pair['chosen']}' / '{pair['rejected']}' columns: these rows are preference pairs (DPO data), not supervised "
                         "samples; set dataset.builder.format=chosen to train on prompt + chosen (rejected is "
                         "ignored)")
     if format in SHAPES:

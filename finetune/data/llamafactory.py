@@ -54,20 +54,21 @@ def registry(path: Path) -> Path | None:
 
 
 def entry(path: Path, dataset_name: str | None) -> Entry | None:
-    file = registry(path)
-    if file is None:
+    file, info = registry(path), None
+    if file is not None:
+        where = f"{file.parent.name}/{file.name}"
+        try:
+            info = safe_json.loads(file.read_bytes())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+        if not _is_registry(info):  # e.g. a Hugging Face dataset_info.json: metadata, the folder is read as data
+            log.info("%s: not a LLaMA-Factory registry (no entries with file_name, formatting or columns)", where)
+            info = None
+    if info is None:
         if dataset_name is not None:
             raise ConfigError(f"dataset.builder.dataset_name={dataset_name}: {path.name} is not a LLaMA-Factory data "
-                              "folder (no dataset_info.json in it); set dataset.builder.dataset_name=null")
+                              "folder (no dataset_info.json registry in it); set dataset.builder.dataset_name=null")
         return None
-    where = f"{file.parent.name}/{file.name}"
-    try:
-        info = safe_json.loads(file.read_bytes())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
-    if not isinstance(info, dict) or not info or not all(isinstance(v, dict) for v in info.values()):
-        raise DataError(f"{where}: expected LLaMA-Factory's registry, an object of {{dataset name: {{file_name, "
-                        "formatting, columns, ...}}}}")
     local = [name for name, e in info.items() if "file_name" in e]
     if dataset_name is None:
         if len(info) > 1:
@@ -107,3 +108,8 @@ def entry(path: Path, dataset_name: str | None) -> Entry | None:
         shape, ours = "text", {"text": str(columns["prompt"])}  # pre-training documents: text only
     log.info("%s: %s, read as %s", where, data.name, shape)
     return Entry(data, shape, ours, {key: str(value) for key, value in tags.items()})
+
+
+def _is_registry(info) -> bool:
+    return isinstance(info, dict) and bool(info) and all(isinstance(e, dict) for e in info.values()) and \
+        any(key in e for e in info.values() for key in ("file_name", "formatting", "columns", *REMOTE))
