@@ -20,7 +20,7 @@ from finetune.paths import ASSETS_DIR
 from finetune.rundir import atomic_dir
 
 TINY_TOKENIZER = ASSETS_DIR / "tiny"
-TEMPLATES = ASSETS_DIR / "templates"  # named chat templates: model.chat_template=alpaca | chatml
+TEMPLATES = ASSETS_DIR / "templates"  # named chat templates: model.chat_template=alpaca | chatml | chatml_tools
 
 
 def cache_root() -> Path:

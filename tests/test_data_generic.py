@@ -175,8 +175,9 @@ def test_bad_files_always_raise(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match=r"nothing/: no \.jsonl / \.json / \.csv / \.parquet files"):
         build(tmp_path / "nothing")
-    with pytest.raises(ConfigError, match="format=sharegpt: choose auto, chat, alpaca, prompt_completion"):
-        build(tmp_path / "odd.jsonl", format="sharegpt")
+    with pytest.raises(ConfigError, match="format=vicuna: choose auto, chat, sharegpt, alpaca, prompt_completion, "
+                                          "kto, chosen, text"):
+        build(tmp_path / "odd.jsonl", format="vicuna")  # sharegpt became a format (tests/test_data_formats.py)
 
 
 def test_all_rows_bad_leaves_no_samples(tmp_path):

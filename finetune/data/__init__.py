@@ -9,6 +9,13 @@ A builder turns a user's source (SQLite, JSONL, CSV, a folder of Markdown) into 
      "timestamp": "2024-01-05T10:00:00",  # ISO 8601, or None; drives the temporal split
      "meta": {"symbol": "BTC-USDT", "pnl_percent": 6.1}}   # JSON scalars, same keys in every sample
 
+Optional keys, only where the source has them (finetune/data/generic.py): an assistant message may call tools,
+`"tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]` (then
+its content may be ""), answered by `{"role": "tool", "content": "18 C"}` (+ "name" / "tool_call_id"); an
+assistant message may carry `"weight": 0 | 1` (0: not trained); the sample may carry `"tools": [{"type":
+"function", "function": {name, description, parameters}}]`. A text sample (task text only) has no messages:
+`{"segments": [{"text": "Q: 2+2?\n", "train": false}, {"text": "4", "train": true}], "label": None, ...}`.
+
 Bad input raises `finetune.errors.DataError` with one line naming the file, row/line and column.
 With `skip_bad_rows=True` a row that is bad on its own is skipped and counted in `Built.dropped`
 under a short reason; a bad file (missing, wrong schema, empty) always raises.

@@ -25,7 +25,7 @@ from finetune.rundir import atomic_dir, write_json, write_text
 from finetune import tasks
 
 SPLITS = ("train", "validation", "test")
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 def source_hash(path: Path) -> str:
@@ -38,21 +38,46 @@ def source_hash(path: Path) -> str:
 
 
 def check_sample(sample: dict, task: str) -> str | None:
-    """Why a built sample cannot train for `task` (finetune/tasks.py), or None. The reason names the field."""
+    """Why a built sample cannot train for `task` (finetune/tasks.py), or None. The reason names the field.
+
+    A chat sample: messages (an assistant's may call tools, then its content may be empty; a tool result follows
+    a call), the last one the assistant's. A text sample (segments, no messages) trains for task text only."""
     task = tasks.get(task)
+    if "segments" in sample and "messages" not in sample:
+        return check_segments(sample["segments"], task)
     messages = sample.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages missing or empty"
-    for message in messages:
+    for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             return f"message role must be one of {sorted(ROLES)}, got {message!r:.60}"
-        if not isinstance(message.get("content"), str) or not message["content"].strip():
+        calls = message.get("tool_calls")
+        if calls is not None and (message["role"] != "assistant" or not isinstance(calls, list) or not calls or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(
+                    c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), dict)
+                for c in calls)):
+            return f"tool_calls must be an assistant's [{{function: {{name, arguments}}}}], got {calls!r:.60}"
+        if message["role"] == "tool" and not (i and (messages[i - 1].get("tool_calls") or
+                                                      messages[i - 1]["role"] == "tool")):
+            return "a tool message must follow an assistant message with tool_calls"
+        if not isinstance(message.get("content"), str) or not (message["content"].strip() or calls):
             return f"empty {message.get('role')} content"
     if messages[-1]["role"] != "assistant":
         return "last message must be the assistant's answer"
     if task.labels and sample.get("label") in (None, ""):
         return "label missing"
     return task.check(messages[-1]["content"])
+
+
+def check_segments(segments, task) -> str | None:
+    if task.name != "text":
+        return f"text samples (segments) train for dataset.task=text only, not {task.name}"
+    if not isinstance(segments, list) or not all(isinstance(s, dict) and isinstance(s.get("text"), str)
+                                                 and isinstance(s.get("train"), bool) for s in segments):
+        return f"segments must be a list of {{text, train}}, got {segments!r:.60}"
+    if not any(s["train"] and s["text"].strip() for s in segments):
+        return "no trained text in segments"
+    return None
 
 
 def validate(samples: list[dict], task: str, skip_bad_rows: bool, dropped: Counter, where: str) -> list[dict]:
@@ -71,7 +96,8 @@ def validate(samples: list[dict], task: str, skip_bad_rows: bool, dropped: Count
 def deduplicate(samples: list[dict], dropped: Counter) -> list[dict]:
     seen, kept = set(), []
     for sample in samples:
-        key = json.dumps(sample["messages"], sort_keys=True, ensure_ascii=False)
+        body = sample["segments"] if "segments" in sample and "messages" not in sample else sample["messages"]
+        key = json.dumps([body, sample.get("tools")], sort_keys=True, ensure_ascii=False)
         if key in seen:
             dropped["duplicate"] += 1
         else:
@@ -102,8 +128,42 @@ def split(samples: list[dict], how: str, val_size: float, test_size: float, seed
 
 
 def token_lengths(samples: list[dict], tokenizer) -> list[int]:
-    texts = tokenizer.apply_chat_template([s["messages"] for s in samples], tokenize=False)
+    """Tokens per sample as training sees them: the chat template (with the sample's tools), or a text sample's
+    segments joined, with the tokenizer's EOS."""
+    texts = [None] * len(samples)
+    plain = [i for i, s in enumerate(samples) if "messages" in s and not s.get("tools")]
+    if plain:  # one batched call for the common case
+        rendered = render(tokenizer, [samples[i]["messages"] for i in plain], None, "messages")
+        for i, text in zip(plain, rendered):
+            texts[i] = text
+    for i, sample in enumerate(samples):
+        if "messages" not in sample:
+            texts[i] = "".join(s["text"] for s in sample["segments"]) + (tokenizer.eos_token or "")
+        elif sample.get("tools"):
+            texts[i] = render(tokenizer, sample["messages"], sample["tools"], "tools")
+    for sample, text in zip(samples, texts):
+        missing = [c["function"]["name"] for m in sample.get("messages", []) for c in m.get("tool_calls", [])] + \
+            [t["function"]["name"] for t in sample.get("tools", [])]
+        missing = [name for name in missing if name not in text]
+        if missing:
+            raise DataError(f"{template_name(tokenizer)} does not render tool calls or tools (the rendered sample "
+                            f"lacks {missing[0]!r}), so they would not train; set model.chat_template to a template "
+                            "that does (model.chat_template=chatml_tools for a ChatML tokenizer)")
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def template_name(tokenizer) -> str:
+    return f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+
+
+def render(tokenizer, messages, tools, what: str):
+    """apply_chat_template(tokenize=False); a template that cannot render the messages or tools is a DataError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception as e:  # jinja2's TemplateError, or what the template's raise_exception() raises
+        raise DataError(f"{template_name(tokenizer)} cannot render these {what} ({' '.join(str(e).split())[:160]}); "
+                        "set model.chat_template to a template that can (model.chat_template=chatml_tools for a "
+                        "ChatML tokenizer with tool calls)") from None
 
 
 def describe(splits: dict[str, list[dict]], dropped: Counter, tokenizer, n_built: int) -> dict:
@@ -137,7 +197,8 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
         raise DataError(f"dataset.path={source}: no such file or folder")
     digest = source_hash(source)
     key = hashlib.sha256(json.dumps([digest, OmegaConf.to_container(cfg, resolve=True), seed,
-                                     tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
+                                     tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)],
+                                    sort_keys=True).encode()).hexdigest()  # the template decides token counts
     cached = cache_root() / "datasets" / key[:16]
     started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
     if not from_cache:
@@ -150,6 +211,9 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
             samples = deduplicate(samples, dropped)
         if not samples:
             raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
+        if cfg.augment.copies > 0 and "messages" not in samples[0]:
+            raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
+                            "set dataset.augment.copies=0")
         splits = split(samples, cfg.split, cfg.val_size, cfg.test_size, seed)
         # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains
         train = augment(splits["train"], cfg.augment.copies, cfg.augment.instruction_variants,
