@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from finetune.data.pipeline import body
 from finetune.errors import ConfigError
 from finetune.rundir import ADAPTER, DATA
 
@@ -50,6 +51,6 @@ def new_samples(path: str, train: list[dict]) -> int:
     previous = Path(path) / DATA / "train.jsonl"
     if not previous.is_file():
         return len(train)
-    seen = {json.dumps(json.loads(line)["messages"], sort_keys=True)
+    seen = {json.dumps(body(json.loads(line)), sort_keys=True)
             for line in previous.read_text(encoding="utf-8").splitlines() if line}
-    return sum(json.dumps(s["messages"], sort_keys=True) not in seen for s in train)
+    return sum(json.dumps(body(s), sort_keys=True) not in seen for s in train)

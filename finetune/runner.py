@@ -81,6 +81,10 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     tokenizer = load_tokenizer(cfg.model)
 
     splits, stats = build_data(cfg, tokenizer, run_dir, main)
+    answering = [name for name, m in metrics.items() if m.needs_generation]
+    if stats.get("kind") == "text" and answering:
+        raise ConfigError(f"eval.metrics {', '.join(answering)} score answers to prompts, and text samples have "
+                          "none; use eval=perplexity")
     if cfg.dry_run:
         return dry_run(cfg, config, stats, tokenizer, run_dir)
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
@@ -98,7 +102,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     log.info("base: %s", base and base["metrics"])
 
-    trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, tokenizer)
+    trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer)
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as err:
@@ -136,7 +140,7 @@ def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
 def build_data(cfg: DictConfig, tokenizer, run_dir: Path, main: bool) -> tuple[dict, dict]:
     from finetune.data.pipeline import prepare
     splits, stats = prepare(cfg.dataset, tokenizer, run_dir / DATA if main else None, cfg.seed,
-                            load=not cfg.dry_run)
+                            load=not cfg.dry_run, max_length=cfg.training.get("max_length"))
     log.info("data: %s (%s in %.3f s)", {k: v["count"] for k, v in stats["splits"].items()},
              "from cache" if stats["build"]["from_cache"] else "built", stats["build"]["seconds"])
     return splits, stats
@@ -173,18 +177,20 @@ def load_base(cfg: DictConfig, args):
     return model
 
 
-def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, tokenizer):
+def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, stats: dict,
+                 tokenizer):
     """SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16; TRL 1.16
     does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
     with the earlier adapter of an incremental run."""
-    import datasets
     from trl import SFTTrainer
     from finetune.guards import StopOnNonFiniteLoss
-    from finetune.data.tokens import tokenize, trainable
+    from finetune.data.pipeline import load_tokens
 
-    def as_dataset(samples):  # tokenized once, loss on the answers (finetune/data/tokens.py)
-        rows = [tokenize(s, tokenizer, cfg.dataset.train_turns) for s in samples]
-        return datasets.Dataset.from_list(trainable(rows, args.max_length))
+    def as_dataset(name):  # tokenized once by the pipeline, loss on the answers (finetune/data/tokens.py)
+        rows = load_tokens(stats, name)
+        if args.max_length:  # TRL cuts each row to max_length: one whose answers start later trains on nothing
+            rows = rows.filter(lambda first: first < args.max_length, input_columns="first_trained")
+        return rows.select_columns(["input_ids", "assistant_masks"])
     callbacks = [StopOnNonFiniteLoss()]
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
@@ -192,8 +198,8 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     if earlier_adapter is not None:  # trainable: SFTTrainer must not wrap it again
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(splits["train"]),
-                         eval_dataset=as_dataset(splits["validation"]) if splits["validation"] else None,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
+                         eval_dataset=as_dataset("validation") if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if len(trainer.train_dataset) == 0:
         raise DataError(f"no training sample is left after tokenization (training.max_length="
@@ -226,13 +232,19 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
                "trainable parameters": f"{trainable:,} ({trainable / max(total, 1):.2%} of all)",
                "method": method_name(config["method"], cfg.quantization is not None, choices.get("method")),
                "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
-               "train samples": len(splits["train"]), "held-out samples": len(held_out),
+               "train samples": trained_count(len(trainer.train_dataset), len(splits["train"])),
+               "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(seconds, 1)}
     write_json(run_dir / MANIFEST, {**run_manifest, **loaded, "seconds": summary["seconds"],
                                     "steps": summary["steps"]})
     write_report(run_dir, summary, result, stats, trainer.state.log_history, cfg.leaderboard.metric,
                  cfg.leaderboard.mode)
+
+
+def trained_count(trained: int, split: int) -> int | str:
+    """The samples that trained; those of the train split left out (every answer past max_length) said so."""
+    return trained if trained == split else f"{trained} (of {split}: {split - trained} answer past training.max_length)"
 
 
 def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned: list[str] | None) -> None:
@@ -259,6 +271,9 @@ def print_dry_run(stats: dict) -> None:
         t = s["tokens"]
         print(f"  {name:<10} {s['count']:>6} samples  labels {s['labels']}  "
               f"tokens p50 {t['p50']:.0f} p90 {t['p90']:.0f} max {t['max']}")
+        if s.get("over_max_length"):
+            print(f"  {'':<10} {s['over_max_length']} longer than training.max_length (cut); "
+                  f"{s['untrainable']} with no answer token within it (left out of training)")
     e = stats["estimate"]
     print(f"estimate ({e['device']}): {e['params'] / 1e6:.1f} M params, {e['trainable_params'] / 1e6:.2f} M "
           f"trainable, ~{e['memory_gib']['total']:.1f} GiB, ~{e['seconds']:.0f} s for {e['train_tokens']} tokens")

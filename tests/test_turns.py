@@ -1,5 +1,7 @@
 """Which tokens carry loss: every assistant turn of a multi-turn chat (or the last), weight 0 turns none, text
 segments as flagged; the same mask through SFTTrainer as finetune/data/tokens.py builds, and perplexity on it."""
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -64,27 +66,39 @@ def test_a_template_that_rewrites_earlier_turns_is_named():
 
 
 def test_sft_trainer_trains_exactly_the_mask(tmp_path):
-    """The mask survives TRL: the labels of the trainer's dataset are -100 everywhere but the answers."""
+    """Through the pipeline and SFTTrainer: the labels of the trainer's dataset are -100 everywhere but the
+    answers, a row longer than max_length is cut, one whose answers all start past it is left out."""
+    from hydra.utils import instantiate
+    from finetune.config import sft_config
+    from finetune.data.pipeline import prepare
     from finetune.model import load_model
     from finetune.runner import make_trainer
-    from finetune.config import sft_config
     tokenizer = load_tokenizer(compose().model)
-    full, expected = tokenize({"messages": FOUR_TURNS}, tokenizer), tokenize({"messages": FOUR_TURNS[:3]}, tokenizer)
-    cut = full["assistant_masks"].index(1) + 8  # inside the first answer, so the 4-turn chat is cut
-    assert len(expected["input_ids"]) < cut + 20 < len(full["input_ids"])
-    cfg = compose(f"training.max_length={cut + 20}")
-    args = sft_config(OmegaConf.to_container(cfg.training, resolve=True), tmp_path)
-    sample = {"messages": FOUR_TURNS}
-    short = {"messages": FOUR_TURNS[:3]}
-    model = load_model(cfg.model, None, use_cpu=True)
-    from hydra.utils import instantiate
-    trainer = make_trainer(cfg, args, model, None, instantiate(cfg.method, _convert_="all"),
-                           {"train": [sample, short], "validation": [short]}, tokenizer)
-    rows, n = trainer.train_dataset, cut + 20
-    # the 4-turn chat is longer than max_length but its first answer starts inside it: kept, cut to max_length
-    assert len(rows) == 2 and len(rows[0]["input_ids"]) == n
-    assert rows[0]["labels"] == [i if m else -100 for i, m in zip(full["input_ids"][:n], full["assistant_masks"][:n])]
-    assert rows[1]["labels"] == [i if m else -100 for i, m in zip(expected["input_ids"], expected["assistant_masks"])]
+    long_system = [{"role": "system", "content": "Marv " * 200}] + FOUR_TURNS[1:3]
+    chats = [FOUR_TURNS] + [FOUR_TURNS[:3]] + [long_system] + [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        for i in range(7)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    full = tokenize({"messages": FOUR_TURNS}, tokenizer)
+    n = full["assistant_masks"].index(1) + 28  # inside the 4-turn chat, past its first answer's start
+    assert tokenize({"messages": long_system}, tokenizer)["assistant_masks"].index(1) > n
+    cfg = compose("dataset=generic", f"dataset.path={path}", "dataset.val_size=0.1", "dataset.test_size=0.1",
+                  "dataset.split=random", f"training.max_length={n}")
+    splits, stats = prepare(cfg.dataset, tokenizer, None, seed=0, max_length=n)
+    train = [s["messages"] for s in splits["train"]]
+    assert FOUR_TURNS in train and long_system in train, "the seed puts both in train: pick another if not"
+    assert stats["splits"]["train"]["untrainable"] == 1 and stats["splits"]["train"]["over_max_length"] >= 2
+    args = sft_config(OmegaConf.to_container(cfg.training, resolve=True), tmp_path / "checkpoints")
+    trainer = make_trainer(cfg, args, load_model(cfg.model, None, use_cpu=True), None,
+                           instantiate(cfg.method, _convert_="all"), splits, stats, tokenizer)
+    rows = trainer.train_dataset
+    assert len(rows) == len(train) - 1  # the long-system chat trains on nothing within max_length: left out
+    expected = [tokenize({"messages": m}, tokenizer) for m in train if m != long_system]
+    assert [row["labels"] for row in rows] == [
+        [i if m else -100 for i, m in zip(e["input_ids"][:n], e["assistant_masks"][:n])] for e in expected]
+    four = next(row for row in rows if len(row["input_ids"]) == n)
+    assert sum(label != -100 for label in four["labels"]) == sum(full["assistant_masks"][:n])
 
 
 def test_rows_whose_answers_start_past_max_length_are_left_out():
@@ -107,3 +121,36 @@ def test_perplexity_scores_the_trained_turns():
     assert last["perplexity_tokens"] == sum(tokenize({"messages": FOUR_TURNS}, tokenizer, "last")["assistant_masks"])
     assert (every["perplexity_turns"], last["perplexity_turns"]) == ("all", "last")
     assert every["perplexity_tokens"] > last["perplexity_tokens"] > 0
+
+
+def test_text_and_multi_turn_data_train_end_to_end(tmp_path):
+    """A folder's plain text (axolotl segments) and a multi-turn chat file each train on the tiny model and
+    their held-out perplexity falls; the chat run's perplexity scores every assistant turn."""
+    from conftest import FAST
+    from finetune.runner import run
+    text = tmp_path / "notes.jsonl"
+    text.write_text("".join(json.dumps({"segments": [{"label": False, "text": f"Note {i}: "},
+                                                     {"label": True, "text": "buy the dip, sell the rip. " * 3}]})
+                            + "\n" for i in range(40)))
+    result = run(compose("dataset=generic", f"dataset.path={text}", "eval=perplexity", *FAST), tmp_path / "text")
+    assert result.stats["kind"] == "text"
+    assert result.metrics["tuned"]["perplexity"] < 0.5 * result.metrics["base"]["perplexity"], result.metrics
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": FOUR_TURNS[:1] + [
+        dict(m, content=f"{m['content']} ({i})") if m["role"] == "user" else m for m in FOUR_TURNS[1:]]}) + "\n"
+        for i in range(40)))
+    result = run(compose("dataset=generic", f"dataset.path={chats}", "eval=perplexity", *FAST), tmp_path / "chat")
+    tuned, base = result.metrics["tuned"], result.metrics["base"]
+    assert tuned["perplexity"] < 0.5 * base["perplexity"] and tuned["perplexity_turns"] == "all", result.metrics
+    answer_tokens = sum(tokenize(json.loads(line), result.tokenizer)["assistant_masks"].count(1)
+                        for line in (tmp_path / "chat" / "data" / "test.jsonl").read_text().splitlines())
+    assert tuned["perplexity_tokens"] == answer_tokens
+
+
+def test_generation_metrics_refuse_text_samples(tmp_path):
+    from finetune.errors import ConfigError
+    from finetune.runner import run
+    text = tmp_path / "notes.jsonl"
+    text.write_text("".join(json.dumps({"text": f"note {i}"}) + "\n" for i in range(20)))
+    with pytest.raises(ConfigError, match="eval.metrics classification.* text samples .* eval=perplexity"):
+        run(compose("dataset=generic", f"dataset.path={text}", "dry_run=true"), tmp_path / "run")

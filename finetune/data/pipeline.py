@@ -1,40 +1,75 @@
 """The one pipeline after every builder: build -> validate -> deduplicate -> split -> augment and rebalance the
-train split -> stats, cached by content.
+train split -> tokenize -> stats, cached by content, on disk in Arrow files (memory-mapped, not held).
 
-`prepare(cfg.dataset, tokenizer, run_dir / "data")` returns {"train": [...], "validation": [...], "test": [...]}
-and writes those splits as JSONL plus stats.json into the run directory. A second call with the same
-inputs (source bytes, dataset config, tokenizer) copies the cached result and builds nothing.
+`prepare(cfg.dataset, tokenizer, run_dir / "data", seed)` returns ({"train": [...], "validation": [...],
+"test": [...]}, stats) and writes those splits as JSONL plus stats.json into the run directory; the tokenized
+train and validation splits (input_ids + assistant_masks, finetune/data/tokens.py) are what SFTTrainer trains on
+(`load_tokens`), tokenized once, in the same pass that counts the tokens for stats.json.
+
+A builder's samples may be a list or a generator (trade_signals streams its SQLite rows): they are checked
+and written to an Arrow file one by one, so a build of millions of rows holds one JSON string per sample on
+disk, a 16-byte digest per sample for deduplication in memory, and the split indices. Tokenization is a
+batched `datasets` map over `dataset.num_proc` processes.
+
+The cache key is everything the result depends on: the source's bytes (hashed in 1 MiB chunks), the dataset
+config, the seed, the tokenizer and its chat template, and the code (the builder's module, this file,
+tokens.py). A second call with the same inputs builds nothing: it links the cached files into the run dir.
 """
 import hashlib
+import importlib
 import json
+import os
 import random
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.data import Built
+from finetune.data import Built, tokens
 from finetune.data.augment import augment, rebalance
 from finetune.errors import DataError
 from finetune.model import cache_root
-from finetune.rundir import atomic_dir, write_json, write_text
+from finetune.rundir import atomic_dir, write_json
 from finetune import tasks
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLITS = ("train", "validation", "test")
 ROLES = {"system", "user", "assistant", "tool"}
+CHUNK = 10_000  # samples per batch written, tokenized and copied
 
 
 def source_hash(path: Path) -> str:
+    """sha256 over the file (or every file of the folder, with its relative name), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        digest.update(file.read_bytes())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def code_version(builder_target: str) -> str:
+    """sha256 of the code that turns the source into samples and tokens: after an upgrade the cache misses."""
+    digest = hashlib.sha256()
+    module = importlib.import_module(builder_target.rsplit(".", 1)[0])
+    for file in (module.__file__, __file__, tokens.__file__):
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(cfg: DictConfig, seed: int, digest: str, tokenizer) -> str:
+    return hashlib.sha256(json.dumps([digest, OmegaConf.to_container(cfg, resolve=True), seed, tokenizer.name_or_path,
+                                      len(tokenizer), getattr(tokenizer, "chat_template", None),
+                                      code_version(cfg.builder._target_)], sort_keys=True).encode()).hexdigest()
 
 
 def check_sample(sample: dict, task: str) -> str | None:
@@ -80,45 +115,45 @@ def check_segments(segments, task) -> str | None:
     return None
 
 
-def validate(samples: list[dict], task: str, skip_bad_rows: bool, dropped: Counter, where: str) -> list[dict]:
-    kept = []
+def body(sample: dict) -> list:
+    """What makes two samples the same: their messages (or a text sample's segments) and tools."""
+    return [sample["segments"] if "messages" not in sample else sample["messages"], sample.get("tools")]
+
+
+def checked(samples, task: str, skip_bad_rows: bool, dedupe: bool, dropped: Counter, where: str):
+    """The valid samples, in order, less duplicates (same messages or segments, and tools); a generator, so a
+    streaming builder's samples pass one at a time. An invalid sample stops the build, or is counted."""
+    seen = set()
     for i, sample in enumerate(samples, 1):
         reason = check_sample(sample, task)
-        if reason is None:
-            kept.append(sample)
-        elif skip_bad_rows:
+        if reason is not None:
+            if not skip_bad_rows:
+                raise DataError(f"{where}: sample {i}: {reason} (fix the source, or set dataset.skip_bad_rows=true)")
             dropped[f"invalid: {reason.split(':')[0]}"] += 1
-        else:
-            raise DataError(f"{where}: sample {i}: {reason} (fix the source, or set dataset.skip_bad_rows=true)")
-    return kept
-
-
-def deduplicate(samples: list[dict], dropped: Counter) -> list[dict]:
-    seen, kept = set(), []
-    for sample in samples:
-        body = sample["segments"] if "segments" in sample and "messages" not in sample else sample["messages"]
-        key = json.dumps([body, sample.get("tools")], sort_keys=True, ensure_ascii=False)
-        if key in seen:
-            dropped["duplicate"] += 1
-        else:
+            continue
+        if dedupe:
+            key = hashlib.blake2b(json.dumps(body(sample), sort_keys=True, ensure_ascii=False).encode(),
+                                  digest_size=16).digest()
+            if key in seen:
+                dropped["duplicate"] += 1
+                continue
             seen.add(key)
-            kept.append(sample)
-    return kept
+        yield sample
 
 
-def split(samples: list[dict], how: str, val_size: float, test_size: float, seed: int) -> dict[str, list[dict]]:
+def split_indices(timestamps: list, how: str, val_size: float, test_size: float, seed: int) -> dict[str, list[int]]:
     """Random, or temporal: train on the oldest rows, validate on later ones, test on the latest."""
+    n = len(timestamps)
     if how == "temporal":
-        missing = sum(s.get("timestamp") is None for s in samples)
+        missing = sum(t is None for t in timestamps)
         if missing:
             raise DataError(f"dataset.split=temporal but {missing} samples have no timestamp; use split=random")
-        ordered = sorted(samples, key=lambda s: s["timestamp"])
+        ordered = sorted(range(n), key=timestamps.__getitem__)  # stable: ties keep the builder's order
     elif how == "random":
-        ordered = samples[:]
+        ordered = list(range(n))
         random.Random(seed).shuffle(ordered)
     else:
         raise DataError(f"dataset.split={how}: choose random or temporal")
-    n = len(ordered)
     n_test, n_val = round(n * test_size), round(n * val_size)
     n_train = n - n_val - n_test
     if n_train < 1 or (val_size > 0 and n_val < 1) or (test_size > 0 and n_test < 1):
@@ -127,114 +162,148 @@ def split(samples: list[dict], how: str, val_size: float, test_size: float, seed
             "test": ordered[n_train + n_val:]}
 
 
-def token_lengths(samples: list[dict], tokenizer) -> list[int]:
-    """Tokens per sample as training sees them: the chat template (with the sample's tools), or a text sample's
-    segments joined, with the tokenizer's EOS."""
-    texts = [None] * len(samples)
-    plain = [i for i, s in enumerate(samples) if "messages" in s and not s.get("tools")]
-    if plain:  # one batched call for the common case
-        rendered = render(tokenizer, [samples[i]["messages"] for i in plain], None, "messages")
-        for i, text in zip(plain, rendered):
-            texts[i] = text
-    for i, sample in enumerate(samples):
-        if "messages" not in sample:
-            texts[i] = "".join(s["text"] for s in sample["segments"]) + (tokenizer.eos_token or "")
-        elif sample.get("tools"):
-            texts[i] = render(tokenizer, sample["messages"], sample["tools"], "tools")
-    for sample, text in zip(samples, texts):
-        missing = [c["function"]["name"] for m in sample.get("messages", []) for c in m.get("tool_calls", [])] + \
-            [t["function"]["name"] for t in sample.get("tools", [])]
-        missing = [name for name in missing if name not in text]
-        if missing:
-            raise DataError(f"{template_name(tokenizer)} does not render tool calls or tools (the rendered sample "
-                            f"lacks {missing[0]!r}), so they would not train; set model.chat_template to a template "
-                            "that does (model.chat_template=chatml_tools for a ChatML tokenizer)")
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def tokenize_rows(batch: dict, tokenizer, turns: str) -> dict:
+    """datasets.map: the JSON samples of a batch -> input_ids, assistant_masks, length, first trained token."""
+    encoded = tokens.tokenize_many([json.loads(sample) for sample in batch["sample"]], tokenizer, turns)
+    return {"input_ids": [e["input_ids"] for e in encoded], "assistant_masks": [e["assistant_masks"] for e in encoded],
+            "length": [len(e["input_ids"]) for e in encoded],
+            "first_trained": [next((i for i, m in enumerate(e["assistant_masks"]) if m), len(e["assistant_masks"]))
+                              for e in encoded]}
 
 
-def template_name(tokenizer) -> str:
-    return f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+def write_samples(path: Path, samples) -> "datasets.Dataset":
+    """The samples as one Arrow file (the JSON sample, its timestamp and label), written in batches."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+    features = datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
+                                  "label": datasets.Value("string")})
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=CHUNK) as writer:
+        for sample in samples:
+            writer.write({"sample": json.dumps(sample, ensure_ascii=False), "timestamp": sample.get("timestamp"),
+                          "label": str(sample.get("label"))})
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path))
 
 
-def render(tokenizer, messages, tools, what: str):
-    """apply_chat_template(tokenize=False); a template that cannot render the messages or tools is a DataError."""
+def write_split(tmp: Path, name: str, rows, tokenizer, cfg: DictConfig) -> "datasets.Dataset":
+    """tmp/NAME.jsonl (the samples, as the run dir keeps them) and tmp/tokens/NAME/ (what trains); the tokens."""
+    import datasets
+    with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+        for batch in rows.select_columns("sample").iter(batch_size=CHUNK):
+            f.writelines(line + "\n" for line in batch["sample"])
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "assistant_masks": datasets.Sequence(datasets.Value("int8")),
+                                  "length": datasets.Value("int32"), "first_trained": datasets.Value("int32")})
+    (tmp / "tokens").mkdir(exist_ok=True)
+    num_proc = cfg.num_proc if cfg.num_proc and len(rows) >= 2 * CHUNK else None  # processes cost ~1 s to start
+    datasets.disable_progress_bars()
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    except Exception as e:  # jinja2's TemplateError, or what the template's raise_exception() raises
-        raise DataError(f"{template_name(tokenizer)} cannot render these {what} ({' '.join(str(e).split())[:160]}); "
-                        "set model.chat_template to a template that can (model.chat_template=chatml_tools for a "
-                        "ChatML tokenizer with tool calls)") from None
+        return rows.map(tokenize_rows, batched=True, batch_size=1000, num_proc=num_proc, features=features,
+                        remove_columns=rows.column_names, fn_kwargs={"tokenizer": tokenizer, "turns": cfg.train_turns},
+                        cache_file_name=str(tmp / "tokens" / f"{name}.arrow"), load_from_cache_file=False)
+    finally:
+        datasets.enable_progress_bars()
 
 
-def describe(splits: dict[str, list[dict]], dropped: Counter, tokenizer, n_built: int) -> dict:
-    stats = {"built": n_built, "dropped": dict(dropped), "splits": {}}
-    for name, samples in splits.items():
-        lengths = token_lengths(samples, tokenizer) if samples else [0]
-        stats["splits"][name] = {
-            "count": len(samples),
-            "labels": dict(sorted(Counter(str(s.get("label")) for s in samples).items())),
-            "tokens": {"total": int(sum(lengths)), "max": int(max(lengths)),
+def load_tokens(stats: dict, name: str) -> "datasets.Dataset":
+    """The tokenized split `name` of a prepared dataset (memory-mapped from the cache)."""
+    import datasets
+    files = sorted((Path(stats["build"]["dir"]) / "tokens").glob(f"{name}*.arrow"))
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+
+
+def describe(name: str, rows, tokenized) -> dict:
+    lengths = np.asarray(tokenized.with_format("numpy")["length"] if len(tokenized) else [0])
+    timestamps = [t for t in rows["timestamp"] if t]
+    return {"count": len(rows), "labels": dict(sorted(Counter(rows["label"]).items())),
+            "tokens": {"total": int(lengths.sum()), "max": int(lengths.max()),
                        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}},
-            "first_timestamp": min((s["timestamp"] for s in samples if s.get("timestamp")), default=None),
-            "last_timestamp": max((s["timestamp"] for s in samples if s.get("timestamp")), default=None),
-        }
+            "first_timestamp": min(timestamps, default=None), "last_timestamp": max(timestamps, default=None)}
+
+
+def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, digest: str) -> dict:
+    """Build, check, split and tokenize into `tmp`; stats.json's content."""
+    # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
+    build = instantiate(cfg.builder, _partial_=True, _convert_="all")
+    built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
+    dropped, counted = built.dropped, Counter()  # a streaming builder counts its drops as it is read
+
+    def counting(samples):
+        for sample in samples:
+            counted["built"] += 1
+            yield sample
+    rows = write_samples(tmp / "samples.arrow", checked(counting(built.samples), cfg.task, cfg.skip_bad_rows,
+                                                         cfg.dedupe, dropped, str(source)))
+    dropped = Counter(dropped)
+    if not len(rows):
+        raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
+    first = json.loads(rows[0]["sample"])
+    if cfg.augment.copies > 0 and "messages" not in first:
+        raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
+                        "set dataset.augment.copies=0")
+    indices = split_indices(list(rows["timestamp"]), cfg.split, cfg.val_size, cfg.test_size, seed)
+    splits = {name: rows.select(indices[name]) for name in SPLITS}
+    if cfg.augment.copies > 0 or cfg.balance != "none":
+        # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains;
+        # they work on the train samples in memory
+        train = augment([json.loads(s) for s in splits["train"]["sample"]], cfg.augment.copies,
+                        cfg.augment.instruction_variants, cfg.augment.numeric_noise, seed)
+        try:
+            train = rebalance(train, cfg.balance, seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        splits["train"] = write_samples(tmp / "train.arrow", train)
+    stats = {"built": counted["built"], "kind": "text" if "messages" not in first else "chat",
+             "dropped": dict(dropped), "splits": {}}
+    for name in SPLITS:
+        stats["splits"][name] = describe(name, splits[name], write_split(tmp, name, splits[name], tokenizer, cfg))
+    for leftover in (tmp / "samples.arrow", tmp / "train.arrow"):
+        leftover.unlink(missing_ok=True)
+    stats["source"] = {"path": str(source), "sha256": digest}
     return stats
 
 
-def write_jsonl(path: Path, samples: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+def link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)  # the cache's files are never written again: a link is a copy
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int,
-            load: bool = True) -> tuple[dict[str, list[dict]], dict]:
-    """The splits (not read back when `load` is false: a dry run needs only the stats) and stats.json's content."""
+def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int, load: bool = True,
+            max_length: int | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """The splits (not read back when `load` is false: a dry run needs only the stats) and stats.json's content.
+    With `max_length` (training.max_length), each split's stats say how many samples it cuts (`over_max_length`)
+    and how many it leaves without a trained token (`untrainable`: training leaves them out)."""
     source = Path(cfg.path)
     if not source.exists():
         raise DataError(f"dataset.path={source}: no such file or folder")
     digest = source_hash(source)
-    key = hashlib.sha256(json.dumps([digest, OmegaConf.to_container(cfg, resolve=True), seed,
-                                     tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)],
-                                    sort_keys=True).encode()).hexdigest()  # the template decides token counts
+    key = cache_key(cfg, seed, digest, tokenizer)
     cached = cache_root() / "datasets" / key[:16]
     started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
     if not from_cache:
-        # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
-        build = instantiate(cfg.builder, _partial_=True, _convert_="all")
-        built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
-        dropped = Counter(built.dropped)
-        samples = validate(built.samples, cfg.task, cfg.skip_bad_rows, dropped, str(source))
-        if cfg.dedupe:
-            samples = deduplicate(samples, dropped)
-        if not samples:
-            raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
-        if cfg.augment.copies > 0 and "messages" not in samples[0]:
-            raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
-                            "set dataset.augment.copies=0")
-        splits = split(samples, cfg.split, cfg.val_size, cfg.test_size, seed)
-        # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains
-        train = augment(splits["train"], cfg.augment.copies, cfg.augment.instruction_variants,
-                        cfg.augment.numeric_noise, seed)
-        try:
-            splits["train"] = rebalance(train, cfg.balance, seed)
-        except ValueError as err:
-            raise DataError(str(err)) from None
-        stats = describe(splits, dropped, tokenizer, len(built.samples))
-        stats["source"] = {"path": str(source), "sha256": digest}
         # another process (a DDP rank) may build the same data first: same content, theirs is kept
         with atomic_dir(cached, replace=False) as tmp:
-            for name in SPLITS:
-                write_jsonl(tmp / f"{name}.jsonl", splits[name])
-            write_json(tmp / "stats.json", stats)
+            write_json(tmp / "stats.json", build_into(tmp, cfg, tokenizer, seed, source, digest))
     if out_dir is not None:  # the run dir's copy (rank 0 only)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (*SPLITS, "stats"):
             suffix = ".json" if name == "stats" else ".jsonl"
-            shutil.copyfile(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
+            link_or_copy(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
     splits = {name: read_jsonl(cached / f"{name}.jsonl") for name in SPLITS} if load else {}
     stats = json.loads((cached / "stats.json").read_text())
-    stats["build"] = {"from_cache": from_cache, "seconds": round(time.perf_counter() - started, 4), "key": key[:16]}
+    stats["build"] = {"from_cache": from_cache, "seconds": round(time.perf_counter() - started, 4), "key": key[:16],
+                      "dir": str(cached)}
+    if max_length:
+        for name in SPLITS:
+            columns = load_tokens(stats, name).with_format("numpy")
+            stats["splits"][name]["over_max_length"] = int((np.asarray(columns["length"]) > max_length).sum())
+            stats["splits"][name]["untrainable"] = int((np.asarray(columns["first_trained"]) >= max_length).sum())
     return splits, stats

@@ -47,15 +47,20 @@ class BadRows:
 
     def each(self, rows, convert) -> list:
         """convert(row) for each row, in order, less the rows it rejects with SkipRow or BadRow."""
-        kept = []
+        return list(self.stream(rows, convert))
+
+    def stream(self, rows, convert):
+        """each() as a generator: a row is read, converted and handed on one at a time."""
         for row in rows:
             try:
-                kept.append(convert(row))
+                sample = convert(row)
             except SkipRow as skip:
                 self.dropped[skip.reason] += 1
+                continue
             except BadRow as bad:
                 self(bad.reason, bad.message)
-        return kept
+                continue
+            yield sample
 
 
 def jsonl_records(path, encoding):

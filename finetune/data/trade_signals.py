@@ -47,8 +47,11 @@ teaches nothing). Several signal rows at one timestamp: the first (lowest rowid)
 Bad rows (raise DataError naming the file, table, row id and column, or skip and count with
 skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number), "bad_market_data" (not a JSON object),
 "bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
-"unknown_direction". `limit` keeps the most recent samples, like the design note's
-ORDER BY timestamp DESC LIMIT.
+"unknown_direction". The samples come in time order (timestamp, then trade id); `limit` keeps the most
+recent ones, like the design note's ORDER BY timestamp DESC LIMIT. With `stream=True` (what the pipeline asks
+for, conf/dataset/trade_signals.yaml) they are a generator in the log's row order, read and converted one
+batch of rows at a time, so a log of millions of trades is never held in memory; `dropped` is complete once
+it has been read.
 
 meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
@@ -65,6 +68,7 @@ Example sample:
      "meta": {"trade_id": 17, "symbol": "BTC/USDT", "pnl_percent": 6.1, "entry_price": 50000.0,
               "exit_price": 53050.0, "action_taken": "BUY", "direction": "long", "return_percent": 6.1}}
 """
+import heapq
 import json
 import logging
 import sqlite3
@@ -112,26 +116,39 @@ SIGNAL_OF = {"long": "BUY", "short": "SELL"}
 def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
           closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
           loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
-          system_prompt=SYSTEM_PROMPT, limit=None) -> Built:
+          system_prompt=SYSTEM_PROMPT, limit=None, stream=False) -> Built:
     cols = _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
                           trades_table, signals_table)
     name = Path(path).name
-    rows, total, dropped, extra_signals = _read(path, name, trades_table, signals_table, cols, closed_status)
+    con, total, dropped = _open(path, name, trades_table, signals_table, cols, closed_status)
     to_sample = partial(_sample, cols=cols, trades_table=trades_table, signals_table=signals_table,
                         label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
                         rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
                         system_prompt=system_prompt)
-    samples = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true", dropped).each(
-        rows, to_sample)
-    if extra_signals:
-        log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
-                    name, extra_signals, signals_table)
-    if not samples:
-        raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
-                        f"{dict(dropped) or 'none'}); check closed_status={closed_status!r} and that "
-                        f"'{signals_table}' rows share the trades' timestamps")
-    samples.sort(key=lambda s: (s["timestamp"], s["meta"]["trade_id"]))
-    return Built(samples[-limit:] if limit else samples, dropped)
+    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true", dropped)
+    hint = (f"check closed_status={closed_status!r} and that '{signals_table}' rows share the trades' timestamps")
+
+    def samples():  # one trade at a time, read in batches: a log of millions of trades is never held
+        count, extra = 0, Counter()
+        try:
+            for sample in bad.stream(_rows(con, name, trades_table, signals_table, cols, closed_status, extra),
+                                   to_sample):
+                count += 1
+                yield sample
+        finally:
+            con.close()
+        if extra["signals"]:
+            log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
+                        name, extra["signals"], signals_table)
+        if not count:
+            raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
+                            f"{dict(dropped) or 'none'}); {hint}")
+    in_time = (lambda s: (s["timestamp"], s["meta"]["trade_id"]))
+    if limit:  # the most recent, oldest first; only `limit` samples are held
+        return Built(heapq.nlargest(limit, samples(), key=in_time)[::-1], dropped)
+    if stream:  # the pipeline's way: a generator, in the log's row order (its temporal split orders by time)
+        return Built(samples(), dropped)
+    return Built(sorted(samples(), key=in_time), dropped)
 
 
 def _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
@@ -162,12 +179,8 @@ def _signal_columns(cols) -> list[str]:
 
 # ---- reading (read-only)
 
-def _read(path, name, trades_table, signals_table, cols, closed_status):
-    """(one row per closed trade with a pnl, the trades' count, dropped so far, trades with extra signal rows).
-
-    A row: trade rowid, signal rowid, then TRADE_COLUMNS but status, then SIGNAL_COLUMNS but signal_timestamp
-    (NULL for a column mapped to null); the signal columns are NULL for a trade with no signal row.
-    """
+def _open(path, name, trades_table, signals_table, cols, closed_status):
+    """(the open connection, the trades' count, dropped so far): the schema checked before any row is read."""
     con = connect(path)
     try:
         hint = "; map it with dataset.builder.columns"
@@ -178,26 +191,43 @@ def _read(path, name, trades_table, signals_table, cols, closed_status):
             f'SELECT COUNT(*), COALESCE(SUM(LOWER({status}) IS NOT LOWER(?)), 0), '
             f'COALESCE(SUM(LOWER({status}) = LOWER(?) AND {pnl} IS NULL), 0) FROM "{trades_table}" t',
             (closed_status, closed_status)).fetchone()
-        select = [f't."{cols[k]}"' if cols[k] is not None else "NULL" for k in TRADE_COLUMNS[:-1]]
-        select += [f's."{cols[k]}"' if cols[k] is not None else "NULL" for k in SIGNAL_COLUMNS[1:]]
-        rows = con.execute(
+    except sqlite3.DatabaseError as e:  # e.g. a file that is not a database
+        con.close()
+        raise DataError(f"{name}: cannot read the database ({e}); is dataset.path an SQLite file?") from e
+    except BaseException:
+        con.close()
+        raise
+    if total == 0:
+        con.close()
+        raise DataError(f"{name}: table '{trades_table}' is empty")
+    return con, total, Counter({k: v for k, v in (("not_closed", not_closed), ("null_pnl", null_pnl)) if v})
+
+
+def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Counter, batch: int = 10_000):
+    """One row per closed trade with a pnl, in the log's row order, fetched `batch` at a time.
+
+    A row: trade rowid, signal rowid, then TRADE_COLUMNS but status, then SIGNAL_COLUMNS but signal_timestamp
+    (NULL for a column mapped to null); the signal columns are NULL for a trade with no signal row. Several
+    signal rows at one timestamp: the first (lowest rowid) is used, the others counted in `extra`.
+    """
+    pnl, status = f't."{cols["pnl_percent"]}"', f't."{cols["status"]}"'
+    select = [f't."{cols[k]}"' if cols[k] is not None else "NULL" for k in TRADE_COLUMNS[:-1]]
+    select += [f's."{cols[k]}"' if cols[k] is not None else "NULL" for k in SIGNAL_COLUMNS[1:]]
+    try:
+        cursor = con.execute(
             f'SELECT t.rowid, s.rowid, {", ".join(select)} FROM "{trades_table}" t '
             f'LEFT JOIN "{signals_table}" s ON t."{cols["timestamp"]}" = s."{cols["signal_timestamp"]}" '
-            f'WHERE {pnl} IS NOT NULL AND LOWER({status}) = LOWER(?) ORDER BY t.rowid, s.rowid',
-            (closed_status,)).fetchall()
-    except sqlite3.DatabaseError as e:  # e.g. a file that is not a database
+            f'WHERE {pnl} IS NOT NULL AND LOWER({status}) = LOWER(?) ORDER BY t.rowid, s.rowid', (closed_status,))
+        last = None
+        while rows := cursor.fetchmany(batch):
+            for row in rows:
+                if row[0] == last:  # rows of one trade are adjacent (ORDER BY t.rowid)
+                    extra["signals"] += 1
+                    continue
+                last = row[0]
+                yield row
+    except sqlite3.DatabaseError as e:
         raise DataError(f"{name}: cannot read the database ({e}); is dataset.path an SQLite file?") from e
-    finally:
-        con.close()
-    if total == 0:
-        raise DataError(f"{name}: table '{trades_table}' is empty")
-    dropped = Counter({k: v for k, v in (("not_closed", not_closed), ("null_pnl", null_pnl)) if v})
-    first, seen = [], set()
-    for row in rows:  # several signal rows at one timestamp: the first (lowest rowid) is used
-        if row[0] not in seen:
-            seen.add(row[0])
-            first.append(row)
-    return first, total, dropped, len(rows) - len(first)
 
 
 # ---- one closed trade -> one sample
