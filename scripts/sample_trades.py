@@ -62,12 +62,13 @@ def outcome(rng, want):
     return ("short" if right == "long" else "long"), round(-rng.uniform(3.5, 10.0), 2)
 
 
-def main():
+def write_trades(out: Path, n_closed: int = N_CLOSED, spacing: timedelta = timedelta(hours=1)) -> str:
+    """The trade log with `n_closed` closed trades, 3-11 `spacing`s apart (scripts/bench_data.py: minutes)."""
     rng = random.Random(0)
     trades, signals = [], []
     t = datetime(2024, 1, 1, 8)
-    for i in range(N_CLOSED):
-        t += timedelta(hours=rng.randint(3, 11))
+    for i in range(n_closed):
+        t += rng.randint(3, 11) * spacing
         ts = t.strftime("%Y-%m-%d %H:%M:%S")
         want = ("BUY", "SELL", "HOLD")[i % 3]
         symbol = rng.choice(list(SYMBOLS))
@@ -83,7 +84,7 @@ def main():
                        "closed", round(abs(entry * 0.0004), 4)))
         roll = rng.random()
         if roll < 0.1:  # an hour later: a trade still open, or closed but never settled (NULL pnl)
-            later = (t + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+            later = (t + spacing).strftime("%Y-%m-%d %H:%M:%S")
             settled = exit_ if roll < 0.03 else None
             trades.append((later, symbol, entry, settled, None, action, 100.0, leverage,
                            "closed" if roll < 0.03 else "open", 0.0))
@@ -98,12 +99,12 @@ def main():
         signals.append((ts, json.dumps(data, ensure_ascii=False), ai_signal, sig_conf, "deepseek-chat"))
         if rng.random() < 0.15:  # a signal that was not traded, half an hour later
             extra, _, _ = snapshot(rng, symbol, rng.choice(["BUY", "SELL", "HOLD"]))
-            later = (t + timedelta(minutes=30)).strftime("%Y-%m-%d %H:%M:%S")
+            later = (t + spacing / 2).strftime("%Y-%m-%d %H:%M:%S")
             signals.append((later, json.dumps(extra), "HOLD", 55, "deepseek-chat"))
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.unlink(missing_ok=True)
-    con = sqlite3.connect(OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    con = sqlite3.connect(out)
     con.execute("CREATE TABLE trades (id INTEGER PRIMARY KEY, timestamp TEXT, symbol TEXT, entry_price REAL, "
                 "exit_price REAL, pnl_percent REAL, action_taken TEXT, position_size REAL, leverage REAL, "
                 "status TEXT, fee REAL)")
@@ -116,8 +117,8 @@ def main():
     con.commit()
     con.execute("VACUUM")
     con.close()
-    print(f"wrote {len(trades)} trades and {len(signals)} signals to {OUT}")
+    return f"wrote {len(trades)} trades and {len(signals)} signals to {out}"
 
 
 if __name__ == "__main__":
-    main()
+    print(write_trades(OUT))
