@@ -177,10 +177,17 @@ def write_samples(path: Path, samples) -> "datasets.Dataset":
     from datasets.arrow_writer import ArrowWriter
     features = datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
                                   "label": datasets.Value("string")})
-    with ArrowWriter(features=features, path=str(path), writer_batch_size=CHUNK) as writer:
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        batch = {"sample": [], "timestamp": [], "label": []}
         for sample in samples:
-            writer.write({"sample": json.dumps(sample, ensure_ascii=False), "timestamp": sample.get("timestamp"),
-                          "label": str(sample.get("label"))})
+            batch["sample"].append(json.dumps(sample, ensure_ascii=False))
+            batch["timestamp"].append(sample.get("timestamp"))
+            batch["label"].append(str(sample.get("label")))
+            if len(batch["sample"]) == CHUNK:
+                writer.write_batch(batch)
+                batch = {key: [] for key in batch}
+        if batch["sample"]:
+            writer.write_batch(batch)
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
 
@@ -212,8 +219,13 @@ def load_tokens(stats: dict, name: str) -> "datasets.Dataset":
     return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
 
 
+def column(rows: "datasets.Dataset", name: str) -> np.ndarray:
+    """A numeric column as one numpy array, read from Arrow (a Column iterates row by row)."""
+    return rows.with_format("arrow")[name].to_numpy()
+
+
 def describe(name: str, rows, tokenized) -> dict:
-    lengths = np.asarray(tokenized.with_format("numpy")["length"] if len(tokenized) else [0])
+    lengths = column(tokenized, "length") if len(tokenized) else np.zeros(1, dtype=np.int32)
     timestamps = [t for t in rows["timestamp"] if t]
     return {"count": len(rows), "labels": dict(sorted(Counter(rows["label"]).items())),
             "tokens": {"total": int(lengths.sum()), "max": int(lengths.max()),
@@ -284,10 +296,11 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int, load: b
     source = Path(cfg.path)
     if not source.exists():
         raise DataError(f"dataset.path={source}: no such file or folder")
+    started = time.perf_counter()
     digest = source_hash(source)
     key = cache_key(cfg, seed, digest, tokenizer)
     cached = cache_root() / "datasets" / key[:16]
-    started, from_cache = time.perf_counter(), (cached / "stats.json").exists()
+    from_cache = (cached / "stats.json").exists()
     if not from_cache:
         # another process (a DDP rank) may build the same data first: same content, theirs is kept
         with atomic_dir(cached, replace=False) as tmp:
@@ -299,11 +312,11 @@ def prepare(cfg: DictConfig, tokenizer, out_dir: Path | None, seed: int, load: b
             link_or_copy(cached / f"{name}{suffix}", out_dir / f"{name}{suffix}")
     splits = {name: read_jsonl(cached / f"{name}.jsonl") for name in SPLITS} if load else {}
     stats = json.loads((cached / "stats.json").read_text())
-    stats["build"] = {"from_cache": from_cache, "seconds": round(time.perf_counter() - started, 4), "key": key[:16],
-                      "dir": str(cached)}
+    stats["build"] = {"from_cache": from_cache, "key": key[:16], "dir": str(cached)}
     if max_length:
         for name in SPLITS:
-            columns = load_tokens(stats, name).with_format("numpy")
-            stats["splits"][name]["over_max_length"] = int((np.asarray(columns["length"]) > max_length).sum())
-            stats["splits"][name]["untrainable"] = int((np.asarray(columns["first_trained"]) >= max_length).sum())
+            rows = load_tokens(stats, name)
+            stats["splits"][name]["over_max_length"] = int((column(rows, "length") > max_length).sum())
+            stats["splits"][name]["untrainable"] = int((column(rows, "first_trained") >= max_length).sum())
+    stats["build"]["seconds"] = round(time.perf_counter() - started, 4)
     return splits, stats
