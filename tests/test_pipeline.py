@@ -115,3 +115,25 @@ def test_a_bad_sample_is_named_or_skipped(source, tokenizer, tmp_path):
 def test_too_few_samples_is_an_error(source, tokenizer, tmp_path):
     with pytest.raises(DataError, match="only 3 samples"):
         prepare(dataset_cfg(source, builder={"n": 3}), tokenizer, tmp_path / "a", seed=0)
+
+
+def test_new_builder_code_or_chat_template_misses_the_cache(source, tokenizer, tmp_path, monkeypatch):
+    """The cache key holds the builder's source and the chat template: an upgraded builder or a new template
+    builds again instead of serving old splits and token counts."""
+    module = tmp_path / "my_builder.py"
+    module.write_text("from test_pipeline import fake_build as build\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = dataset_cfg(source, builder={"_target_": "my_builder.build"})
+    CALLS.clear()
+    prepare(cfg, tokenizer, None, seed=0, load=False)
+    _, stats = prepare(cfg, tokenizer, None, seed=0, load=False)
+    assert CALLS["build"] == 1 and stats["build"]["from_cache"]
+    module.write_text("from test_pipeline import fake_build as build  # version 2\n")
+    _, stats = prepare(cfg, tokenizer, None, seed=0, load=False)
+    assert CALLS["build"] == 2 and not stats["build"]["from_cache"]
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    try:
+        _, stats = prepare(cfg, tokenizer, None, seed=0, load=False)
+    finally:
+        tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|> ", "<|im_start|>")
+    assert CALLS["build"] == 3 and not stats["build"]["from_cache"]
