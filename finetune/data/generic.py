@@ -409,11 +409,7 @@ def _chosen(record, plan) -> list[dict]:
 def _turns(value, field, tags, answer=True) -> list[dict]:
     """Messages from a list of turns: OpenAI / TRL chat (role / content) or ShareGPT (from / value), per `tags`."""
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
-    if isinstance(value, str):  # a CSV or Parquet cell holding the JSON list
-        try:
-            value = safe_json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow("bad_messages", f"field '{field}': not a JSON list of messages ({e.msg})") from None
+    value = _json_cell(value, field, "bad_messages", "a JSON list of messages")
     if not isinstance(value, list) or not value:
         raise BadRow("bad_messages", f"field '{field}': expected a non-empty list of {{{role_tag}, {content_tag}}}")
     roles = {tags[f"{role}_tag"]: role for role in ("system", "user", "assistant", "observation", "function")
@@ -498,11 +494,7 @@ def _call(name, arguments, where) -> dict:
 
 def _tool_calls(value, where) -> list[dict]:
     """OpenAI's [{"id", "type": "function", "function": {"name", "arguments"}}]."""
-    if isinstance(value, str):
-        try:
-            value = safe_json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow("bad_tool_call", f"field '{where}': not a JSON list of tool calls ({e.msg})") from None
+    value = _json_cell(value, where, "bad_tool_call", "a JSON list of tool calls")
     if not isinstance(value, list):
         raise BadRow("bad_tool_call", f"field '{where}': expected a list of {{type, function: {{name, arguments}}}}")
     calls = []
@@ -518,10 +510,7 @@ def _tool_calls(value, where) -> list[dict]:
 
 def _function_call(value, where) -> list[dict]:
     """ShareGPT's function_call value: the JSON text of {"name", "arguments"}, or of a list of them."""
-    try:
-        value = safe_json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError as e:
-        raise BadRow("bad_tool_call", f"field '{where}': not JSON {{\"name\", \"arguments\"}} ({e.msg})") from None
+    value = _json_cell(value, where, "bad_tool_call", 'JSON {"name", "arguments"}')
     calls = value if isinstance(value, list) and value else [value]
     for i, call in enumerate(calls):
         if not isinstance(call, dict):
@@ -530,16 +519,22 @@ def _function_call(value, where) -> list[dict]:
     return [_call(call.get("name"), call.get("arguments"), where) for call in calls]
 
 
+def _json_cell(value, field, reason, expected):
+    """A value as read; text (a CSV or Parquet cell, LLaMA-Factory's tools) parsed as JSON, or a BadRow."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return safe_json.loads(value)
+    except json.JSONDecodeError as e:
+        raise BadRow(reason, f"field '{field}': not {expected} ({e.msg})") from None
+
+
 def _tools(value, field) -> list[dict]:
     """A row's tools as [{"type": "function", "function": {name, description, parameters}}]: from OpenAI's list
     or LLaMA-Factory's JSON text of [{name, description, parameters}]."""
     if _blank(value):
         return []
-    if isinstance(value, str):
-        try:
-            value = safe_json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow("bad_tools", f"field '{field}': not a JSON list of function schemas ({e.msg})") from None
+    value = _json_cell(value, field, "bad_tools", "a JSON list of function schemas")
     value = [value] if isinstance(value, dict) else value
     if not isinstance(value, list):
         raise BadRow("bad_tools", f"field '{field}': expected a list of {{name, description, parameters}}")
@@ -559,12 +554,7 @@ def _history(value, field) -> list[dict]:
     """Alpaca's earlier turns: [[instruction, response], ...] -> user / assistant messages."""
     if _blank(value):
         return []
-    if isinstance(value, str):
-        try:
-            value = safe_json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow("bad_messages", f"field '{field}': not a JSON list of [instruction, response] ({e.msg})") \
-                from None
+    value = _json_cell(value, field, "bad_messages", "a JSON list of [instruction, response]")
     if not isinstance(value, list):
         raise BadRow("bad_messages", f"field '{field}': expected a list of [instruction, response] pairs")
     messages = []
@@ -584,11 +574,7 @@ def _segments(record, col) -> list[dict]:
                                           f"{col['text']} or {col['segments']})")
         return [{"text": value, "train": True}]
     field, value = col["segments"], record[col["segments"]]
-    if isinstance(value, str):
-        try:
-            value = safe_json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadRow("bad_segments", f"field '{field}': not a JSON list of segments ({e.msg})") from None
+    value = _json_cell(value, field, "bad_segments", "a JSON list of segments")
     if not isinstance(value, list) or not value:
         raise BadRow("bad_segments", f"field '{field}': expected a non-empty list of {{text, label}}")
     segments = []
