@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from finetune.data.tokens import tokenize, trainable
+from finetune.data.tokens import tokenize
 from finetune.errors import DataError
 from finetune.model import load_tokenizer
 from finetune.paths import CONF_DIR
@@ -99,15 +99,6 @@ def test_sft_trainer_trains_exactly_the_mask(tmp_path):
         [i if m else -100 for i, m in zip(e["input_ids"][:n], e["assistant_masks"][:n])] for e in expected]
     four = next(row for row in rows if len(row["input_ids"]) == n)
     assert sum(label != -100 for label in four["labels"]) == sum(full["assistant_masks"][:n])
-
-
-def test_rows_whose_answers_start_past_max_length_are_left_out():
-    tokenizer = tokenizer_of("tiny")
-    rows = [tokenize({"messages": FOUR_TURNS}, tokenizer), tokenize({"messages": FOUR_TURNS[:3]}, tokenizer)]
-    first_answer = rows[0]["assistant_masks"].index(1)
-    assert trainable(rows, first_answer + 1) == rows
-    assert trainable(rows, first_answer) == []  # both start their first answer at the same token
-    assert trainable(rows, None) == rows
 
 
 def test_perplexity_scores_the_trained_turns():

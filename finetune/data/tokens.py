@@ -153,8 +153,3 @@ def tokenize(sample: dict, tokenizer, turns: str = "all") -> dict:
     """{"input_ids": [...], "assistant_masks": [0/1 per token]} for one chat or text sample."""
     return tokenize_many([sample], tokenizer, turns)[0]
 
-
-def trainable(rows: list[dict], max_length: int | None) -> list[dict]:
-    """The rows that keep a trained token within `max_length` (TRL cuts each row to it, keeping the start); a row
-    whose answers all start later would train on nothing, so it is left out here (the dry run counts them)."""
-    return [row for row in rows if 1 in row["assistant_masks"][:max_length]]
