@@ -65,7 +65,7 @@ from transformers import TrainerCallback
 
 from finetune.config import ATTENTION, check_config
 from finetune.errors import ConfigError
-from finetune.model import TINY_TOKENIZER, build_tiny, load_model, load_tokenizer, model_source, random_model
+from finetune.model import TINY_TOKENIZER, build_tiny, keep_4bit_differentiable, load_model, load_tokenizer, model_source, random_model
 from finetune.paths import CONF_DIR
 from finetune.rundir import versions, write_json, write_text
 
@@ -322,7 +322,7 @@ def base_model(cfg: DictConfig, cpu: bool):
     if cfg.quantization is not None:
         kwargs["quantization_config"] = instantiate(cfg.quantization, _convert_="all")
         kwargs["device_map"] = {"": "cpu" if cpu else 0}
-    return AutoModelForCausalLM.from_pretrained(model_source(cfg.model), **kwargs)
+    return keep_4bit_differentiable(AutoModelForCausalLM.from_pretrained(model_source(cfg.model), **kwargs))
 
 
 def schedule(cfg: DictConfig, steps: int, seed: int, cpu: bool) -> dict:

@@ -168,4 +168,15 @@ def load_model(cfg: DictConfig, quantization: DictConfig | None, use_cpu: bool):
     if quantization is not None:
         kwargs["quantization_config"] = instantiate(quantization, _convert_="all")
         kwargs["device_map"] = {"": "cpu"} if use_cpu else {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs)
+    return keep_4bit_differentiable(AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs))
+
+
+def keep_4bit_differentiable(model):
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer. On an AVX512-BF16 CPU the first
+    eval-mode forward without grad (scoring the base before training) repacks a layer's weights for a kernel
+    that has no backward, and the layer keeps them: training after that sends no gradient through the frozen
+    layers, silently (bitsandbytes 0.50), or fails on a layer with a bias."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model

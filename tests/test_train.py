@@ -56,6 +56,29 @@ def test_every_method_trains_on_cpu(method, extra, tmp_path):
     assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
 
 
+def test_a_4bit_base_scored_before_training_still_passes_gradients():
+    """The runner scores the base in eval mode, then trains it: the gradient through the 4-bit layers must be
+    the same after that scoring as before (bitsandbytes repacks them for a kernel without backward on
+    AVX512-BF16 CPUs unless load_model turns that off)."""
+    from finetune.model import load_model
+    cfg = compose("method=qlora")
+    model = load_model(cfg.model, cfg.quantization, True)
+    ids = torch.arange(3, 19).reshape(2, 8)
+
+    def input_gradient():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.float().square().mean().backward()
+        return embeds.grad
+
+    model.train()
+    before = input_gradient()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    assert torch.allclose(input_gradient(), before), "the eval-mode forward changed the 4-bit layers' backward"
+
+
 @pytest.mark.parametrize("setting", ["training.activation_checkpointing=true", "+training.gradient_checkpointing=true",
                                      "training.packing=true"])
 def test_prefix_refuses_settings_it_cannot_train_with(setting, tmp_path):
