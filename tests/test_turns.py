@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from finetune.data.tokens import tokenize
+from finetune.data.tokens import encode, tokenize, trained_ranges
 from finetune.errors import DataError
 from finetune.model import load_tokenizer
 from finetune.paths import CONF_DIR
@@ -30,6 +30,25 @@ def tokenizer_of(preset):
 
 def trained_text(tokenizer, tokens) -> str:
     return tokenizer.decode([i for i, m in zip(tokens["input_ids"], tokens["assistant_masks"]) if m])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2_135m"])
+def test_trained_token_ranges_are_the_tokens_whose_last_character_is_in_the_span(preset):
+    """The Rust char_to_token shortcut gives the same tokens as the rule itself (a token trains when its last
+    character lies in (start, end]), at spans starting and ending on words, trimmed spaces, digits, CJK and an
+    emoji split over several byte tokens, and at the ends of the text."""
+    from bisect import bisect_right
+    tokenizer = tokenizer_of(preset)
+    text = "<|im_start|>user\nBTC 43,123.45 涨了 🚀🚀 ok?<|im_end|>\n<|im_start|>assistant\n {\"signal\": \"BUY\"}<|im_end|>\n"
+    encoding = encode(tokenizer, [text], False)[0]
+    ends = [stop for _, stop in encoding.offsets]
+    checked = 0
+    for start in range(len(text) + 1):
+        for end in range(start, len(text) + 1, 7):
+            expected = (bisect_right(ends, start), bisect_right(ends, end))
+            assert trained_ranges(encoding, len(text), [(start, end)]) == [expected], (start, end, text[start:end])
+            checked += 1
+    assert checked > 500
 
 
 @pytest.mark.parametrize("preset, end", [("tiny", "<|im_end|>"), ("smollm2_135m", "<|im_end|>\n")])
