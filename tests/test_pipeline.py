@@ -137,3 +137,24 @@ def test_new_builder_code_or_chat_template_misses_the_cache(source, tokenizer, t
     finally:
         tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|> ", "<|im_start|>")
     assert CALLS["build"] == 3 and not stats["build"]["from_cache"]
+
+
+def test_worker_processes_tokenize_the_same_as_one_process(source, tokenizer, tmp_path, monkeypatch):
+    """Batches of 40 samples (CHUNK, shrunk) tokenized by 2 worker processes while the build goes on give the
+    same token files, split files and stats as one process; a worker's template error stops the build."""
+    from finetune.data import pipeline
+    monkeypatch.setattr(pipeline, "CHUNK", 40)
+    built = {}
+    for num_proc in (None, 2):
+        _, stats = prepare(dataset_cfg(source, num_proc=num_proc), tokenizer, tmp_path / f"run{num_proc}", seed=0,
+                           load=False)
+        folder = tmp_path / f"run{num_proc}"
+        tokens = {name: pipeline.load_tokens(stats, name).to_dict() for name in pipeline.SPLITS}
+        built[num_proc] = (stats["splits"], tokens, [(folder / f"{n}.jsonl").read_text() for n in pipeline.SPLITS])
+    assert built[None] == built[2]
+    assert sum(len(t["input_ids"]) for t in built[2][1].values()) == 300
+    broken = tokenizer.chat_template.replace("{% for", "{% if messages[0]['content'].startswith('row 2') %}"
+                                             "{{ raise_exception('no row 2x') }}{% endif %}{% for")
+    monkeypatch.setattr(tokenizer, "chat_template", broken)
+    with pytest.raises(DataError, match="no row 2x"):
+        prepare(dataset_cfg(source, num_proc=2), tokenizer, tmp_path / "broken", seed=0, load=False)

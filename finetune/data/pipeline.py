@@ -8,8 +8,9 @@ train and validation splits (input_ids + assistant_masks, finetune/data/tokens.p
 
 A builder's samples may be a list or a generator (trade_signals streams its SQLite rows): they are checked
 and written to an Arrow file one by one, so a build of millions of rows holds one JSON string per sample on
-disk, a 16-byte digest per sample for deduplication in memory, and the split indices. Tokenization is a
-batched `datasets` map over `dataset.num_proc` processes.
+disk, a 16-byte digest per sample for deduplication in memory, and the split indices. Each batch of 10,000 is
+tokenized as it is written, in `dataset.num_proc` worker processes while this one builds the next batch; the
+splits are then Arrow copies of the rows at their indices (samples and tokens), never Python objects.
 
 The cache key is everything the result depends on: the source's bytes (hashed in 1 MiB chunks), the dataset
 config, the seed, the tokenizer and its chat template, and the code (the builder's module, this file,
@@ -162,54 +163,133 @@ def split_indices(timestamps: list, how: str, val_size: float, test_size: float,
             "test": ordered[n_train + n_val:]}
 
 
-def tokenize_rows(batch: dict, tokenizer, turns: str) -> dict:
-    """datasets.map: the JSON samples of a batch -> input_ids, assistant_masks, length, first trained token."""
-    encoded = tokens.tokenize_many([json.loads(sample) for sample in batch["sample"]], tokenizer, turns)
-    return {"input_ids": [e["input_ids"] for e in encoded], "assistant_masks": [e["assistant_masks"] for e in encoded],
-            "length": [len(e["input_ids"]) for e in encoded],
-            "first_trained": [next((i for i, m in enumerate(e["assistant_masks"]) if m), len(e["assistant_masks"]))
-                              for e in encoded]}
+TOKEN_COLUMNS = {"input_ids": "int32", "assistant_masks": "int8", "length": "int32", "first_trained": "int32"}
+_worker = {}  # a tokenizing process's tokenizer and train_turns (set once per process)
 
 
-def write_samples(path: Path, samples) -> "datasets.Dataset":
-    """The samples as one Arrow file (the JSON sample, its timestamp and label), written in batches."""
+def token_features() -> "datasets.Features":
+    import datasets
+    return datasets.Features({name: datasets.Sequence(datasets.Value(kind)) if name in ("input_ids", "assistant_masks")
+                              else datasets.Value(kind) for name, kind in TOKEN_COLUMNS.items()})
+
+
+def tokenize_file(path: str, samples: list[str], tokenizer=None, turns: str | None = None) -> int:
+    """JSON samples -> an Arrow file of input_ids, assistant_masks, length, first trained token; the row count.
+    In a worker process the tokenizer is the one `start_worker` set."""
+    from datasets.arrow_writer import ArrowWriter
+    tokenizer, turns = (tokenizer, turns) if tokenizer is not None else (_worker["tokenizer"], _worker["turns"])
+    with ArrowWriter(features=token_features(), path=path) as writer:
+        for k in range(0, len(samples), 1000):
+            encoded = tokens.tokenize_many([json.loads(sample) for sample in samples[k:k + 1000]], tokenizer, turns)
+            writer.write_batch({"input_ids": [e["input_ids"] for e in encoded],
+                                "assistant_masks": [e["assistant_masks"] for e in encoded],
+                                "length": [len(e["input_ids"]) for e in encoded],
+                                "first_trained": [e["first_trained"] for e in encoded]})
+        writer.finalize()
+    return len(samples)
+
+
+def start_worker(tokenizer, turns: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker.update(tokenizer=tokenizer, turns=turns)
+
+
+class Tokenizing:
+    """Batches of JSON samples tokenized into numbered Arrow files as they are written: in `num_proc` worker
+    processes, while this one builds the next batch, once there is more than one batch (a process costs ~1 s to
+    start); in this process otherwise. `done()` waits and gives the tokens, in the samples' order."""
+
+    def __init__(self, folder: Path, tokenizer, turns: str, num_proc: int | None):
+        self.folder, self.tokenizer, self.turns, self.num_proc = folder, tokenizer, turns, num_proc or 0
+        self.pending, self.files, self.pool, self.first = [], [], None, None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def submit(self, samples: list[str]) -> None:
+        if self.num_proc and self.pool is None and self.first is None:
+            self.first = samples  # held until a second batch says the data is large enough for processes
+            return
+        if self.num_proc and self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            self.pool = ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=start_worker, initargs=(self.tokenizer, self.turns))
+            first, self.first = self.first, None
+            self.submit(first)
+        path = str(self.folder / f"{len(self.files):05d}.arrow")
+        self.files.append(path)
+        if self.pool is None:
+            tokenize_file(path, samples, self.tokenizer, self.turns)
+            return
+        while len(self.pending) >= 2 * self.num_proc:  # bounded: the builder never runs far ahead
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(tokenize_file, path, samples))
+
+    def done(self) -> "datasets.Dataset":
+        import datasets
+        if self.first is not None:
+            first, self.first, self.num_proc = self.first, None, 0
+            self.submit(first)
+        try:
+            for future in self.pending:
+                future.result()  # a worker's DataError is raised here, as it would be in this process
+        finally:
+            self.close()
+        if not self.files:
+            return datasets.Dataset.from_dict({name: [] for name in TOKEN_COLUMNS}, features=token_features())
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in self.files])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def write_samples(path: Path, samples, tokenizing: Tokenizing) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """The samples as one Arrow file (the JSON sample, its timestamp and label), written in batches, each batch
+    tokenized as it goes; (samples, tokens), row for row."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
     features = datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
                                   "label": datasets.Value("string")})
     with ArrowWriter(features=features, path=str(path)) as writer:
         batch = {"sample": [], "timestamp": [], "label": []}
-        for sample in samples:
-            batch["sample"].append(json.dumps(sample, ensure_ascii=False))
-            batch["timestamp"].append(sample.get("timestamp"))
-            batch["label"].append(str(sample.get("label")))
-            if len(batch["sample"]) == CHUNK:
-                writer.write_batch(batch)
-                batch = {key: [] for key in batch}
+        try:
+            for sample in samples:
+                batch["sample"].append(json.dumps(sample, ensure_ascii=False))
+                batch["timestamp"].append(sample.get("timestamp"))
+                batch["label"].append(str(sample.get("label")))
+                if len(batch["sample"]) == CHUNK:
+                    writer.write_batch(batch)
+                    tokenizing.submit(batch["sample"])
+                    batch = {key: [] for key in batch}
+        except BaseException:
+            tokenizing.close()  # a bad row stops the build: no worker is left behind
+            raise
         if batch["sample"]:
             writer.write_batch(batch)
+            tokenizing.submit(batch["sample"])
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path)), tokenizing.done()
+
+
+def write_split(tmp: Path, name: str, rows: "datasets.Dataset", tokenized: "datasets.Dataset",
+                indices: list[int]) -> "datasets.Dataset":
+    """tmp/NAME.jsonl (the samples, as the run dir keeps them) and tmp/tokens/NAME.arrow (what trains): the
+    rows at `indices`, copied in Arrow (never as Python objects) a chunk at a time; the split's tokens."""
+    import datasets
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+    samples, table = rows.data.table.column("sample"), tokenized.data.table
+    (tmp / "tokens").mkdir(exist_ok=True)
+    path = tmp / "tokens" / f"{name}.arrow"
+    with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f, \
+            ArrowWriter(features=token_features(), path=str(path)) as writer:
+        for k in range(0, len(indices), 5 * CHUNK):
+            chunk = pa.array(indices[k:k + 5 * CHUNK], type=pa.int64())
+            f.writelines(line + "\n" for line in samples.take(chunk).to_pylist())
+            writer.write_table(table.take(chunk))
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
-
-
-def write_split(tmp: Path, name: str, rows, tokenizer, cfg: DictConfig) -> "datasets.Dataset":
-    """tmp/NAME.jsonl (the samples, as the run dir keeps them) and tmp/tokens/NAME/ (what trains); the tokens."""
-    import datasets
-    with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
-        for batch in rows.select_columns("sample").iter(batch_size=CHUNK):
-            f.writelines(line + "\n" for line in batch["sample"])
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "assistant_masks": datasets.Sequence(datasets.Value("int8")),
-                                  "length": datasets.Value("int32"), "first_trained": datasets.Value("int32")})
-    (tmp / "tokens").mkdir(exist_ok=True)
-    num_proc = cfg.num_proc if cfg.num_proc and len(rows) >= 2 * CHUNK else None  # processes cost ~1 s to start
-    datasets.disable_progress_bars()
-    try:
-        return rows.map(tokenize_rows, batched=True, batch_size=1000, num_proc=num_proc, features=features,
-                        remove_columns=rows.column_names, fn_kwargs={"tokenizer": tokenizer, "turns": cfg.train_turns},
-                        cache_file_name=str(tmp / "tokens" / f"{name}.arrow"), load_from_cache_file=False)
-    finally:
-        datasets.enable_progress_bars()
 
 
 def load_tokens(stats: dict, name: str) -> "datasets.Dataset":
@@ -224,10 +304,15 @@ def column(rows: "datasets.Dataset", name: str) -> np.ndarray:
     return rows.with_format("arrow")[name].to_numpy()
 
 
-def describe(name: str, rows, tokenized) -> dict:
+def values(rows: "datasets.Dataset", name: str) -> list:
+    """A column as one Python list, read from Arrow in one call (a Column iterates row by row)."""
+    return rows.with_format("arrow")[name].to_pylist()
+
+
+def describe(rows, tokenized) -> dict:
     lengths = column(tokenized, "length") if len(tokenized) else np.zeros(1, dtype=np.int32)
-    timestamps = [t for t in rows["timestamp"] if t]
-    return {"count": len(rows), "labels": dict(sorted(Counter(rows["label"]).items())),
+    timestamps = [t for t in values(rows, "timestamp") if t]
+    return {"count": len(rows), "labels": dict(sorted(Counter(values(rows, "label")).items())),
             "tokens": {"total": int(lengths.sum()), "max": int(lengths.max()),
                        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}},
             "first_timestamp": min(timestamps, default=None), "last_timestamp": max(timestamps, default=None)}
@@ -244,8 +329,9 @@ def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, d
         for sample in samples:
             counted["built"] += 1
             yield sample
-    rows = write_samples(tmp / "samples.arrow", checked(counting(built.samples), cfg.task, cfg.skip_bad_rows,
-                                                         cfg.dedupe, dropped, str(source)))
+    rows, tokenized = write_samples(tmp / "samples.arrow", checked(counting(built.samples), cfg.task,
+                                                                 cfg.skip_bad_rows, cfg.dedupe, dropped, str(source)),
+                                    Tokenizing(tmp / "shards", tokenizer, cfg.train_turns, cfg.num_proc))
     dropped = Counter(dropped)
     if not len(rows):
         raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
@@ -253,24 +339,29 @@ def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, d
     if cfg.augment.copies > 0 and "messages" not in first:
         raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
                         "set dataset.augment.copies=0")
-    indices = split_indices(list(rows["timestamp"]), cfg.split, cfg.val_size, cfg.test_size, seed)
-    splits = {name: rows.select(indices[name]) for name in SPLITS}
+    indices = split_indices(values(rows, "timestamp"), cfg.split, cfg.val_size, cfg.test_size, seed)
+    splits = {name: (rows, tokenized, indices[name]) for name in SPLITS}
     if cfg.augment.copies > 0 or cfg.balance != "none":
         # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains;
         # they work on the train samples in memory
-        train = augment([json.loads(s) for s in splits["train"]["sample"]], cfg.augment.copies,
-                        cfg.augment.instruction_variants, cfg.augment.numeric_noise, seed)
+        train = augment([json.loads(s) for s in values(rows.select(indices["train"]), "sample")],
+                        cfg.augment.copies, cfg.augment.instruction_variants, cfg.augment.numeric_noise, seed)
         try:
             train = rebalance(train, cfg.balance, seed)
         except ValueError as err:
             raise DataError(str(err)) from None
-        splits["train"] = write_samples(tmp / "train.arrow", train)
+        train_rows, train_tokens = write_samples(tmp / "train.arrow", train, Tokenizing(
+            tmp / "train-shards", tokenizer, cfg.train_turns, cfg.num_proc))
+        splits["train"] = (train_rows, train_tokens, list(range(len(train_rows))))
     stats = {"built": counted["built"], "kind": "text" if "messages" not in first else "chat",
              "dropped": dict(dropped), "splits": {}}
-    for name in SPLITS:
-        stats["splits"][name] = describe(name, splits[name], write_split(tmp, name, splits[name], tokenizer, cfg))
+    for name, (split_rows, split_tokens, picked) in splits.items():
+        stats["splits"][name] = describe(split_rows.select(picked), write_split(tmp, name, split_rows, split_tokens,
+                                                                                picked))
     for leftover in (tmp / "samples.arrow", tmp / "train.arrow"):
         leftover.unlink(missing_ok=True)
+    for leftover in (tmp / "shards", tmp / "train-shards"):
+        shutil.rmtree(leftover, ignore_errors=True)
     stats["source"] = {"path": str(source), "sha256": digest}
     return stats
 
