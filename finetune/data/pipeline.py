@@ -272,22 +272,37 @@ def write_samples(path: Path, samples, tokenizing: Tokenizing) -> tuple["dataset
     return datasets.Dataset.from_file(str(path)), tokenizing.done()
 
 
+def take(batches: list, offsets: np.ndarray, indices: np.ndarray):
+    """The rows at `indices` (in that order) of a table split into record batches (`offsets`: each batch's first
+    row), gathered batch by batch: pyarrow's take on a many-chunk table first joins all of its chunks (1M
+    samples' tokens at once)."""
+    import pyarrow as pa
+    where = np.searchsorted(offsets, indices, side="right") - 1
+    order = np.argsort(where, kind="stable")
+    picked, owner = indices[order], where[order]
+    bounds = np.flatnonzero(np.diff(owner)) + 1
+    parts = [batches[group[0]].take(pa.array(rows - offsets[group[0]]))
+             for rows, group in zip(np.split(picked, bounds), np.split(owner, bounds))]
+    return pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order)))
+
+
 def write_split(tmp: Path, name: str, rows: "datasets.Dataset", tokenized: "datasets.Dataset",
                 indices: list[int]) -> "datasets.Dataset":
     """tmp/NAME.jsonl (the samples, as the run dir keeps them) and tmp/tokens/NAME.arrow (what trains): the
     rows at `indices`, copied in Arrow (never as Python objects) a chunk at a time; the split's tokens."""
     import datasets
-    import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
-    samples, table = rows.data.table.column("sample"), tokenized.data.table
+    tables = [table.to_batches() for table in (rows.data.table.select(["sample"]), tokenized.data.table)]
+    offsets = [np.cumsum([0] + [len(batch) for batch in batches[:-1]]) for batches in tables]
     (tmp / "tokens").mkdir(exist_ok=True)
     path = tmp / "tokens" / f"{name}.arrow"
+    indices = np.asarray(indices, dtype=np.int64)
     with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f, \
             ArrowWriter(features=token_features(), path=str(path)) as writer:
         for k in range(0, len(indices), 5 * CHUNK):
-            chunk = pa.array(indices[k:k + 5 * CHUNK], type=pa.int64())
-            f.writelines(line + "\n" for line in samples.take(chunk).to_pylist())
-            writer.write_table(table.take(chunk))
+            chunk = indices[k:k + 5 * CHUNK]
+            f.writelines(line + "\n" for line in take(tables[0], offsets[0], chunk).column("sample").to_pylist())
+            writer.write_table(take(tables[1], offsets[1], chunk))
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
 

@@ -18,6 +18,7 @@ end; a segment with `"train": false` carries no loss.
 """
 import re
 from bisect import bisect_right
+from itertools import accumulate
 
 from finetune.errors import DataError
 
@@ -140,28 +141,31 @@ def special_splitter(backend):
 
 class Joined:
     """A text's encoding put together from its pieces' encodings: ids, offsets and char_to_token as the whole
-    text's. parts: (first character, first token, the piece's encoding or None for an added token, length)."""
-    __slots__ = ("ids", "starts", "parts")
+    text's. `encodings` maps a piece to its encoding (an added token is not in it)."""
+    __slots__ = ("ids", "pieces", "chars", "tokens", "encodings")
 
-    def __init__(self, ids: list[int], parts: list[tuple]):
-        self.ids, self.parts, self.starts = ids, parts, [part[0] for part in parts]
+    def __init__(self, ids: list[int], pieces: list[str], tokens: list[int], encodings: dict):
+        self.ids, self.pieces, self.tokens, self.encodings = ids, pieces, tokens, encodings
+        self.chars = list(accumulate(map(len, pieces), initial=0))  # each piece's first character
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def char_to_token(self, position: int) -> int | None:
-        char_start, token_start, encoding, _ = self.parts[bisect_right(self.starts, position) - 1]
+        k = bisect_right(self.chars, position) - 1
+        encoding = self.encodings.get(self.pieces[k])
         if encoding is None:  # an added token holds all of its characters
-            return token_start
-        found = encoding.char_to_token(position - char_start)
-        return None if found is None else token_start + found
+            return self.tokens[k]
+        found = encoding.char_to_token(position - self.chars[k])
+        return None if found is None else self.tokens[k] + found
 
     @property
     def offsets(self) -> list[tuple[int, int]]:
         out = []
-        for char_start, _, encoding, length in self.parts:
-            out += ([(char_start, char_start + length)] if encoding is None
-                    else [(a + char_start, b + char_start) for a, b in encoding.offsets])
+        for piece, start in zip(self.pieces, self.chars):
+            encoding = self.encodings.get(piece)
+            out += ([(start, start + len(piece))] if encoding is None
+                    else [(a + start, b + start) for a, b in encoding.offsets])
         return out
 
 
@@ -170,22 +174,16 @@ def encode_pieces(backend, splitter, texts: list[str]) -> list[Joined]:
     role headers and recurring answers repeat in every sample: a third to a half of its characters)."""
     cut = [[piece for piece in splitter.split(text) if piece] for text in texts]
     distinct = dict.fromkeys(piece for pieces in cut for piece in pieces)
-    added = {piece: backend.token_to_id(piece) for piece in distinct if backend.token_to_id(piece) is not None
-             and splitter.fullmatch(piece)}
-    plain = [piece for piece in distinct if piece not in added]
-    encoded = dict(zip(plain, backend.encode_batch(plain, add_special_tokens=False)))
+    ids_of = {piece: [backend.token_to_id(piece)] for piece in distinct if splitter.fullmatch(piece)}
+    plain = [piece for piece in distinct if piece not in ids_of]
+    encodings = dict(zip(plain, backend.encode_batch(plain, add_special_tokens=False)))
+    ids_of.update((piece, encoding.ids) for piece, encoding in encodings.items())
     out = []
     for pieces in cut:
-        ids, parts, char_start = [], [], 0
+        ids = []
         for piece in pieces:
-            encoding = encoded.get(piece)
-            parts.append((char_start, len(ids), encoding, len(piece)))
-            if encoding is None:
-                ids.append(added[piece])
-            else:
-                ids += encoding.ids
-            char_start += len(piece)
-        out.append(Joined(ids, parts))
+            ids += ids_of[piece]
+        out.append(Joined(ids, pieces, list(accumulate((len(ids_of[p]) for p in pieces), initial=0)), encodings))
     return out
 
 

@@ -310,8 +310,7 @@ def _indicators(snapshot):
     technical = snapshot.get("technical") if isinstance(snapshot.get("technical"), dict) else {}
     lines, values = [], {}
     for label, keys, numeric in INDICATORS:
-        key, value = next(((k, src[k]) for src in (technical, snapshot) for k in keys if src.get(k) is not None),
-                          (keys[0], None))
+        key, value = first_present(keys, technical, snapshot)
         if value is None:
             continue
         if numeric:
@@ -329,6 +328,16 @@ def _indicators(snapshot):
         values[keys[0]] = value
         lines.append(f"{label}: {text}")
     return lines, values
+
+
+def first_present(keys, *sources):
+    """(key, value) of the first of `keys` set (not None) in the first source that has one; (keys[0], None)."""
+    for source in sources:
+        for key in keys:
+            value = source.get(key)
+            if value is not None:
+                return key, value
+    return keys[0], None
 
 
 def _rule(values, t):
