@@ -1,9 +1,13 @@
 """Which checkpoint a run continues from, and only ever a complete one.
 
-The Trainer writes a checkpoint's files one after another and trainer_state.json last, so a checkpoint
-whose trainer_state.json parses and whose adapter, optimizer and scheduler files exist is complete. A kill
-while saving leaves one without them: it is deleted before resuming (the Trainer itself would resume from
-the highest-numbered folder and die on it). `resume` in the config:
+The Trainer writes a checkpoint's files one after another and trainer_state.json last: a checkpoint is complete
+when its trainer_state.json parses and names the folder's own step, it holds the weights (PEFT's adapter file, or
+FSDP's sharded `pytorch_model_fsdp_*` folder), and every safetensors file in it is whole (its header parses and
+the data it declares is all there). The optimizer is not required: DeepSpeed keeps it in `global_stepN/`, FSDP
+in `optimizer_0/` or `optimizer.bin`, and `save_only_model` writes none. A kill while saving, a crash mid-copy
+or a full disk leaves a checkpoint that fails this: it is deleted (saying why) and the one before it is used
+(the Trainer itself would resume from the highest-numbered folder and die on it). Every rank computes the same
+choice from the same files; only rank 0 deletes. `resume` in the config:
   auto  (default) continue from the run dir's latest complete checkpoint if there is one, else start;
   true  the same, but it is an error if there is nothing to continue;
   false start over, deleting the run dir's checkpoints (and saying so);
@@ -13,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 from pathlib import Path
 
 from finetune.errors import ConfigError
@@ -20,17 +25,41 @@ from finetune.rundir import CHECKPOINTS
 
 log = logging.getLogger("finetune")
 STEP = re.compile(r"^checkpoint-(\d+)$")
-NEEDED = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+NEEDED = ("trainer_state.json", "adapter_model.safetensors")  # what a plain PEFT checkpoint must hold
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp_*")
+
+
+def safetensors_whole(path: Path) -> bool:
+    """The file's 8-byte header length, JSON header and the tensor data the header declares are all there."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + size + end
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return False
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None when it is complete."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "no readable trainer_state.json (stopped while saving?)"
+    match = STEP.match(checkpoint.name)
+    if match and state.get("global_step") != int(match.group(1)):
+        return f"trainer_state.json says step {state.get('global_step')}, not {match.group(1)}"
+    if not any(next(checkpoint.glob(pattern), None) for pattern in WEIGHTS):
+        return f"no weights ({', '.join(WEIGHTS)})"
+    broken = [p.name for p in sorted(checkpoint.rglob("*.safetensors")) if not safetensors_whole(p)]
+    if broken:
+        return f"{broken[0]} is truncated or corrupt"
+    return None
 
 
 def is_complete(checkpoint: Path) -> bool:
-    if not all((checkpoint / name).is_file() for name in NEEDED):
-        return False
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+    return problem(checkpoint) is None
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -38,18 +67,21 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP.match(p.name).group(1)))
 
 
-def drop_incomplete(folder: Path) -> None:
+def drop_incomplete(folder: Path, delete: bool) -> None:
     for checkpoint in checkpoints(folder):
-        if not is_complete(checkpoint):
-            log.warning("deleting incomplete checkpoint %s (the run was stopped while saving it)", checkpoint)
-            shutil.rmtree(checkpoint)
+        why = problem(checkpoint)
+        if why is not None:
+            log.warning("skipping checkpoint %s: %s%s", checkpoint, why, "; deleting it" if delete else "")
+            if delete:
+                shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def resume_from(resume, run_dir: Path) -> str | None:
-    """The checkpoint folder to pass to trainer.train(resume_from_checkpoint=...), or None to start fresh."""
+def resume_from(resume, run_dir: Path, main: bool = True) -> str | None:
+    """The checkpoint folder to pass to trainer.train(resume_from_checkpoint=...), or None to start fresh. Every
+    rank calls it and gets the same answer; only `main` (rank 0) deletes anything."""
     own = run_dir / CHECKPOINTS
     if resume is False or str(resume).lower() == "false":
-        if checkpoints(own):
+        if checkpoints(own) and main:
             log.warning("resume=false: deleting %d checkpoint(s) in %s and starting over", len(checkpoints(own)), own)
             shutil.rmtree(own)
         return None
@@ -59,13 +91,13 @@ def resume_from(resume, run_dir: Path) -> str | None:
         path = Path(str(resume))
         folder = path if STEP.match(path.name) else path / CHECKPOINTS
         if STEP.match(path.name):
-            if not is_complete(path):
-                raise ConfigError(f"resume={resume}: that checkpoint is incomplete (missing or unreadable "
-                                  f"{', '.join(NEEDED)})")
+            why = problem(path)
+            if why is not None:
+                raise ConfigError(f"resume={resume}: that checkpoint is incomplete ({why})")
             return str(path)
         required = True
-    drop_incomplete(folder)
-    found = checkpoints(folder)
+    drop_incomplete(folder, delete=main)
+    found = [c for c in checkpoints(folder) if is_complete(c)]
     if found:
         log.info("resuming from %s", found[-1])
         return str(found[-1])

@@ -90,7 +90,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
-    checkpoint = resume_from(cfg.resume, run_dir) if main else None
+    checkpoint = resume_from(cfg.resume, run_dir, main)  # the same on every rank: they resume in step
     run_manifest = record(cfg, config, stats, run_dir) if main else None
 
     model = load_base(cfg, args)

@@ -68,13 +68,30 @@ def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) < 1e-4
 
 
-def fake_checkpoint(folder: Path, step: int, complete: bool) -> Path:
+def fake_checkpoint(folder: Path, step: int, complete: bool, layout: str = "peft") -> Path:
+    """A checkpoint folder laid out as the Trainer writes it: plain PEFT (adapter, optimizer.pt, scheduler.pt),
+    DeepSpeed (global_stepN/ holds the optimizer), FSDP sharded (pytorch_model_fsdp_0/, optimizer_0/) or
+    save_only_model (no optimizer); trainer_state.json last."""
+    import torch
+    from safetensors.torch import save_file
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    for name in NEEDED:
-        (path / name).write_text("{}")
-    if not complete:
-        (path / "trainer_state.json").write_text('{"log_hist')  # killed while writing it
+    weights = {"lora_A": torch.ones(4, 8), "lora_B": torch.zeros(8, 4)}
+    if layout == "fsdp":
+        (path / "pytorch_model_fsdp_0").mkdir()
+        (path / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard")
+        (path / "optimizer_0").mkdir()
+    else:
+        save_file(weights, path / "adapter_model.safetensors")
+    if layout == "peft":
+        (path / "optimizer.pt").write_bytes(b"optimizer")
+        (path / "scheduler.pt").write_bytes(b"scheduler")
+    if layout == "deepspeed":
+        (path / f"global_step{step}").mkdir()
+        (path / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"states")
+        (path / "latest").write_text(f"global_step{step}")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}) if complete
+                                             else '{"log_hist')  # killed while writing it
     return path
 
 
@@ -85,6 +102,34 @@ def test_incomplete_checkpoint_is_deleted_and_never_resumed(tmp_path):
     assert not bad.exists()
     with pytest.raises(ConfigError, match="incomplete"):
         resume_from(str(fake_checkpoint(tmp_path / "other", 5, complete=False)), tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["deepspeed", "fsdp", "save_only_model"])
+def test_checkpoints_of_every_layout_are_kept_and_resumed(layout, tmp_path):
+    older = fake_checkpoint(tmp_path / "checkpoints", 10, complete=True, layout=layout)
+    newest = fake_checkpoint(tmp_path / "checkpoints", 20, complete=True, layout=layout)
+    assert resume_from("auto", tmp_path) == str(newest)
+    assert older.exists() and newest.exists()
+    assert resume_from(str(newest), tmp_path) == str(newest)
+
+
+def test_a_truncated_or_mislabelled_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog):
+    good = fake_checkpoint(tmp_path / "checkpoints", 10, complete=True)
+    truncated = fake_checkpoint(tmp_path / "checkpoints", 20, complete=True)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[:-40])  # a crash mid-copy, a quota
+    other = tmp_path / "other" / "checkpoints"
+    fake_checkpoint(other, 10, complete=True)
+    renamed = fake_checkpoint(other, 30, complete=True)
+    (renamed / "trainer_state.json").write_text(json.dumps({"global_step": 25}))
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert resume_from("auto", tmp_path, main=False) == str(good)
+        assert truncated.exists()  # another rank: the same choice, nothing deleted
+        assert resume_from("auto", tmp_path) == str(good)
+        assert resume_from(str(tmp_path / "other"), tmp_path) == str(other / "checkpoint-10")
+    assert not truncated.exists()
+    assert "adapter_model.safetensors is truncated or corrupt" in caplog.text
+    assert "says step 25, not 30" in caplog.text
 
 
 def test_resume_false_starts_over_and_true_needs_a_checkpoint(tmp_path):
