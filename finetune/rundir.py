@@ -35,6 +35,7 @@ STATUS = "status.json"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 ANSWERS = "answers.jsonl"
+LOCK = ".lock"
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "hydra-core", "omegaconf")
@@ -82,6 +83,46 @@ def atomic_dir(out: Path, replace: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold `run_dir` for this run: a second run on it (a retried job, a second terminal) stops before doing
+    anything, naming the owner. The lock file (pid and host) is stale once its process is gone on this host."""
+    path = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, ValueError):
+                owner = {}  # being written this instant, or left half-written: judged by its pid below
+            if owner.get("host", me["host"]) != me["host"] or pid_alive(owner.get("pid")):
+                raise ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on "
+                                  f"{owner.get('host')}); wait for it, choose another hydra.run.dir, or delete "
+                                  f"{path} if that run is gone") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def set_status(run_dir: Path, status: str, error: str | None = None) -> None:

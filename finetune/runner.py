@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from finetune.paths import CONF_DIR
 from finetune.registration import register
 from finetune.resume import resume_from
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
-                             redact_hydra_dir, secret_values, set_status, write_json, write_text)
+                             redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
 
 log = logging.getLogger("finetune")
 USER_WANDB_DIR = os.environ.get("WANDB_DIR")  # read once: runs in one process must not inherit each other's
@@ -51,6 +52,11 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
     """Train and evaluate as `cfg` says, writing everything into `run_dir`."""
     main = is_main_process()
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir) if main else nullcontext():  # rank 0 holds it for the job
+        return _locked_run(cfg, run_dir, main)
+
+
+def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     if main:
         set_status(run_dir, "running")
     try:

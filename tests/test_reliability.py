@@ -175,3 +175,21 @@ def test_default_recipe_runs_with_no_network(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+
+
+def test_a_second_run_on_a_live_run_dir_stops_before_anything_and_a_stale_lock_is_taken(tmp_path):
+    import socket
+    from conftest import FAST, compose
+    from finetune.runner import run
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {owner.pid} on"):
+            run(compose("dry_run=true", *FAST), tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written, not even status
+    finally:
+        owner.kill()
+        owner.wait()
+    run(compose("dry_run=true", *FAST), tmp_path)  # the owner is gone: its lock is stale
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+    assert not (tmp_path / ".lock").exists()
