@@ -65,7 +65,8 @@ from transformers import TrainerCallback
 
 from finetune.config import ATTENTION, check_config
 from finetune.errors import ConfigError
-from finetune.model import TINY_TOKENIZER, build_tiny, keep_4bit_differentiable, load_model, load_tokenizer, model_source, random_model
+from finetune.model import (TINY_TOKENIZER, build_tiny, keep_4bit_differentiable, load_model, load_tokenizer,
+                            model_source, random_model)
 from finetune.paths import CONF_DIR
 from finetune.rundir import versions, write_json, write_text
 

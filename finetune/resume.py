@@ -25,7 +25,6 @@ from finetune.rundir import CHECKPOINTS
 
 log = logging.getLogger("finetune")
 STEP = re.compile(r"^checkpoint-(\d+)$")
-NEEDED = ("trainer_state.json", "adapter_model.safetensors")  # what a plain PEFT checkpoint must hold
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp_*")
 
 
@@ -58,22 +57,23 @@ def problem(checkpoint: Path) -> str | None:
     return None
 
 
-def is_complete(checkpoint: Path) -> bool:
-    return problem(checkpoint) is None
-
-
 def checkpoints(folder: Path) -> list[Path]:
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and STEP.match(p.name)] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(STEP.match(p.name).group(1)))
 
 
-def drop_incomplete(folder: Path, delete: bool) -> None:
+def complete_checkpoints(folder: Path, delete: bool) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest first; each other one is named with why (and deleted)."""
+    complete = []
     for checkpoint in checkpoints(folder):
         why = problem(checkpoint)
-        if why is not None:
-            log.warning("skipping checkpoint %s: %s%s", checkpoint, why, "; deleting it" if delete else "")
-            if delete:
-                shutil.rmtree(checkpoint, ignore_errors=True)
+        if why is None:
+            complete.append(checkpoint)
+            continue
+        log.warning("skipping checkpoint %s: %s%s", checkpoint, why, "; deleting it" if delete else "")
+        if delete:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return complete
 
 
 def resume_from(resume, run_dir: Path, main: bool = True) -> str | None:
@@ -96,8 +96,7 @@ def resume_from(resume, run_dir: Path, main: bool = True) -> str | None:
                 raise ConfigError(f"resume={resume}: that checkpoint is incomplete ({why})")
             return str(path)
         required = True
-    drop_incomplete(folder, delete=main)
-    found = [c for c in checkpoints(folder) if is_complete(c)]
+    found = complete_checkpoints(folder, delete=main)
     if found:
         log.info("resuming from %s", found[-1])
         return str(found[-1])

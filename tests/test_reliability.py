@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, cli
 from finetune.errors import ConfigError
-from finetune.resume import NEEDED, resume_from
+from finetune.resume import resume_from
 
 RESUMABLE = ["training.max_steps=30", "training.save_steps=5", "training.eval_steps=5", "training.logging_steps=5",
              "training.save_total_limit=3", "training.load_best_model_at_end=false", "eval.max_samples=8"]
