@@ -5,6 +5,7 @@ Everything here runs before any data is built or weights are loaded.
 """
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -131,6 +132,9 @@ def sft_config(training: dict, output_dir: Path):
     if not training.get("use_cpu") and not cuda_available():
         raise ConfigError("training.use_cpu=false but this machine has no CUDA GPU; use training=cpu "
                           "(or dry_run=true to only build the data and estimate)")
+    training = dict(training)
+    if training.get("hub_token"):  # the Trainer pickles its arguments into every checkpoint's training_args.bin:
+        os.environ["HF_TOKEN"] = str(training.pop("hub_token"))  # the hub client reads the token from here instead
     try:
         return SFTConfig(output_dir=str(output_dir), **training)
     except (ValueError, TypeError) as err:

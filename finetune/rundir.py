@@ -11,6 +11,7 @@ files and folders atomically (temp + rename) so none is ever half-written.
       metrics.json, answers.jsonl          base vs tuned scores; each held-out prompt's answers
       report.md, *.png                     the report
 """
+import atexit
 import json
 import os
 import platform
@@ -23,6 +24,8 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from finetune.errors import ConfigError
 from finetune.paths import PACKAGE_DIR
@@ -39,7 +42,8 @@ LOCK = ".lock"
 
 PACKAGES = ("finetune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "hydra-core", "omegaconf")
-SECRET_NAME = re.compile(r"token|secret|passw|api[_-]?key|(^|_)key$", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(?<!eos_)(?<!bos_)(?<!pad_)(?<!unk_)token(?![a-z])|secret|passw|api[_-]?key|(^|_)key$",
+                         re.IGNORECASE)  # eos_token, pad_token (SFTConfig fields) are not secrets
 
 
 @contextmanager
@@ -88,7 +92,21 @@ def atomic_dir(out: Path, replace: bool = True):
 @contextmanager
 def run_lock(run_dir: Path):
     """Hold `run_dir` for this run: a second run on it (a retried job, a second terminal) stops before doing
-    anything, naming the owner. The lock file (pid and host) is stale once its process is gone on this host."""
+    anything, naming the owner. The lock file (pid and host) is stale once its process is gone on this host.
+    Re-entrant: a lock this process holds already (taken by `RunDirLock` before Hydra wrote .hydra/) is kept
+    and left to its taker to release."""
+    if take_lock(run_dir):
+        try:
+            yield
+        finally:
+            release_lock(run_dir)
+    else:
+        yield
+
+
+def take_lock(run_dir: Path) -> bool:
+    """Create `run_dir`/.lock for this process (True), or find it ours already (False); another live owner
+    is a ConfigError naming its pid and host."""
     path = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     while True:
@@ -100,6 +118,8 @@ def run_lock(run_dir: Path):
                 owner = json.loads(path.read_text())
             except (OSError, ValueError):
                 owner = {}  # being written this instant, or left half-written: judged by its pid below
+            if owner == me:
+                return False
             if owner.get("host", me["host"]) != me["host"] or pid_alive(owner.get("pid")):
                 raise ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on "
                                   f"{owner.get('host')}); wait for it, choose another hydra.run.dir, or delete "
@@ -107,10 +127,37 @@ def run_lock(run_dir: Path):
             path.unlink(missing_ok=True)  # stale: its process is gone
     with os.fdopen(fd, "w") as f:
         json.dump(me, f)
+    return True
+
+
+def release_lock(run_dir: Path) -> None:
+    path = run_dir / LOCK
     try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+class RunDirLock(Callback):
+    """Hydra callback (conf/config.yaml): takes the run dir's lock before Hydra writes .hydra/ into it, so a
+    second run on a live dir stops without overwriting the first one's saved config. Rank 0 only; released
+    at exit, however the run ends (a kill -9 leaves it stale, which the next run takes over)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        HydraConfig.instance().set_config(config)  # what run_job does next: ${hydra:...} in run.dir resolves
+        run_dir = Path(OmegaConf.select(config, "hydra.run.dir")).absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            take_lock(run_dir)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        atexit.register(release_lock, run_dir)
 
 
 def pid_alive(pid) -> bool:

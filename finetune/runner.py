@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune import incremental
 from finetune.config import check_config, check_training_overrides
-from finetune.errors import ConfigError, DataError, TrainingError
+from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
+from finetune.logs import headline, route_library_logs
 from finetune.paths import CONF_DIR
+from finetune.preemption import Preemption
 from finetune.registration import register
 from finetune.resume import resume_from
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
@@ -51,16 +53,23 @@ def is_main_process() -> bool:
 def run(cfg: DictConfig, run_dir: Path) -> Run:
     """Train and evaluate as `cfg` says, writing everything into `run_dir`."""
     main = is_main_process()
+    route_library_logs()
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir) if main else nullcontext():  # rank 0 holds it for the job
         return _locked_run(cfg, run_dir, main)
 
 
 def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
-    if main:
+    if main:  # Hydra saved the command line into .hydra/ already: scrub it before anything can fail
+        redact_hydra_dir(run_dir, secret_values(OmegaConf.to_container(cfg)))
         set_status(run_dir, "running")
     try:
-        result = _run(cfg, run_dir, main)
+        with Preemption().installed() as preemption:  # SIGTERM / SIGINT: stop at a step with a checkpoint
+            result = _run(cfg, run_dir, main, preemption)
+    except Interrupted as err:
+        if main:
+            set_status(run_dir, "interrupted", str(err))
+        raise
     except BaseException as err:
         if main:
             set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
@@ -75,7 +84,7 @@ def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
     return result
 
 
-def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
+def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> Run:
     started = time.perf_counter()
     config, args = check(cfg, run_dir, main)  # everything checked before data is built or weights load
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
@@ -106,21 +115,23 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
                  generation=OmegaConf.to_container(cfg.eval.generation))
     from finetune.eval.suite import score
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
-    log.info("base: %s", base and base["metrics"])
+    if main:
+        log.info("base: %s", headline(base["metrics"]))
 
-    trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer)
+    trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as err:
         from finetune.guards import out_of_memory_advice
         raise TrainingError(out_of_memory_advice(config["training"])) from err
+    preemption.raise_if_stopped()
     if not main:
         return Run(model=trainer.model, tokenizer=tokenizer)
     with atomic_dir(run_dir / ADAPTER) as tmp:  # PEFT format; a crash never leaves half an adapter
         trainer.model.save_pretrained(tmp)
 
     tuned = score(model=trainer.model, **suite)
-    log.info("tuned: %s", tuned["metrics"])
+    log.info("tuned: %s", headline(tuned["metrics"]))
     write_answers(run_dir / ANSWERS, held_out, base["outputs"], tuned["outputs"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}
     # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
@@ -184,7 +195,7 @@ def load_base(cfg: DictConfig, args):
 
 
 def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, stats: dict,
-                 tokenizer):
+                 tokenizer, preemption: Preemption):
     """SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16; TRL 1.16
     does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
     with the earlier adapter of an incremental run."""
@@ -197,7 +208,7 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         if args.max_length:  # TRL cuts each row to max_length: one whose answers start later trains on nothing
             rows = rows.filter(lambda first: first < args.max_length, input_columns="first_trained")
         return rows.select_columns(["input_ids", "assistant_masks"])
-    callbacks = [StopOnNonFiniteLoss()]
+    callbacks = [StopOnNonFiniteLoss(), preemption]
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
@@ -290,6 +301,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg, run_dir)
+    except Interrupted as err:  # status.json says interrupted; a sweep stops here too
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # status.json says failed; the leaderboard lists the job as failed, the sweep goes on, and a

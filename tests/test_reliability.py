@@ -1,6 +1,7 @@
 """Reliability: resume after SIGKILL to the same result, incomplete checkpoints, NaN, secrets, no network."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, cli
 from finetune.errors import ConfigError
-from finetune.resume import resume_from
+from finetune.resume import problem, resume_from
 
 RESUMABLE = ["training.max_steps=30", "training.save_steps=5", "training.eval_steps=5", "training.logging_steps=5",
              "training.save_total_limit=3", "training.load_best_model_at_end=false", "eval.max_samples=8"]
@@ -40,10 +41,34 @@ def kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
     proc.wait()
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must end equal to."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    out = cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_run(a_dir: Path, b_dir: Path, resumed_at: int | None = None) -> None:
+    """The same losses at every logged step (within 1e-3) and the same adapter weights. A logged loss is the mean
+    of the 5 steps before it: the one whose window a resume at `resumed_at` cuts in two holds only its later
+    steps, so it is not compared."""
+    a, b = final_log(a_dir), final_log(b_dir)
+    assert set(a) == set(b) == {5, 10, 15, 20, 25, 30}
+    for step in a:
+        if resumed_at is None or not step - 5 < resumed_at < step:
+            assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
+    weights_a = load_file(a_dir / "adapter" / "adapter_model.safetensors")
+    weights_b = load_file(b_dir / "adapter" / "adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(name.count("lora_A") <= 1 and name.count("base_model.model") == 1 for name in weights_b)
+    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) < 1e-4
+
+
 @pytest.mark.slow
-def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert cli(*RESUMABLE, f"hydra.run.dir={straight}").returncode == 0
+def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(straight, tmp_path):
+    killed = tmp_path / "killed"
     ckpt = killed / "checkpoints"
     kill_points = [
         lambda: (ckpt / "checkpoint-10").is_dir(),                       # the moment a save starts: mid-save
@@ -57,15 +82,33 @@ def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(tmp_path):
     out = cli(*RESUMABLE, f"hydra.run.dir={killed}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in (killed / "finetune.log").read_text()
-    a, b = final_log(straight), final_log(killed)
-    assert set(a) == set(b) == {5, 10, 15, 20, 25, 30}
-    for step in a:
-        assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
-    weights_a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    weights_b = load_file(killed / "adapter" / "adapter_model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    assert all(name.count("lora_A") <= 1 and name.count("base_model.model") == 1 for name in weights_b)
-    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) < 1e-4
+    assert_same_run(straight, killed)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_matches(straight, tmp_path):
+    stopped = tmp_path / "stopped"
+    proc = start(stopped)
+    first = stopped / "checkpoints" / "checkpoint-5" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first.is_file():  # training is under way, between two periodic saves
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    status = json.loads((stopped / "status.json").read_text())
+    assert status["status"] == "interrupted", status
+    step = int(re.search(r"SIGTERM at step (\d+), checkpoint-\1 saved", status["error"]).group(1))
+    assert 5 <= step < 30
+    checkpoint = stopped / "checkpoints" / f"checkpoint-{step}"
+    assert problem(checkpoint) is None
+    assert (checkpoint / "trainer_state.json").stat().st_mtime - sent < 10  # saved within 10 s of the signal
+    assert not (stopped / "adapter").exists() and not (stopped / "metrics.json").exists()
+    out = cli(*RESUMABLE, f"hydra.run.dir={stopped}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in (stopped / "finetune.log").read_text()
+    assert_same_run(straight, stopped, resumed_at=step)
 
 
 def fake_checkpoint(folder: Path, step: int, complete: bool, layout: str = "peft") -> Path:
@@ -149,21 +192,43 @@ def test_nan_loss_stops_with_advice(tmp_path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
 
 
-def test_secrets_appear_in_no_saved_file(tmp_path):
+def test_secrets_appear_in_no_saved_file_checkpoints_included(tmp_path):
     secrets = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_token_91ab"}
     env = {**os.environ, **secrets}
-    out = subprocess.run([sys.executable, "-m", "finetune", "+api_key=sk-config-secret-42", "training.max_steps=6",
-                          "eval.max_samples=8", f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "finetune", "+api_key=sk-config-secret-42",
+                          "+training.hub_token=hf_config_token_5d2e", "training.max_steps=6", "training.save_steps=3",
+                          "training.eval_steps=3", "eval.max_samples=8", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) > 10
+    assert len(files) > 10 and any(p.name == "training_args.bin" for p in files)  # the Trainer's pickled arguments
     for path in files:
         data = path.read_bytes()
-        for value in (*secrets.values(), "sk-config-secret-42"):
+        for value in (*secrets.values(), "sk-config-secret-42", "hf_config_token_5d2e"):
             assert value.encode() not in data, f"{value} found in {path}"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["config"]["api_key"] == "<redacted>"
+    assert manifest["config"]["api_key"] == "<redacted>" and manifest["config"]["training"]["hub_token"] == "<redacted>"
+
+
+def test_vocabulary_tokens_are_not_secrets():
+    from finetune.rundir import redact, secret_values
+    config = {"training": {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "include_num_input_tokens_seen": "all",
+                           "hub_token": "hf_abcdef"}}
+    assert redact(config)["training"] == {**config["training"], "hub_token": "<redacted>"}
+    assert secret_values(config) >= {"hf_abcdef"} and "<|im_end|>" not in secret_values(config)
+
+
+def test_library_warnings_go_to_the_run_log_not_the_console(tmp_path):
+    # the Trainer warns at start-up about this pair of settings (non_blocking without pinned memory)
+    out = cli("+training.dataloader_pin_memory=false", "+training.accelerator_config.non_blocking=true",
+              "training.max_steps=2", "eval.max_samples=4", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    warning = "`non_blocking` is enabled but `dataloader_pin_memory` is not"
+    log = (tmp_path / "finetune.log").read_text()
+    assert f"[transformers.trainer][WARNING] - {warning}" in log
+    assert "[py.warnings][WARNING]" in log or "FutureWarning" not in out.stderr  # warnings.warn: the file too
+    assert warning not in out.stdout and warning not in out.stderr
+    assert "[finetune][INFO] - tuned:" in out.stdout  # our own phases still on the console
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0,
@@ -193,3 +258,21 @@ def test_a_second_run_on_a_live_run_dir_stops_before_anything_and_a_stale_lock_i
     run(compose("dry_run=true", *FAST), tmp_path)  # the owner is gone: its lock is stale
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
     assert not (tmp_path / ".lock").exists()
+
+
+def test_the_command_on_a_live_run_dir_stops_before_hydra_writes_into_it(tmp_path):
+    import socket
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
+        (tmp_path / ".hydra").mkdir()
+        (tmp_path / ".hydra" / "config.yaml").write_text("the first run's config\n")
+        out = cli("training.max_steps=2", f"hydra.run.dir={tmp_path}")
+        assert out.returncode == 1
+        assert f"in use by another run (pid {owner.pid} on" in out.stderr
+        assert (tmp_path / ".hydra" / "config.yaml").read_text() == "the first run's config\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", ".lock"]
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == owner.pid  # still the owner's
+    finally:
+        owner.kill()
+        owner.wait()

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import random
+import signal
 import shutil
 import time
 from collections import Counter
@@ -191,6 +192,8 @@ def tokenize_file(path: str, samples: list[str], tokenizer=None, turns: str | No
 
 def start_worker(tokenizer, turns: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's preemption handler (finetune/preemption.py):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process stops the pool
     _worker.update(tokenizer=tokenizer, turns=turns)
 
 

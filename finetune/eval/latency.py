@@ -16,12 +16,12 @@ class Latency:
 
     def __call__(self, *, samples, outputs=None, model, tokenizer) -> dict:
         prompts = samples[: self.n]
-        generate(model, tokenizer, prompts[:1], self.max_new_tokens, 1)  # warm-up
+        generate(model, tokenizer, prompts[:1], self.max_new_tokens, 1, progress=False)  # warm-up
         start = time.perf_counter()
         for sample in prompts:
-            generate(model, tokenizer, [sample], self.max_new_tokens, 1)
+            generate(model, tokenizer, [sample], self.max_new_tokens, 1, progress=False)
         single = (time.perf_counter() - start) / len(prompts)
         start = time.perf_counter()
-        generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        generate(model, tokenizer, prompts, self.max_new_tokens, self.batch_size, progress=False)
         batched = len(prompts) / (time.perf_counter() - start)
         return {"latency_seconds": single, "answers_per_second": batched}

@@ -11,10 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 
-def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int, **generation) -> list[str]:
+def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int, progress: bool = True,
+             **generation) -> list[str]:
     """Greedy answers to each sample's prompt (its messages without the gold answer)."""
     return generate_chats(model, tokenizer, [s["messages"][:-1] for s in samples], max_new_tokens, batch_size,
-                          **generation)
+                          progress, **generation)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
