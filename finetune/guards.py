@@ -1,9 +1,16 @@
-"""Stop a run that cannot succeed with a message that says what to change: non-finite loss, out of memory."""
+"""Stop a run that cannot succeed with a message that says what to change: non-finite loss, out of memory, a full
+disk."""
+import errno
+import logging
 import math
+import shutil
+from pathlib import Path
 
 from transformers import TrainerCallback
 
 from finetune.errors import TrainingError
+
+log = logging.getLogger("finetune")
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
@@ -24,3 +31,27 @@ def out_of_memory_advice(training: dict) -> str:
             f"{training.get('per_device_train_batch_size')}) with a higher training.gradient_accumulation_steps, "
             f"training.max_length (now {training.get('max_length')}), training.activation_checkpointing=true, "
             "training.packing=true (no padding), or method=qlora (4-bit base)")
+
+
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC (or a quota's EDQUOT), raised by Python's I/O or told in the text of safetensors' Rust error."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+def disk_full_advice(err: BaseException, checkpoints: Path, main: bool) -> str:
+    """The message for a full disk while training saved a checkpoint. The half-written checkpoint is removed
+    (rank 0), which frees its space; the complete ones before it are left as they are."""
+    from finetune.resume import checkpoints as listed, problem
+    where = getattr(err, "filename", None) or checkpoints
+    broken = [c for c in listed(checkpoints) if problem(c) is not None]
+    for checkpoint in broken if main else ():
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        log.warning("removed the half-written %s (the disk filled up while it was saved)", checkpoint)
+    kept = [c for c in listed(checkpoints) if c not in broken]
+    last = f"the last complete checkpoint, {kept[-1].name}, is intact and " if kept else ""
+    return (f"no space left on {where} ({shutil.disk_usage(checkpoints.parent).free / 2**20:.0f} MiB free now); "
+            f"{last}the same command resumes once there is room (lower training.save_total_limit to keep fewer "
+            f"checkpoints)")

@@ -124,6 +124,11 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     except torch.OutOfMemoryError as err:
         from finetune.guards import out_of_memory_advice
         raise TrainingError(out_of_memory_advice(config["training"])) from err
+    except Exception as err:
+        from finetune.guards import disk_full, disk_full_advice
+        if not disk_full(err):
+            raise
+        raise TrainingError(disk_full_advice(err, Path(args.output_dir), main)) from err
     preemption.raise_if_stopped()
     if not main:
         return Run(model=trainer.model, tokenizer=tokenizer)

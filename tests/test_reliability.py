@@ -276,3 +276,32 @@ def test_the_command_on_a_live_run_dir_stops_before_hydra_writes_into_it(tmp_pat
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_a_full_disk_while_saving_fails_the_run_naming_the_path_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import torch
+    from conftest import compose
+    from peft import PeftModel
+    from finetune.errors import TrainingError
+    from finetune.model import load_model
+    from finetune.runner import run
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # the optimizer of the second checkpoint meets a full disk
+        if "checkpoint-10" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    cfg = compose("training.max_steps=20", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=8",
+                  "training.load_best_model_at_end=false")
+    with pytest.raises(TrainingError, match=r"no space left on \S*checkpoint-10/\S+ .*checkpoint-5, is "
+                                            r"intact"):
+        run(cfg, tmp_path)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and "no space left on" in status["error"]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-5"]  # the half one gone
+    assert problem(tmp_path / "checkpoints" / "checkpoint-5") is None
+    base = load_model(cfg.model, None, True)
+    PeftModel.from_pretrained(base, tmp_path / "checkpoints" / "checkpoint-5")  # still loads
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / ".lock").exists()
