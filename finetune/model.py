@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def random_model(name: str, config, seed: int, dtype: str = "float32", device: s
     key = hashlib.sha256(json.dumps([shape, seed, dtype], sort_keys=True, default=str).encode()
                          + tokenizer_bytes).hexdigest()[:12]
     out = cache_root() / f"{name}-{key}"
-    if (out / "config.json").exists():  # folders appear whole (save_atomically)
+    if (out / "config.json").exists() or not builds_here(out, "config.json"):  # folders appear whole
         return out
     torch.manual_seed(seed)
     with torch.device(device):
@@ -85,7 +86,7 @@ def convert_gguf(spec: DictConfig) -> Path:
     """
     source = gguf_file(spec)
     out = cache_root() / f"{source.stem}-{file_sha256(source)[:12]}"
-    if (out / "model.safetensors").exists():
+    if (out / "model.safetensors").exists() or not builds_here(out, "model.safetensors"):
         return out
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -96,6 +97,21 @@ def convert_gguf(spec: DictConfig) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     return save_atomically(out, model, tokenizer)
+
+
+def builds_here(out: Path, marker: str, timeout: float = 1800) -> bool:
+    """Whether this process builds the cached folder `out`: under torch.distributed rank 0 does, and the others
+    wait for it (save_pretrained writes no weights on another rank, so a folder they made would be empty)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return True
+    deadline = time.monotonic() + timeout
+    while not (out / marker).exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"rank {dist.get_rank()}: waited {timeout:.0f} s for rank 0 to build {out}; see rank "
+                              f"0's error, or build it once with a single process")
+        time.sleep(0.2)
+    return False
 
 
 def save_atomically(out: Path, model, tokenizer) -> Path:

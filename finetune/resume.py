@@ -103,3 +103,12 @@ def resume_from(resume, run_dir: Path, main: bool = True) -> str | None:
     if required:
         raise ConfigError(f"resume={resume}: no complete checkpoint in {folder}")
     return None
+
+
+def is_final(checkpoint: str | None, max_steps: int) -> bool:
+    """Whether `checkpoint` is of the run's last step (`training.max_steps`): a run killed after its final save.
+    The Trainer (transformers 5) resumed from there trains one step past max_steps when max_steps ends mid-epoch,
+    so the runner takes the trained model from the checkpoint instead."""
+    if checkpoint is None or max_steps <= 0:
+        return False
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] >= max_steps

@@ -27,7 +27,7 @@ from finetune.logs import headline, route_library_logs
 from finetune.paths import CONF_DIR
 from finetune.preemption import Preemption
 from finetune.registration import register
-from finetune.resume import resume_from
+from finetune.resume import is_final, resume_from
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
                              redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
 
@@ -106,6 +106,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
     checkpoint = resume_from(cfg.resume, run_dir, main)  # the same on every rank: they resume in step
+    if checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        log.info("rank %s resumes from %s", os.environ.get("RANK"), checkpoint)
     run_manifest = record(cfg, config, stats, run_dir) if main else None
 
     model = load_base(cfg, args)
@@ -120,7 +122,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
 
     trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
     try:
-        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+        train_output = train(trainer, checkpoint)
     except torch.OutOfMemoryError as err:
         from finetune.guards import out_of_memory_advice
         raise TrainingError(out_of_memory_advice(config["training"])) from err
@@ -233,6 +235,22 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     return trainer
 
 
+def train(trainer, checkpoint: str | None):
+    """trainer.train(), resuming from `checkpoint`; from a checkpoint of the last step there is nothing left to
+    train: its weights (or the best checkpoint's, with load_best_model_at_end) and its state are loaded."""
+    if not is_final(checkpoint, trainer.args.max_steps):
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+    log.info("%s is the last step's: loading it, no step left to train", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
+
+
 def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, model, trainer, train_output,
            splits: dict, held_out: list[dict], stats: dict, base: dict, tuned: dict, result: dict,
            seconds: float) -> None:
@@ -319,7 +337,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
-    print(f"run dir: {run_dir}")
+    if is_main_process():
+        print(f"run dir: {run_dir}")
     # what a sweeper (Optuna) optimises: the leaderboard's metric
     return result.metrics.get("tuned", {}).get(cfg.leaderboard.metric)
 

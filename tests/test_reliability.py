@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from safetensors.torch import load_file
@@ -85,6 +86,24 @@ def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run(straight, 
     assert_same_run(straight, killed)
 
 
+def test_killed_after_the_last_checkpoint_the_rerun_trains_no_extra_step(straight, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    for name in ("adapter", "metrics.json", "report.md", "status.json"):  # as a kill after the final save leaves it
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    out = cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint-30 is the last step's" in (run_dir / "finetune.log").read_text()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-20", "checkpoint-25", "checkpoint-30"]  # no checkpoint-31: no step past max_steps
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((run_dir / "metrics.json").read_text())["tuned"] == json.loads(
+        (straight / "metrics.json").read_text())["tuned"] | {"latency_seconds": ANY, "answers_per_second": ANY,
+                                                             "generation_seconds": ANY}
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_matches(straight, tmp_path):
     stopped = tmp_path / "stopped"
@@ -109,6 +128,52 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_matches(strai
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming from {checkpoint}" in (stopped / "finetune.log").read_text()
     assert_same_run(straight, stopped, resumed_at=step)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+            and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_two_ranks_killed_after_a_checkpoint_resume_in_step_to_the_uninterrupted_result(tmp_path):
+    steps = ["training.max_steps=20", *RESUMABLE[1:]]
+
+    def job(run_dir: Path) -> list[str]:
+        return ["torchrun", "--nproc_per_node", "2", "-m", "finetune", *steps, f"hydra.run.dir={run_dir}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    out = subprocess.run(job(straight), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    proc = subprocess.Popen(job(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    saved = killed / "checkpoints" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not saved.is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.005)
+    job_pids = [proc.pid, *children(proc.pid)]  # torchrun starts each rank in a session of its own
+    assert len(job_pids) == 3, job_pids
+    for pid in job_pids:  # the whole job, as a node failure would
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                   for pid in job_pids)
+    assert json.loads((killed / "status.json").read_text())["status"] == "running"
+    out = subprocess.run(job(killed), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (killed / "finetune.log").read_text()
+    resumed = {line.split("rank ")[1].split(" ")[0]: line.rsplit("/", 1)[1] for line in log.splitlines()
+               if " resumes from " in line}
+    last = max(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("checkpoint-*"))
+    assert set(resumed) == {"0", "1"} and len(set(resumed.values())) == 1, resumed  # both ranks, one step
+    assert int(resumed["0"].split("-")[1]) >= 10 and last == 20
+    a, b = final_log(straight), final_log(killed)
+    assert set(a) == set(b) == {5, 10, 15, 20}
+    assert all(abs(a[step] - b[step]) < 1e-3 for step in a), (a, b)
+    weights_a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    weights_b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) < 1e-4
 
 
 def fake_checkpoint(folder: Path, step: int, complete: bool, layout: str = "peft") -> Path:
