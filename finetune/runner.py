@@ -91,8 +91,10 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     peft_config = instantiate(cfg.method, _convert_="all")
     import torch
     from finetune.model import load_tokenizer
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+    from finetune.cpu import choose_threads
+    threads = choose_threads(cfg.cpu_threads)
+    if threads:
+        torch.set_num_threads(threads)
     tokenizer = load_tokenizer(cfg.model)
 
     splits, stats = build_data(cfg, tokenizer, run_dir, main)

@@ -370,3 +370,29 @@ def test_a_full_disk_while_saving_fails_the_run_naming_the_path_and_keeps_the_la
     base = load_model(cfg.model, None, True)
     PeftModel.from_pretrained(base, tmp_path / "checkpoints" / "checkpoint-5")  # still loads
     assert not (tmp_path / "adapter").exists() and not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/stat").exists(), reason="needs 2 cores and Linux")
+def test_auto_threads_leave_a_core_taken_by_another_process():
+    from finetune.cpu import choose_threads
+    cores = len(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert choose_threads("auto") <= cores - 1
+    finally:
+        busy.kill()
+        busy.wait()
+    assert choose_threads(3) == 3 and choose_threads(None) is None
+
+
+def test_auto_threads_count_idle_cores_from_proc_stat(monkeypatch):
+    from finetune import cpu
+    samples = iter([(1000, 4000), (1000 + 150, 4000 + 400)])  # 150 of 400 jiffies idle: 0.75 of 2 cores
+    monkeypatch.setattr(cpu, "cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu.choose_threads("auto") == 1
+    samples = iter([(0, 0), (390, 400)])  # both idle
+    monkeypatch.setattr(cpu, "cpu_times", lambda: next(samples))
+    assert cpu.choose_threads("auto") == 2
