@@ -3,7 +3,9 @@ files and folders atomically (temp + rename) so none is ever half-written.
 
     RUN_DIR/
       .hydra/config.yaml, overrides.yaml   Hydra's composed config and the command line's overrides
-      status.json                          running | completed | failed | skipped, and why
+      status.json                          running | completed | failed | interrupted | skipped, and why
+      .lock                                the live run's pid and host (a second run on the dir stops)
+      finetune.log                         every log line of the run, library warnings included
       manifest.json                        versions, git sha, data hash, the config; model, steps, seconds
       data/{train,validation,test}.jsonl   the splits as trained, and stats.json
       checkpoints/checkpoint-N/            the Trainer's, for resume
@@ -173,7 +175,8 @@ def pid_alive(pid) -> bool:
 
 
 def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
-    """running | completed | failed (error says why) | skipped (the incremental gate; error says why)."""
+    """running | completed | failed (error says why) | interrupted (a signal; error names the step saved) |
+    skipped (the incremental gate; error says why)."""
     write_json(run_dir / STATUS, {"status": status, "error": error})
 
 
