@@ -89,6 +89,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     config, args = check(cfg, run_dir, main)  # everything checked before data is built or weights load
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     peft_config = instantiate(cfg.method, _convert_="all")
+    answering = [name for name, m in metrics.items() if m.needs_generation]
+    grammar = constrained_grammar(cfg, answering)
     import torch
     from finetune.model import load_tokenizer
     from finetune.cpu import choose_threads
@@ -98,7 +100,6 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     tokenizer = load_tokenizer(cfg.model)
 
     splits, stats = build_data(cfg, tokenizer, run_dir, main)
-    answering = [name for name, m in metrics.items() if m.needs_generation]
     if stats.get("kind") == "text" and answering:
         raise ConfigError(f"eval.metrics {', '.join(answering)} score answers to prompts, and text samples have "
                           "none; use eval=perplexity")
@@ -116,7 +117,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                 generation=OmegaConf.to_container(cfg.eval.generation))
+                 generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
     from finetune.eval.suite import score
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     if main:
@@ -150,6 +151,19 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
            base, tuned, result, time.perf_counter() - started)
     write_json(run_dir / METRICS, result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
+
+
+def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
+    """eval.constrained: the task's answer grammar, or an error for a task (or suite) that has none."""
+    if not cfg.eval.get("constrained"):
+        return None
+    from finetune.eval.constrained import GRAMMARS, grammar_for
+    grammar = grammar_for(cfg.dataset.task)
+    if grammar is None or not answering:
+        raise ConfigError("eval.constrained=true: " + (f"dataset.task={cfg.dataset.task} has no answer grammar "
+                          f"(tasks with one: {', '.join(GRAMMARS)})" if grammar is None else
+                          "the eval suite has no metric that reads answers"))
+    return grammar
 
 
 def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
@@ -204,7 +218,7 @@ def load_base(cfg: DictConfig, args):
 
 
 def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, stats: dict,
-                 tokenizer, preemption: Preemption):
+                 tokenizer, preemption: Preemption | None = None):
     """SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16; TRL 1.16
     does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
     with the earlier adapter of an incremental run."""
@@ -217,7 +231,7 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         if args.max_length:  # TRL cuts each row to max_length: one whose answers start later trains on nothing
             rows = rows.filter(lambda first: first < args.max_length, input_columns="first_trained")
         return rows.select_columns(["input_ids", "assistant_masks"])
-    callbacks = [StopOnNonFiniteLoss(), preemption]
+    callbacks = [StopOnNonFiniteLoss()] + ([preemption] if preemption is not None else [])
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))

@@ -1,31 +1,49 @@
-"""A small HTTP endpoint for a trading loop in another process: one model, loaded once, answers JSON.
+"""An OpenAI-compatible HTTP server for a run's adapter: the `openai` client, a trading loop or an agent calls it.
 
-    python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--confidence-threshold 0.7] [--batch-size 64]
+    python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY]
 
-    GET  /health                                   -> {"status": "ok", "run": ..., "task": ..., "fallbacks": 0}
-    POST /signal   {"market_data": {...}}          -> {"signal": "BUY", "confidence": 0.72}
-    POST /signals  {"market_data": [{...}, ...]}   -> {"signals": [{"signal": ..., "confidence": ...}, ...]}
-    POST /generate {"messages": [...]}             -> {"text": "..."}     ({"prompt": "..."} works too)
+    GET  /v1/models                     the run's adapter (model id: the run dir's name) and its base ("base")
+    POST /v1/chat/completions           {"model", "messages", "max_tokens", "stream", "response_format"}
+    POST /v1/completions                {"model", "prompt", "max_tokens"}
+    GET  /health                        {"status": "ok", "run", "task", "fallbacks", "held", "queued"}
+    POST /signal   {"market_data": {...}}       -> {"signal": "BUY", "confidence": 0.72}
+    POST /signals  {"market_data": [{...}]}     -> {"signals": [{"signal": ..., "confidence": ...}, ...]}
+    POST /generate {"messages": [...]}          -> {"text": "..."}     ({"prompt": "..."} works too)
 
-    curl -s localhost:8000/signal -d '{"market_data": {"symbol": "BTC/USDT", "rsi": 28.4, "trend": "up"}}'
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+    client.chat.completions.create(model="base", messages=[{"role": "user", "content": "..."}])
 
-The answers are SignalProvider's (finetune/inference.py): same prompts, fallback and threshold, so the
-endpoint, `python -m finetune.predict` and the Python API agree. A bad request gets a 4xx and
-{"error": "..."} naming the field; the server goes on. Requests are handled in threads, generation one at
-a time (the provider's lock): a batch is best sent to /signals. It listens on loopback by default and has
-no authentication: put it behind a proxy before opening it to a network. stdlib only (http.server).
+Batching: every request joins one queue; a worker takes what arrived within `--batch-window` seconds (up to
+`--batch-size`) and answers requests for the same model, token budget and grammar in one generate() call.
+Greedy answers are the same batched or alone (the tests check it). A streamed chat completion (server-sent
+events) is generated on its own, token by token.
 
-Measured on the tests' tiny trade-signals run (2 shared CPU cores, keep-alive client): /signal p50 85-110 ms,
-p95 105-155 ms, 9-12 requests/s one client at a time, 16-20/s from 4 clients; /signals with 64 snapshots
-120-160 signals/s in batches of 16 (368/s in one batch of 64, in-process). Generation is most of it.
+Answers that parse: the signal routes decode under the task's grammar (finetune/eval/constrained.py), so a
+signal is always read and the ("HOLD", 0.0) fallback is for a model without one (`--free` turns it off);
+chat completions take OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
+{"type": "json_object"}) the same way.
+
+Limits, each answered with a 4xx / 503 and the server goes on: a body over `--max-body` bytes (413), a body
+that does not arrive within `--body-timeout` (408, connection closed), malformed JSON or wrong types (400 /
+422), an unknown model (404), max_tokens over `--max-tokens` (400), a full queue (503), a request that waited
+longer than `--request-timeout` (504). A connection idle after an answer closes after 5 s, one that sends no
+whole request head within `--body-timeout` is closed; more than `--max-connections` at once get 503. Binding to anything but loopback needs an API key: the bearer token in
+the environment variable `--api-key-env` names; without it the server refuses to start.
 """
 import argparse
+import asyncio
+import concurrent.futures
+import ipaddress
 import json
 import logging
+import os
+import queue
 import sys
+import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.data import safe_json
@@ -33,163 +51,478 @@ from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20  # 1 MiB: a few thousand snapshots per /signals call
+BASE = "base"  # the model id of the run's base model, the adapter switched off
 
 
-class BadRequest(Exception):
-    """A client error: answered with a 4xx status and {"error": message}."""
+@dataclass
+class Limits:
+    max_body: int = 1 << 20        # bytes: a few thousand snapshots per /signals call
+    max_tokens: int = 512          # the most tokens one answer may ask for
+    request_timeout: float = 60.0  # seconds a request waits for its answer (the queue and the generation)
+    body_timeout: float = 10.0     # seconds to receive a request's body (a stalled client is cut off)
+    max_queue: int = 256           # requests waiting for the model; more get 503
+    batch_size: int = 16           # answers per generate() call
+    batch_window: float = 0.01     # seconds the worker waits for more requests to batch with the first
+    max_connections: int = 512     # open connections and requests at once (uvicorn's limit_concurrency)
 
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+
+class ApiError(Exception):
+    """A client error: answered with `status` and OpenAI's {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.status = status
+        self.status, self.kind = status, kind
 
 
-def make_server(provider, host: str = "127.0.0.1", port: int = 8000, run_dir=None) -> ThreadingHTTPServer:
-    """A server bound to (host, port) (port 0: any free one, see server.server_address); call serve_forever()."""
+@dataclass
+class Job:
+    chat: list[dict]
+    model: str
+    max_tokens: int
+    grammar: str | None = None
+    stream: "queue.Queue | None" = None   # text pieces as they are generated, then None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued: float = field(default_factory=time.monotonic)
 
-    def health(body):
-        return {"status": "ok", "run": None if run_dir is None else str(run_dir), "task": provider.task,
-                "fallbacks": provider.fallbacks, "held": provider.held}
 
-    def signal(body):
-        market_data = _field(body, "market_data", dict)
+class Batcher:
+    """One worker thread owns the model: it takes the first queued job, gathers what arrives within the window,
+    and answers each group of compatible jobs with one generate() call."""
+
+    def __init__(self, provider, limits: Limits):
+        self.provider, self.limits = provider, limits
+        self.jobs: queue.Queue = queue.Queue(limits.max_queue)
+        self.batches: list[int] = []  # the size of each generate() call (health, tests)
+        self.thread = threading.Thread(target=self.loop, name="finetune-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
         try:
-            chat = provider.signal_prompt(market_data, body.get("symbol"))
-        except ValueError as e:
-            raise BadRequest(f"market_data: {e}") from None
-        value, confidence = provider.read_signal(provider.generate([chat])[0])
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"the server is busy ({self.limits.max_queue} requests waiting); retry later",
+                           "server_busy") from None
+        return job
+
+    def loop(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch, deadline = [first], time.monotonic() + self.limits.batch_window
+            while first.stream is None and len(batch) < self.limits.batch_size:
+                try:
+                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+                if batch[-1] is None:
+                    batch.pop()
+                    self.jobs.put(None)
+                    break
+            groups: dict = {}
+            for job in batch:
+                key = (job.model, job.max_tokens, job.grammar, id(job) if job.stream else None)
+                groups.setdefault(key, []).append(job)
+            for jobs in groups.values():
+                self.answer(jobs)
+
+    def answer(self, jobs: list[Job]) -> None:
+        from finetune.eval.suite import generate_answers
+        provider, first = self.provider, jobs[0]
+        streamer = Pieces(provider.tokenizer, first.stream) if first.stream is not None else None
+        try:
+            with provider.model.disable_adapter() if first.model == BASE else _nothing():
+                out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs], first.max_tokens,
+                                       len(jobs), progress=False, grammar=first.grammar, streamer=streamer,
+                                       **provider.generation)
+            self.batches.append(len(jobs))
+            for i, job in enumerate(jobs):
+                job.future.set_result({k: out[k][i] for k in ("texts", "tokens", "stopped", "prompt_tokens")})
+        except Exception as err:  # every waiting request gets the error, and the worker lives on
+            log.exception("generation failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        finally:
+            if first.stream is not None:
+                first.stream.put(None)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Pieces:
+    """A generate() streamer for one answer: decoded text pieces into a queue as tokens arrive (the prompt and
+    the stop token left out)."""
+
+    def __init__(self, tokenizer, out: queue.Queue):
+        self.tokenizer, self.out, self.tokens, self.sent, self.prompt_seen = tokenizer, out, [], "", False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+            return
+        if len(text) > len(self.sent):
+            self.out.put(text[len(self.sent):])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+def http_protocol(header_timeout: float):
+    """uvicorn's HTTP/1.1 protocol, and a connection that has not sent a whole request head within
+    `header_timeout` seconds of opening (or of its last answer) is closed. uvicorn itself arms its keep-alive
+    timer only after a first answer and disarms it at the first byte: a client that connects and says nothing,
+    or sends half a request line, would hold its connection for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Guarded(H11Protocol):
+        header_timer = None
+
+        def waiting(self) -> bool:  # no request in progress: before the first, or after an answer
+            return self.cycle is None or self.cycle.response_complete
+
+        def arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self.cut_off)
+
+        def cut_off(self) -> None:
+            self.header_timer = None
+            if self.waiting() and not self.transport.is_closing():
+                self.transport.close()
+            elif not self.transport.is_closing():
+                self.arm()  # a request is being answered: look again later
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.waiting():
+                self.arm()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_app(provider, run_name: str = "adapter", api_key: str | None = None, limits: Limits | None = None,
+             constrained: bool = True):
+    """The FastAPI app serving `provider` (a SignalProvider: its adapter as `run_name`, its base as "base")."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from finetune.eval.constrained import grammar_for
+    limits = limits or Limits(batch_size=provider.batch_size)
+    batcher = Batcher(provider, limits)
+    task_grammar = grammar_for(provider.task) if constrained else None
+    models = [run_name, BASE]
+    app = FastAPI(title="finetune", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return error(err.status, str(err), err.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(422, f"{where or 'body'}: {first.get('msg', 'invalid')}")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error")
+        if request.method == "POST":
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body):
+                return error(413, f"body of {declared} bytes is over {limits.max_body}")
+            try:
+                body = await asyncio.wait_for(read_body(request, limits.max_body), limits.body_timeout)
+            except TimeoutError:
+                response = error(408, f"the body did not arrive within {limits.body_timeout:g} s")
+                response.headers["Connection"] = "close"
+                return response
+            except ApiError as err:
+                return error(err.status, str(err))
+            request.state.json = body
+        return await call_next(request)
+
+    async def answer(job: Job) -> dict:
+        batcher.submit(job)
+        left = limits.request_timeout - (time.monotonic() - job.queued)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future), left)
+        except TimeoutError:
+            raise ApiError(504, f"no answer within {limits.request_timeout:g} s (the queue is long); retry",
+                           "timeout") from None
+
+    def model_of(body: dict) -> str:
+        name = body.get("model") or run_name
+        if not isinstance(name, str) or name not in models:
+            raise ApiError(404, f"model {name!r} does not exist; this server has {', '.join(models)}",
+                           "model_not_found")
+        return name
+
+    def budget(body: dict) -> int:
+        tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if tokens is None:
+            return min(provider.max_new_tokens, limits.max_tokens)
+        if type(tokens) is not int or not 1 <= tokens <= limits.max_tokens:
+            raise ApiError(400, f"max_tokens: an integer from 1 to {limits.max_tokens}, got {tokens!r}")
+        return tokens
+
+    def completion(kind: str, model: str, choices: list[dict], usage: dict) -> dict:
+        return {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+
+    def usage(outs: list[dict]) -> dict:
+        prompt, done = sum(o["prompt_tokens"] for o in outs), sum(o["tokens"] for o in outs)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "run": run_name, "task": provider.task, "fallbacks": provider.fallbacks,
+                "held": provider.held, "queued": batcher.jobs.qsize()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "finetune"}
+                                           for m in models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = json_object(request)
+        model, tokens = model_of(body), budget(body)
+        chat = messages_of(body.get("messages"))
+        grammar = response_grammar(body.get("response_format"))
+        if body.get("stream"):
+            return StreamingResponse(stream_chat(Job(chat, model, tokens, grammar, stream=queue.Queue())),
+                                     media_type="text/event-stream")
+        out = await answer(Job(chat, model, tokens, grammar))
+        choice = {"index": 0, "message": {"role": "assistant", "content": out["texts"]},
+                  "finish_reason": "stop" if out["stopped"] else "length"}
+        return completion("chat.completion", model, [choice], usage([out]))
+
+    async def stream_chat(job: Job):
+        batcher.submit(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": job.model}
+
+        def event(delta: dict, finish=None) -> str:
+            return "data: " + json.dumps({**head, "choices": [{"index": 0, "delta": delta,
+                                                               "finish_reason": finish}]}) + "\n\n"
+        yield event({"role": "assistant", "content": ""})
+        while True:
+            piece = await asyncio.to_thread(job.stream.get, True, limits.request_timeout)
+            if piece is None:
+                break
+            yield event({"content": piece})
+        try:
+            out = job.future.result(timeout=limits.request_timeout)
+            yield event({}, "stop" if out["stopped"] else "length")
+        except Exception as err:
+            yield "data: " + json.dumps({"error": {"message": f"{type(err).__name__}: {err}"}}) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = json_object(request)
+        model, tokens = model_of(body), budget(body)
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ApiError(400, "prompt: a non-empty string or list of strings")
+        system = [{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []
+        outs = await asyncio.gather(*(answer(Job(system + [{"role": "user", "content": p}], model, tokens))
+                                      for p in prompts))
+        choices = [{"index": i, "text": o["texts"], "finish_reason": "stop" if o["stopped"] else "length",
+                    "logprobs": None} for i, o in enumerate(outs)]
+        return completion("text_completion", model, choices, usage(list(outs)))
+
+    @app.post("/signal")
+    async def signal(request: Request):
+        body = json_object(request)
+        chat = signal_chat(body, body_field(body, "market_data", dict))
+        out = await answer(Job(chat, run_name, provider.max_new_tokens, task_grammar))
+        value, confidence = provider.read_signal(out["texts"])
         return {"signal": value, "confidence": confidence}
 
-    def signals(body):
-        snapshots = _field(body, "market_data", list)
-        chats = []
-        for i, market_data in enumerate(snapshots):
-            try:
-                chats.append(provider.signal_prompt(market_data, body.get("symbol")))
-            except ValueError as e:
-                raise BadRequest(f"market_data[{i}]: {e}") from None
-        answers = provider.generate(chats) if chats else []
-        return {"signals": [dict(zip(("signal", "confidence"), provider.read_signal(a))) for a in answers]}
+    @app.post("/signals")
+    async def signals(request: Request):
+        body = json_object(request)
+        chats = [signal_chat(body, m, f"market_data[{i}]")
+                 for i, m in enumerate(body_field(body, "market_data", list))]
+        outs = await asyncio.gather(*(answer(Job(c, run_name, provider.max_new_tokens, task_grammar))
+                                      for c in chats))
+        return {"signals": [dict(zip(("signal", "confidence"), provider.read_signal(o["texts"]))) for o in outs]}
 
-    def generate(body):
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = json_object(request)
         if "messages" in body:
-            messages = _field(body, "messages", list)
-            if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                       and isinstance(m.get("content"), str) for m in messages):
-                raise BadRequest('messages: expected a non-empty list of {"role": str, "content": str}')
+            chat = messages_of(body["messages"])
         else:
-            prompt = _field(body, "prompt", str)
-            system = [{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []
-            messages = system + [{"role": "user", "content": prompt}]
+            prompt = body_field(body, "prompt", str)
+            chat = ([{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []) + [
+                {"role": "user", "content": prompt}]
         tokens = body.get("max_new_tokens")
-        if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= 4096):
-            raise BadRequest("max_new_tokens: an integer from 1 to 4096")
-        return {"text": provider.generate([messages], tokens)[0]}
+        if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= limits.max_tokens):
+            raise ApiError(400, f"max_new_tokens: an integer from 1 to {limits.max_tokens}")
+        out = await answer(Job(chat, run_name, tokens or provider.max_new_tokens))
+        return {"text": out["texts"]}
 
-    routes = {("GET", "/health"): health, ("POST", "/signal"): signal, ("POST", "/signals"): signals,
-              ("POST", "/generate"): generate}
+    def signal_chat(body: dict, market_data, where: str = "market_data") -> list[dict]:
+        try:
+            return provider.signal_prompt(market_data, body.get("symbol"))
+        except ValueError as e:
+            raise ApiError(400, f"{where}: {e}") from None
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a trading loop reuses its connection
-
-        def do_GET(self):
-            self._handle("GET")
-
-        def do_POST(self):
-            self._handle("POST")
-
-        def _handle(self, method):
-            start = time.perf_counter()
-            try:
-                route = routes.get((method, self.path.split("?")[0]))
-                if route is None:
-                    known = [p for (m, p) in routes if p == self.path.split("?")[0]]
-                    raise BadRequest(f"{method} {self.path}: " + ("method not allowed" if known else
-                                     f"no such endpoint (try {', '.join(f'{m} {p}' for m, p in routes)})"),
-                                     HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND)
-                body = self._body() if method == "POST" else {}
-                status, payload = HTTPStatus.OK, route(body)
-            except BadRequest as e:
-                status, payload = e.status, {"error": str(e)}
-            except Exception as e:  # the loop on the other side needs an answer, and the server must live on
-                log.exception("%s %s failed", method, self.path)
-                status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"}
-            data = json.dumps(payload, ensure_ascii=False).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            if status != HTTPStatus.OK:  # an unread or broken body may be left on the connection
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(data)
-            log.debug("%s %s %d in %.1f ms", method, self.path, status, (time.perf_counter() - start) * 1000)
-
-        def _body(self) -> dict:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise BadRequest("Content-Length is not a number") from None
-            if length > MAX_BODY:
-                raise BadRequest(f"body of {length} bytes is over {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            raw = self.rfile.read(length)
-            try:
-                body = safe_json.loads(raw or b"null")  # deep nesting, bad UTF-8: a 400
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"body is not JSON ({e})") from None
-            if not isinstance(body, dict):
-                raise BadRequest("body must be a JSON object")
-            return body
-
-        def log_message(self, format, *args):  # through logging, not straight to stderr
-            log.info("%s " + format, self.address_string(), *args)
-
-    return ThreadingHTTPServer((host, port), Handler)
+    return app
 
 
-def _field(body: dict, name: str, kind: type):
+async def read_body(request, max_body: int):
+    """The request's JSON body, read chunk by chunk up to `max_body` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise ApiError(413, f"body over {max_body} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return safe_json.loads(raw or b"null")  # deep nesting, bad UTF-8: a 400
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"body is not JSON ({e})") from None
+
+
+def json_object(request) -> dict:
+    body = request.state.json
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body
+
+
+def body_field(body: dict, name: str, kind: type):
     if name not in body:
-        raise BadRequest(f"missing field '{name}' (found: {', '.join(body) or 'no fields'})")
+        raise ApiError(400, f"missing field '{name}' (found: {', '.join(body) or 'no fields'})")
     if not isinstance(body[name], kind):
         names = {dict: "a JSON object", list: "a JSON list", str: "text"}
-        raise BadRequest(f"{name}: expected {names[kind]}, got {type(body[name]).__name__}")
+        raise ApiError(400, f"{name}: expected {names[kind]}, got {type(body[name]).__name__}")
     return body[name]
+
+
+def messages_of(messages) -> list[dict]:
+    """OpenAI chat messages as the chat template takes them; content given as a list of text parts is joined."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, 'messages: expected a non-empty list of {"role": str, "content": str}')
+    chat = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            content = "".join(p for p in parts if isinstance(p, str)) if len(parts) == len(content) else None
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
+                content, str):
+            raise ApiError(400, f'messages[{i}]: expected {{"role": system | user | assistant, "content": text}}')
+        chat.append({"role": m["role"], "content": content})
+    return chat
+
+
+def response_grammar(response_format) -> str | None:
+    """OpenAI's response_format as a llguidance grammar: a JSON schema, any JSON object, or None (free text)."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    import llguidance
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        schema = {"type": "object"}
+    elif kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        schema = response_format["json_schema"].get("schema", {})
+    else:
+        raise ApiError(400, "response_format: {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        problem = llguidance.LLMatcher.validate_grammar(grammar)  # "" when usable
+    except (TypeError, ValueError) as err:
+        problem = str(err)
+    if problem:
+        raise ApiError(400, f"response_format: the schema is not usable ({problem})")
+    return grammar
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 opens it to the network")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback by default; another address needs an API key")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key-env", default="FINETUNE_API_KEY",
+                        help="the environment variable holding the bearer token clients must send")
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="weaker BUY / SELL -> HOLD")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
-    parser.add_argument("--batch-size", type=int, default=None, help="/signals generates this many at a time "
-                        "(default: the run's eval.batch_size)")
+    parser.add_argument("--free", action="store_true", help="signal routes without the answer grammar")
+    defaults = Limits()
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
+    parser.add_argument("--batch-window", type=float, default=defaults.batch_window)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--max-body", type=int, default=defaults.max_body)
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue)
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    api_key = os.environ.get(args.api_key_env) or None
+    if api_key is None and not is_loopback(args.host):
+        print(f"error: --host {args.host} opens the server to the network: set {args.api_key_env} to the API key "
+              f"clients must send (Authorization: Bearer <key>), or serve on 127.0.0.1", file=sys.stderr)
+        sys.exit(1)
     from finetune.inference import SignalProvider
-    options = {"confidence_threshold": args.confidence_threshold}
-    if args.max_new_tokens:
-        options["max_new_tokens"] = args.max_new_tokens
-    if args.batch_size:
-        options["batch_size"] = args.batch_size
     try:
-        provider = SignalProvider.from_run(args.run_dir, **options)
-        server = make_server(provider, args.host, args.port, args.run_dir)
+        provider = SignalProvider.from_run(args.run_dir, confidence_threshold=args.confidence_threshold)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach it can query the model (no authentication)", args.host)
-    host, port = server.server_address[:2]
-    print(f"serving {args.run_dir} on http://{host}:{port} (GET /health, POST /signal /signals /generate)",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    limits = Limits(max_body=args.max_body, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
+                    body_timeout=args.body_timeout, max_queue=args.max_queue,
+                    batch_size=args.batch_size or provider.batch_size, batch_window=args.batch_window,
+                    max_connections=args.max_connections)
+    app = make_app(provider, Path(args.run_dir).resolve().name, api_key, limits, constrained=not args.free)
+    import uvicorn
+    print(f"serving {args.run_dir} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/completions, "
+          f"/v1/models, /signal, /signals, /generate, /health)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_keep_alive=5, http=http_protocol(args.body_timeout),
+                limit_concurrency=args.max_connections, log_level="info")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""The HTTP endpoint on the tiny trade-signals run, in a thread on a free loopback port: the same answers as
-the Python API, JSON errors with 4xx for bad requests, and the server lives on after them."""
-import http.client
+"""The server on the tiny trade-signals run, uvicorn in a thread on a free loopback port: the openai client
+against it unchanged, batched answers equal to the Python API's, bad input answered with a 4xx while it goes on
+serving, and the API key."""
 import json
-import re
+import socket
+import statistics
 import threading
+import time
 
 import pytest
 
 from finetune.inference import SignalProvider
-from finetune.serve import main as serve_main, make_server
+from finetune.serve import Limits, http_protocol, main as serve_main, make_app
 from test_inference import SNAPSHOTS, one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
+
+LIMITS = Limits(request_timeout=60.0, body_timeout=2.0, max_tokens=64, batch_size=16, batch_window=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -17,79 +21,207 @@ def provider(cache_dir):
     return SignalProvider.from_run(tiny_signal_run(cache_dir))
 
 
+def start(app):
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, timeout_keep_alive=2,
+                                           http=http_protocol(LIMITS.body_timeout), limit_concurrency=512,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, server.servers[0].sockets[0].getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def server(provider):
-    server = make_server(provider, "127.0.0.1", 0, run_dir="tiny")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    app = make_app(provider, "tiny-run", limits=LIMITS)
+    server, port = start(app)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
 
 
-def call(server, method, path, body=None):
-    """(status, JSON answer); `body` is sent as JSON, or as it is when it is bytes."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    payload = json.loads(response.read())
-    connection.close()
-    assert response.getheader("Content-Type").startswith("application/json")
-    return response.status, payload
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused-on-loopback", max_retries=0)
 
 
-def test_listens_on_loopback_and_reports_health(server):
-    assert server.server_address[0] == "127.0.0.1"
-    status, body = call(server, "GET", "/health")
-    assert status == 200 and body["status"] == "ok" and body["task"] == "signals" and body["run"] == "tiny"
+def post(url: str, body, headers=None, timeout=30):
+    import httpx
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url, content=data, headers={"Content-Type": "application/json", **(headers or {})},
+                      timeout=timeout)
 
 
-def test_endpoint_gives_the_python_api_answers(server, provider):
-    expected = provider.get_signals(SNAPSHOTS)
-    for market_data, (signal, confidence) in zip(SNAPSHOTS, expected):
-        assert call(server, "POST", "/signal", {"market_data": market_data}) == (
-            200, {"signal": signal, "confidence": confidence})
-    status, body = call(server, "POST", "/signals", {"market_data": SNAPSHOTS})
-    assert status == 200 and [(s["signal"], s["confidence"]) for s in body["signals"]] == expected
-    messages = [{"role": "user", "content": "Symbol: BTC/USDT\nRSI: 28"}]
-    assert call(server, "POST", "/generate", {"messages": messages}) == (
-        200, {"text": provider.generate([messages])[0]})
-    prompt = [{"role": "system", "content": provider.system_prompt}, messages[0]]
-    assert call(server, "POST", "/generate", {"prompt": messages[0]["content"]}) == (
-        200, {"text": provider.generate([prompt])[0]})
+def chat(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Symbol: BTC/USDT\nRSI: {20 + i}\nrequest {i}"}]
 
 
-@pytest.mark.parametrize("method, path, body, status, error", [
-    ("POST", "/signal", b"[1, 2]", 400, "body must be a JSON object"),
-    ("POST", "/signal", b"{not json", 400, "body is not JSON"),
-    ("POST", "/signal", {"data": {}}, 400, "missing field 'market_data' \\(found: data\\)"),
-    ("POST", "/signal", {"market_data": [1]}, 400, "market_data: expected a JSON object, got list"),
-    ("POST", "/signal", {"market_data": {"colour": "red"}}, 400, "market_data: .*no known indicator"),
-    ("POST", "/signals", {"market_data": [SNAPSHOTS[0], {"colour": "red"}]}, 400, "market_data\\[1\\]: "),
-    ("POST", "/generate", {"messages": [{"role": "user"}]}, 400, "messages: expected a non-empty list"),
-    ("POST", "/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
-    ("GET", "/signal", None, 405, "method not allowed"),
-    ("POST", "/trade", {}, 404, "no such endpoint"),
+def test_the_openai_client_lists_models_completes_and_streams(client, provider):
+    assert {m.id for m in client.models.list()} == {"tiny-run", "base"}
+    messages = chat(1)
+    expected = provider.generate([messages])[0]
+    answer = client.chat.completions.create(model="tiny-run", messages=messages)
+    assert answer.choices[0].message.content == expected and answer.usage.completion_tokens > 0
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="tiny-run", messages=messages, stream=True)]
+    assert len(pieces) > 2 and "".join(pieces) == expected  # token by token, the same answer
+    with provider.model.disable_adapter():
+        base_expected = provider.generate([messages])[0]
+    assert client.chat.completions.create(model="base", messages=messages).choices[0].message.content == base_expected
+    text = client.completions.create(model="tiny-run", prompt=messages[0]["content"]).choices[0].text
+    system = [{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []
+    assert text == provider.generate([system + messages])[0]
+
+
+def test_a_json_schema_response_format_is_followed(client):
+    schema = {"type": "object", "properties": {"signal": {"enum": ["BUY", "SELL", "HOLD"]}},
+              "required": ["signal"], "additionalProperties": False}
+    answer = client.chat.completions.create(model="base", messages=chat(2), max_tokens=32,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "s", "schema": schema}})
+    assert json.loads(answer.choices[0].message.content)["signal"] in ("BUY", "SELL", "HOLD")
+
+
+def test_signal_routes_answer_under_the_grammar_and_never_fall_back(server, provider):
+    url = server[0]
+    free = [provider.generate([provider.signal_prompt(m)])[0] for m in SNAPSHOTS]
+    expected = [provider.read_signal(text) for text in free]
+    fallbacks = provider.fallbacks
+    got = post(f"{url}/signals", {"market_data": SNAPSHOTS}).json()["signals"]
+    assert post(f"{url}/signal", {"market_data": SNAPSHOTS[0]}).json() == got[0]
+    assert provider.fallbacks == fallbacks  # every constrained answer gave a signal and a confidence
+    for text, want, answer in zip(free, expected, got):
+        if want != ("HOLD", 0.0):  # a free answer the format allows is the constrained answer too
+            assert (answer["signal"], answer["confidence"]) == want
+        assert answer["signal"] in ("BUY", "SELL", "HOLD") and 0 <= answer["confidence"] <= 1
+
+
+LOAD = """
+import json, sys, time, httpx
+from concurrent.futures import ThreadPoolExecutor
+url, clients, each = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def client(c):
+    out = []
+    with httpx.Client(timeout=120) as http:  # one keep-alive connection per client, as a trading loop keeps
+        for i in range(c * each, (c + 1) * each):
+            start = time.perf_counter()
+            r = http.post(url, json={"model": "tiny-run", "max_tokens": 8, "messages": [
+                {"role": "user", "content": f"Symbol: BTC/USDT\\nRSI: {20 + i}\\nrequest {i}"}]})
+            out.append([i, r.status_code, r.json()["choices"][0]["message"]["content"], time.perf_counter() - start])
+    return out
+start = time.perf_counter()
+with ThreadPoolExecutor(clients) as pool:
+    rows = [row for rows in pool.map(client, range(clients)) for row in rows]
+print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows}))
+"""
+
+
+def load(url: str, clients: int, each: int) -> dict:
+    """`clients` concurrent clients sending `each` requests one after another, from another process (a client
+    in the server's process would share its interpreter lock)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", LOAD, f"{url}/v1/chat/completions", str(clients), str(each)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_eight_clients_are_batched_three_times_faster_than_one_and_none_is_lost(server, provider):
+    url, app = server
+    expected = dict(enumerate(provider.generate([chat(i) for i in range(200)], 8)))
+    alone = load(url, 1, 25)
+    one_client = 25 / alone["seconds"]
+    batches_before = len(app.state.batcher.batches)
+    together = load(url, 8, 25)
+    eight_clients = 200 / together["seconds"]
+    sizes = app.state.batcher.batches[batches_before:]
+    latencies = sorted(row[3] for row in together["rows"])
+    print(f"one client {one_client:.1f} req/s (p50 {statistics.median(r[3] for r in alone['rows']) * 1000:.0f} ms);"
+          f" 8 clients {eight_clients:.1f} req/s, p50 {latencies[99] * 1000:.0f} ms, p99 {latencies[197] * 1000:.0f}"
+          f" ms; {len(sizes)} batches, mean size {200 / len(sizes):.1f}")
+    rows = alone["rows"] + together["rows"]
+    assert all(status == 200 for _, status, _, _ in rows)
+    assert sorted(i for i, _, _, _ in together["rows"]) == list(range(200))  # every request answered once
+    assert all(text == expected[i] for i, _, text, _ in rows)  # each its own answer, batched or alone
+    assert max(sizes) > 1 and eight_clients >= 3 * one_client, (one_client, eight_clients)
+
+
+@pytest.mark.parametrize("path, body, status, error", [
+    ("/v1/chat/completions", b"{not json", 400, "body is not JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "body must be a JSON object"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": 5}, 400, "messages: expected a non-empty list"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": [{"role": "user", "content": 3}]}, 400,
+     "messages\\[0\\]"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": chat(0), "max_tokens": "8"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": chat(0), "max_tokens": 10 ** 9}, 400,
+     "max_tokens: an integer from 1 to 64"),
+    ("/v1/chat/completions", {"model": "gpt-5", "messages": chat(0)}, 404, "model 'gpt-5' does not exist"),
+    ("/v1/chat/completions", {"model": "base", "messages": chat(0), "response_format": {"type": "yaml"}}, 400,
+     "response_format"),
+    ("/v1/completions", {"model": "base", "prompt": 7}, 400, "prompt: a non-empty string"),
+    ("/signal", {"market_data": {"colour": "red"}}, 400, "market_data: .*no known indicator"),
+    ("/signals", {"market_data": [SNAPSHOTS[0], {"colour": "red"}]}, 400, "market_data\\[1\\]: "),
+    ("/signal", {"data": {}}, 400, "missing field 'market_data' \\(found: data\\)"),
+    ("/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ("/v1/chat/completions", b"x" * (10 << 20), 413, "over 1048576"),
 ])
-def test_bad_requests_get_a_json_error_and_the_server_lives_on(server, method, path, body, status, error):
-    got_status, payload = call(server, method, path, body)
-    assert got_status == status and re.search(error, payload["error"]), payload
-    assert call(server, "GET", "/health")[0] == 200
+def test_bad_requests_get_a_4xx_and_the_server_goes_on(server, path, body, status, error):
+    import re
+    out = post(server[0] + path, body)
+    assert out.status_code == status and re.search(error, out.json()["error"]["message"]), out.text
+    assert post(server[0] + "/v1/chat/completions", {"model": "base", "messages": chat(0), "max_tokens": 2}
+                ).status_code == 200
 
 
-def test_concurrent_requests_get_their_own_answers(server, provider):
-    expected = provider.get_signals(SNAPSHOTS)
-    results = [None] * len(SNAPSHOTS)
+def test_a_stalled_request_is_closed_after_the_timeout_and_idle_connections_do_not_block(server):
+    host, port = "127.0.0.1", int(server[0].rsplit(":", 1)[1])
+    stalled = socket.create_connection((host, port))
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 200\r\n\r\n{\"model\": ")  # half a body, then nothing
+    sent = time.monotonic()
+    idle = [socket.create_connection((host, port)) for _ in range(200)]
+    try:
+        assert post(server[0] + "/v1/chat/completions", {"model": "base", "messages": chat(0), "max_tokens": 2}
+                    ).status_code == 200  # while 201 connections hang
+        stalled.settimeout(LIMITS.body_timeout + 5)
+        reply = chunk = stalled.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - sent < LIMITS.body_timeout + 2
+        while chunk:  # the rest of the answer, then the server closes the connection (recv gives b"")
+            chunk = stalled.recv(4096)
+            reply += chunk
+        assert b"the body did not arrive within 2 s" in reply
+        idle[0].settimeout(10)
+        assert idle[0].recv(1) == b""  # a connection that never sends a request is closed after the timeout
+        half = socket.create_connection((host, port))
+        half.sendall(b"POST /v1/chat/comp")  # half a request line, then nothing
+        half.settimeout(10)
+        assert half.recv(1) == b""
+        half.close()
+    finally:
+        stalled.close()
+        for s in idle:
+            s.close()
+    assert post(server[0] + "/v1/chat/completions", {"model": "base", "messages": chat(0), "max_tokens": 2}
+                ).status_code == 200
 
-    def ask(i):
-        results[i] = call(server, "POST", "/signal", {"market_data": SNAPSHOTS[i]})[1]
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(SNAPSHOTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [(r["signal"], r["confidence"]) for r in results] == expected
+
+def test_an_api_key_is_required_off_loopback_and_checked(provider, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FINETUNE_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        serve_main([str(tmp_path), "--host", "0.0.0.0", "--port", "0"])
+    assert exit_.value.code == 1 and "set FINETUNE_API_KEY" in capsys.readouterr().err
+    server, port = start(make_app(provider, "tiny-run", api_key="k-123456", limits=LIMITS))
+    try:
+        url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {"model": "base", "messages": chat(0),
+                                                                     "max_tokens": 2}
+        assert post(url, body).status_code == 401
+        assert post(url, body, {"Authorization": "Bearer wrong"}).status_code == 401
+        assert post(url, body, {"Authorization": "Bearer k-123456"}).status_code == 200
+    finally:
+        server.should_exit = True
 
 
 def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -60,13 +60,15 @@ def generate_chats(model, tokenizer, chats: list[list[dict]], max_new_tokens: in
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     progress: bool = True, **generation) -> dict:
+                     progress: bool = True, grammar: str | None = None, streamer=None, **generation) -> dict:
     """{"texts": answers, "tokens": generated tokens per answer (its stop token not counted), "stopped": whether
-    the answer ended on a stop id before `max_new_tokens` ran out}.
+    the answer ended on a stop id before `max_new_tokens` ran out, "prompt_tokens": each prompt's length}.
 
     `repetition_penalty` counts the answer's own tokens only. transformers counts the prompt's too by default,
     which pushes down the end-of-turn token (every turn of the prompt ends with it, so a penalised model never
-    stops) and every word a rewrite should keep; its processor's `prompt_ignore_length` leaves the prompt out."""
+    stops) and every word a rewrite should keep; its processor's `prompt_ignore_length` leaves the prompt out.
+    `grammar`: the llguidance grammar every answer follows (constrained decoding, finetune/eval/constrained.py);
+    `streamer`: generate()'s, for a batch of one (finetune/serve.py streams with it)."""
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
     generation = dict(generation)
     penalty = generation.pop("repetition_penalty", None)
@@ -76,17 +78,22 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
     tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
-    texts, tokens, stopped = [], [], []
+    texts, tokens, stopped, prompt_tokens = [], [], [], []
     try:
         for start in tqdm(range(0, len(chats), batch_size), desc="generate", leave=False, disable=not progress):
             prompts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
                        for chat in chats[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             width = batch["input_ids"].shape[1]  # left-padded: every answer starts here
+            prompt_tokens.extend(batch["attention_mask"].sum(dim=1).tolist())
             processors = LogitsProcessorList(
                 [RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=width)] if penalty else [])
+            if grammar is not None:
+                from finetune.eval.constrained import GrammarLogits
+                processors.append(GrammarLogits(tokenizer, grammar, len(prompts), width, stops))
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=stops, logits_processor=processors, **{"do_sample": False, **generation})
+                                 eos_token_id=stops, logits_processor=processors, streamer=streamer,
+                                 **{"do_sample": False, **generation})
             for row in out[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 tokens.append(len(row) if end is None else end)
@@ -94,7 +101,7 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
                 texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     finally:
         tokenizer.padding_side = side
-    return {"texts": texts, "tokens": tokens, "stopped": stopped}
+    return {"texts": texts, "tokens": tokens, "stopped": stopped, "prompt_tokens": prompt_tokens}
 
 
 def answer_lengths(tokenizer, samples: list[dict], answers: dict) -> dict:
@@ -110,17 +117,27 @@ def answer_lengths(tokenizer, samples: list[dict], answers: dict) -> dict:
 
 
 def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int,
-          generation: dict | None = None) -> dict:
+          generation: dict | None = None, grammar: str | None = None) -> dict:
     """The eval suite's metrics for one model (base or tuned) on the held-out samples: the answers are generated
-    once, for every metric that reads them. (`python -m finetune.evaluate` is the command that re-scores a run.)"""
+    once, for every metric that reads them. With a `grammar` (eval.constrained) the answering metrics are scored
+    a second time on constrained answers, as `constrained_<metric>` beside the free-running ones.
+    (`python -m finetune.evaluate` is the command that re-scores a run.)"""
     results, outputs = {}, None
-    if any(m.needs_generation for m in metrics.values()):
+    answering = {name: m for name, m in metrics.items() if m.needs_generation}
+    chats = [s["messages"][:-1] for s in samples]
+    if answering:
         start = time.perf_counter()
-        answers = generate_answers(model, tokenizer, [s["messages"][:-1] for s in samples], max_new_tokens,
-                                   batch_size, **(generation or {}))
+        answers = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, **(generation or {}))
         results["generation_seconds"] = time.perf_counter() - start
         results.update(answer_lengths(tokenizer, samples, answers))
         outputs = answers["texts"]
     for metric in metrics.values():
         results.update(metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer))
-    return {"metrics": results, "outputs": outputs}
+    constrained = None
+    if answering and grammar is not None:
+        constrained = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, grammar=grammar,
+                                       **(generation or {}))["texts"]
+        for metric in answering.values():
+            scores = metric(samples=samples, outputs=constrained, model=model, tokenizer=tokenizer)
+            results.update({f"constrained_{k}": v for k, v in scores.items()})
+    return {"metrics": results, "outputs": outputs, "constrained_outputs": constrained}
