@@ -67,15 +67,31 @@ class ABRouter:
         return assign(request_id, self.split, self.seed)
 
     def get_signal(self, market_data: dict, request_id=None) -> dict:
-        request_id = str(uuid.uuid4()) if request_id is None else request_id
-        arm = self.arm(request_id)
-        signal, confidence = self.providers[arm].get_signal(market_data)
-        decision = {"id": request_id, "arm": arm, "input": market_data, "signal": signal, "confidence": confidence,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        return self.get_signals([market_data], [request_id])[0]
+
+    def get_signals(self, market_data: list[dict], request_ids: list | None = None) -> list[dict]:
+        """One decision per snapshot, in order; each arm answers its snapshots in one batched call (a provider
+        with get_signals, as SignalProvider and Ensemble have; one by one otherwise)."""
+        ids = [str(uuid.uuid4()) if i is None else i for i in (request_ids or [None] * len(market_data))]
+        arms = [self.arm(i) for i in ids]
+        answers: list = [None] * len(ids)
+        for arm in ARMS:
+            mine = [k for k, a in enumerate(arms) if a == arm]
+            if not mine:
+                continue
+            provider = self.providers[arm]
+            snapshots = [market_data[k] for k in mine]
+            got = provider.get_signals(snapshots) if hasattr(provider, "get_signals") else [
+                provider.get_signal(m) for m in snapshots]
+            for k, answer in zip(mine, got):
+                answers[k] = answer
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        decisions = [{"id": i, "arm": arm, "input": m, "signal": signal, "confidence": confidence, "time": now}
+                     for i, arm, m, (signal, confidence) in zip(ids, arms, market_data, answers)]
         if self.log_path is not None:
             with self._lock, self.log_path.open("a", encoding="utf-8") as log:
-                log.write(json.dumps(decision, ensure_ascii=False) + "\n")
-        return decision
+                log.write("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in decisions))
+        return decisions
 
 
 # ---- report
@@ -235,10 +251,12 @@ def read_snapshots(path: Path) -> list[dict]:
     return rows
 
 
-def route_all(router: ABRouter, rows: list[dict]) -> None:
-    """Each snapshot through the router; the request id is the line's `id`, else its line number."""
-    for row in rows:
-        router.get_signal(row["market_data"], row.get("id", row["_line"]))
+def route_all(router: ABRouter, rows: list[dict], batch: int = 64) -> None:
+    """Every snapshot through the router, `batch` lines per call (each arm answers its share in batches of its
+    provider's batch_size); the request id is the line's `id`, else its line number."""
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        router.get_signals([r["market_data"] for r in chunk], [r.get("id", r["_line"]) for r in chunk])
 
 
 def main(argv: list[str] | None = None) -> None:

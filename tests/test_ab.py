@@ -122,3 +122,25 @@ def test_route_cli_answers_with_two_runs_and_logs(cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ab_main(["route", str(run_dir), str(run_dir), "--input", str(snapshots), "--log", str(tmp_path / "x.jsonl")])
     assert "in.jsonl: line 2, field 'market_data'" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+def test_routing_a_file_asks_each_arm_once_per_batch_in_order():
+    from finetune.ab import route_all
+
+    class Counting:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def get_signals(self, snapshots):
+            self.calls.append(len(snapshots))
+            return [(self.name, m["n"] / 100) for m in snapshots]
+    a, b = Counting("BUY"), Counting("SELL")
+    rows = [{"market_data": {"n": n}, "_line": n + 1} for n in range(10)]
+    router = ABRouter(a, b, split=0.5, seed=3)
+    decisions = router.get_signals([r["market_data"] for r in rows], [r["_line"] for r in rows])
+    assert [d["id"] for d in decisions] == list(range(1, 11))
+    assert all(d["arm"] == assign(d["id"], 0.5, 3) and d["signal"] == ("BUY" if d["arm"] == "a" else "SELL")
+               and d["confidence"] == d["input"]["n"] / 100 for d in decisions)
+    assert len(a.calls) == len(b.calls) == 1 and sum(a.calls + b.calls) == 10
+    route_all(router, rows * 10, batch=64)  # 100 lines: two calls per arm
+    assert len(a.calls) == len(b.calls) == 3
