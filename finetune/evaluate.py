@@ -2,6 +2,7 @@
 
     python -m finetune.evaluate RUN_DIR                      # the run's own eval suite, same held-out split
     python -m finetune.evaluate RUN_DIR eval=style eval.max_samples=20   # another suite or setting
+    python -m finetune.evaluate RUN_DIR eval.constrained=true    # also under the task's answer grammar
 
 Reads the run's saved config (finetune/rundir.py), the held-out split in RUN_DIR/data/test.jsonl and the adapter in
 RUN_DIR/adapter; writes RUN_DIR/evals/<time>/metrics.json (and report.md with the plots).
@@ -25,6 +26,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     cfg = load_run_config(run_dir, list(overrides))  # everything checked before the model loads
     adapter_path(run_dir)
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
+    from finetune.runner import constrained_grammar
+    grammar = constrained_grammar(cfg, [name for name, m in metrics.items() if m.needs_generation])
     test = run_dir / DATA / "test.jsonl"
     samples = read_jsonl(test)[: cfg.eval.max_samples]
     if not samples:
@@ -32,7 +35,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     _, tokenizer, model, adapter = load_run(run_dir, overrides)
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=samples, max_new_tokens=cfg.eval.max_new_tokens,
                  batch_size=cfg.eval.batch_size,
-                 generation=OmegaConf.to_container(cfg.eval.generation))
+                 generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
     base = score(model=model, **suite)
     tuned = score(model=PeftModel.from_pretrained(model, adapter), **suite)
     return {"base": base["metrics"], "tuned": tuned["metrics"]}

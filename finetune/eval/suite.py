@@ -124,7 +124,7 @@ def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: 
     (`python -m finetune.evaluate` is the command that re-scores a run.)"""
     results, outputs = {}, None
     answering = {name: m for name, m in metrics.items() if m.needs_generation}
-    chats = [s["messages"][:-1] for s in samples]
+    chats = [s["messages"][:-1] for s in samples] if answering else []  # text samples have no prompts
     if answering:
         start = time.perf_counter()
         answers = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, **(generation or {}))
