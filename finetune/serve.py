@@ -128,6 +128,9 @@ class Batcher:
 
     def answer(self, jobs: list[Job]) -> None:
         from finetune.eval.suite import generate_answers
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a client that gave up is dropped
+        if not jobs:
+            return
         provider, first = self.provider, jobs[0]
         streamer = Pieces(provider.tokenizer, first.stream) if first.stream is not None else None
         try:
