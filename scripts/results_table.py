@@ -3,7 +3,8 @@
     python scripts/results_table.py outputs/<run> [outputs/<run> ...]
 
 Columns: the command (manifest argv), wall minutes (manifest seconds), the main metric base -> tuned with its
-baseline, parse rate, answer length against the reference (length_ratio) and perplexity base -> tuned.
+baseline, parse rate, answer length against the reference (length_ratio) and perplexity base -> tuned; a tuned
+value is bold only where it is better than the base's.
 """
 import json
 import sys
@@ -14,17 +15,25 @@ def fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def change(base, tuned, digits: int = 3, lower_is_better: bool = False) -> str:
+    """`base → tuned`, the tuned value in bold only when it is better."""
+    better = base is not None and tuned is not None and (tuned < base if lower_is_better else tuned > base)
+    shown = fmt(tuned, digits)
+    return f"{fmt(base, digits)} → {f'**{shown}**' if better else shown}"
+
+
 def row(run_dir: Path) -> str:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     base, tuned = metrics["base"], metrics["tuned"]
     argv = " ".join(a for a in manifest["argv"][1:] if not a.startswith("hydra.run.dir="))
-    accuracy = (f"{fmt(base['accuracy'])} → **{fmt(tuned['accuracy'])}** (majority {fmt(tuned['majority_baseline'])})"
+    accuracy = (f"{change(base['accuracy'], tuned['accuracy'])} (majority {fmt(tuned['majority_baseline'])})"
                 if "accuracy" in tuned else "–")
-    style = (f"{fmt(base['style_distance'])} → **{fmt(tuned['style_distance'])}**" if "style_distance" in tuned else "–")
+    style = (change(base["style_distance"], tuned["style_distance"], lower_is_better=True)
+             if "style_distance" in tuned else "–")
     return (f"| `python -m finetune {argv}` | {manifest['seconds'] / 60:.1f} | {accuracy} | "
             f"{fmt(base.get('parse_rate'), 2)} → {fmt(tuned.get('parse_rate'), 2)} | "
-            f"{fmt(base['perplexity'], 2)} → **{fmt(tuned['perplexity'], 2)}** | {style} | "
+            f"{change(base['perplexity'], tuned['perplexity'], 2, lower_is_better=True)} | {style} | "
             f"{fmt(base.get('length_ratio'), 2)} → {fmt(tuned.get('length_ratio'), 2)} |")
 
 

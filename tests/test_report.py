@@ -79,3 +79,19 @@ def test_report_opens_with_the_verdict(tmp_path):
     assert lines[2].startswith("**Verdict: tuning helped.** accuracy 0.804 tuned")
     text = "\n".join(lines)
     assert "| parameters | 4,718,592 |" in text and "### Counts and timings" in text
+
+
+def test_results_table_bolds_the_tuned_value_only_where_it_is_better(tmp_path):
+    import json
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from results_table import row
+    (tmp_path / "manifest.json").write_text(json.dumps({"argv": ["finetune", "recipe=x"], "seconds": 120}))
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "base": {"accuracy": 0.5, "majority_baseline": 0.4, "perplexity": 3.0, "style_distance": 0.2},
+        "tuned": {"accuracy": 0.4, "majority_baseline": 0.4, "perplexity": 2.0, "style_distance": 0.3}}))
+    line = row(tmp_path)
+    assert "0.500 → 0.400 (majority" in line       # worse accuracy: not bold
+    assert "3.00 → **2.00**" in line               # lower perplexity: bold
+    assert "0.200 → 0.300 |" in line               # a larger style distance is worse: not bold
