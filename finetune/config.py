@@ -121,7 +121,8 @@ def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
     `output_dir` (None, e.g. for a dry run: no arguments built, so no GPU is needed)."""
     config = resolve(cfg)
     check_training(config["training"])
-    check_method(config["method"], config["training"])
+    if config["method"] is not None:  # null: method=full, no PEFT method to check
+        check_method(config["method"], config["training"])
     check_model(config["model"])
     return config, None if output_dir is None else sft_config(config["training"], output_dir)
 

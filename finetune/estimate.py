@@ -44,8 +44,11 @@ def model_shape(model_cfg: DictConfig, method_cfg: DictConfig) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
         params = sum(p.numel() for p in model.parameters())  # tied weights counted once, as peft does
-        peft_model = peft.get_peft_model(model, instantiate(method_cfg, _convert_="all"))
-        trainable, _ = peft_model.get_nb_trainable_parameters()
+        if method_cfg is None:  # method=full: every parameter trains
+            trainable = params
+        else:
+            peft_model = peft.get_peft_model(model, instantiate(method_cfg, _convert_="all"))
+            trainable, _ = peft_model.get_nb_trainable_parameters()
     return {"source": source, "params": int(params), "trainable_params": int(trainable),
             "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
 

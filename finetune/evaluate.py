@@ -19,10 +19,9 @@ from finetune.errors import ConfigError, DataError
 
 def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     from hydra.utils import instantiate
-    from peft import PeftModel
     from finetune.data.pipeline import read_jsonl
     from finetune.eval.suite import score
-    from finetune.rundir import DATA, adapter_path, load_run, load_run_config
+    from finetune.rundir import DATA, adapter_path, load_run, load_run_config, tuned_model
     cfg = load_run_config(run_dir, list(overrides))  # everything checked before the model loads
     adapter_path(run_dir)
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
@@ -37,7 +36,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
                  batch_size=cfg.eval.batch_size,
                  generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
     base = score(model=model, **suite)
-    tuned = score(model=PeftModel.from_pretrained(model, adapter), **suite)
+    tuned = score(model=tuned_model(model, adapter), **suite)
     return {"base": base["metrics"], "tuned": tuned["metrics"]}
 
 

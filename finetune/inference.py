@@ -76,15 +76,14 @@ class SignalProvider:
     @classmethod
     def from_run(cls, run_dir, **options) -> "SignalProvider":
         """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top."""
-        from peft import PeftModel
-        from finetune.rundir import load_run
+        from finetune.rundir import load_run, tuned_model
         cfg, tokenizer, model, adapter = load_run(Path(run_dir))
         target = cfg.dataset.builder.get("_target_")
         if cfg.dataset.task == "signals" and target != SIGNAL_BUILDER:
             log.warning("%s was trained on %s: get_signal builds prompts as %s writes them, which this run's "
                         "data may not; send it messages written as in its training data instead",
                         run_dir, target, SIGNAL_BUILDER)
-        model = PeftModel.from_pretrained(model, adapter)
+        model = tuned_model(model, adapter)
         options.setdefault("system_prompt", training_system_prompt(cfg))
         options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
         options.setdefault("batch_size", cfg.eval.batch_size)

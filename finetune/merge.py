@@ -28,6 +28,10 @@ def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_run_config(run_dir)  # everything checked before the model loads
     adapter = adapter_path(run_dir)
+    from finetune.rundir import is_full_model
+    if is_full_model(adapter):
+        raise ConfigError(f"{run_dir}: a method=full run; {adapter} is already the whole model, nothing to merge "
+                          "(AutoModelForCausalLM.from_pretrained loads it)")
     peft_config = PeftConfig.from_pretrained(adapter)
     method = getattr(peft_config.peft_type, "value", peft_config.peft_type)  # PeftType.LORA -> "LORA"
     if peft_config.is_prompt_learning:

@@ -148,6 +148,8 @@ def method_name(method: dict, quantized: bool, choice: str | None = None) -> str
     class: LoraConfig -> lora (dora with use_dora, qlora on a quantized base), PrefixTuningConfig -> prefix."""
     if choice:
         return str(choice)
+    if method is None:
+        return "full"
     target = str(method.get("_target_", "")).rsplit(".", 1)[-1]
     name = PEFT_METHODS.get(target, target.removesuffix("Config").lower() or "none")
     if name == "lora" and method.get("use_dora"):

@@ -9,7 +9,8 @@ files and folders atomically (temp + rename) so none is ever half-written.
       manifest.json                        versions, git sha, data hash, the config; model, steps, seconds
       data/{train,validation,test}.jsonl   the splits as trained, and stats.json
       checkpoints/checkpoint-N/            the Trainer's, for resume
-      adapter/                             the PEFT adapter (PeftModel.from_pretrained(base, RUN_DIR/adapter))
+      adapter/                             the PEFT adapter (PeftModel.from_pretrained(base, RUN_DIR/adapter)); with
+                                           method=full the whole model (AutoModelForCausalLM.from_pretrained)
       metrics.json, answers.jsonl          base vs tuned scores; each held-out prompt's answers
       report.md, *.png                     the report
 """
@@ -181,11 +182,27 @@ def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
 
 
 def adapter_path(run_dir: Path) -> Path:
-    """RUN_DIR/adapter, or an error saying the run did not finish."""
+    """RUN_DIR/adapter (a PEFT adapter, or with method=full the whole model), or an error saying the run did not
+    finish."""
     adapter = Path(run_dir) / ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
+    if not (adapter / "adapter_config.json").is_file() and not is_full_model(adapter):
         raise ConfigError(f"{run_dir}: no {ADAPTER}/ (did the run complete? see {STATUS})")
     return adapter
+
+
+def is_full_model(adapter: Path) -> bool:
+    """RUN_DIR/adapter of a method=full run: a whole model (config.json), not a PEFT adapter."""
+    return (Path(adapter) / "config.json").is_file() and not (Path(adapter) / "adapter_config.json").is_file()
+
+
+def tuned_model(base, adapter: Path):
+    """The trained model of a run: the PEFT adapter on `base`, or (method=full) the saved whole model in
+    `base`'s dtype on its device."""
+    if is_full_model(adapter):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(adapter, dtype=base.dtype).to(base.device)
+    from peft import PeftModel
+    return PeftModel.from_pretrained(base, adapter)
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()):

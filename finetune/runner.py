@@ -88,7 +88,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     started = time.perf_counter()
     config, args = check(cfg, run_dir, main)  # everything checked before data is built or weights load
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
-    peft_config = instantiate(cfg.method, _convert_="all")
+    peft_config = instantiate(cfg.method, _convert_="all")  # None: method=full
+    if cfg.method is None:
+        check_full_fits(cfg, config, args)
     answering = [name for name, m in metrics.items() if m.needs_generation]
     grammar = constrained_grammar(cfg, answering)
     import torch
@@ -139,6 +141,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
         return Run(model=trainer.model, tokenizer=tokenizer)
     with atomic_dir(run_dir / ADAPTER) as tmp:  # PEFT format; a crash never leaves half an adapter
         trainer.model.save_pretrained(tmp)
+        if cfg.method is None:  # method=full: a whole model, with its tokenizer (chat template included)
+            tokenizer.save_pretrained(tmp)
 
     tuned = score(model=trainer.model, **suite)
     log.info("tuned: %s", headline(tuned["metrics"]))
@@ -151,6 +155,31 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
            base, tuned, result, time.perf_counter() - started)
     write_json(run_dir / METRICS, result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
+
+
+def check_full_fits(cfg: DictConfig, config: dict, args) -> None:
+    """method=full keeps ~16 bytes of state a parameter (fp32 weights, grads, two AdamW moments): refused, before
+    anything loads, where that is more than one device holds and training is not sharded over several GPUs."""
+    if cfg.incremental.adapter is not None:
+        raise ConfigError("method=full with incremental.adapter: an incremental run continues a PEFT adapter; "
+                          "drop incremental.adapter, or use a PEFT method")
+    from finetune.estimate import model_shape
+    params = model_shape(cfg.model, None)["params"]
+    need = params * 16 / 2**30
+    training = config["training"]
+    sharded = int(os.environ.get("WORLD_SIZE", 1)) > 1 and (training.get("fsdp") or training.get("deepspeed"))
+    if sharded:
+        return
+    import torch
+    if training.get("use_cpu") or not torch.cuda.is_available():
+        device, have = "this machine's memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    else:
+        device, have = "one GPU", torch.cuda.get_device_properties(0).total_memory / 2**30
+    if need > 0.8 * have:
+        raise ConfigError(f"method=full on {cfg.model.name} ({params / 1e9:.1f} B parameters) needs ~{need:.0f} "
+                          f"GiB for weights, gradients and AdamW state, more than {device} ({have:.0f} GiB): shard it "
+                          "over several GPUs (training=gpu with accelerate launch --config_file "
+                          "conf/accelerate/fsdp.yaml or deepspeed_zero3.yaml), or use method=lora / qlora")
 
 
 def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:

@@ -245,7 +245,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     limits = limits or Limits(batch_size=provider.batch_size)
     batcher = Batcher(provider, limits)
     task_grammar = grammar_for(provider.task) if constrained else None
-    models = [run_name, BASE]
+    models = [run_name] + ([BASE] if hasattr(provider.model, "disable_adapter") else [])  # method=full: no base
     app = FastAPI(title="finetune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
 

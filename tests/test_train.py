@@ -115,3 +115,34 @@ def test_generation_sees_the_prefix():
     assert adapted.argmax() != base.argmax()
     answers = generate_answers(model, tokenizer, chats, max_new_tokens=1, batch_size=2, progress=False)
     assert tokenizer.decode([adapted.argmax()], skip_special_tokens=True).strip() == answers["texts"][0]
+
+
+def test_full_fine_tuning_saves_a_whole_model_that_loads_without_peft(tmp_path):
+    from transformers import AutoTokenizer
+    from finetune.evaluate import evaluate_run
+    from finetune.inference import SignalProvider
+    result = run(compose("method=full", *FAST), tmp_path)
+    adapter = tmp_path / "adapter"
+    assert (adapter / "config.json").is_file() and (adapter / "model.safetensors").is_file()
+    assert not (adapter / "adapter_config.json").exists()
+    assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["trainable_parameters"] == sum(p.numel() for p in result.model.parameters())  # every weight
+    loaded, tokenizer = AutoModelForCausalLM.from_pretrained(adapter), AutoTokenizer.from_pretrained(adapter)
+    ids = tokenizer("RSI 28, trend bullish", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**ids).logits, result.model.eval()(**ids).logits, atol=1e-5)
+    assert "method | full" in (tmp_path / "report.md").read_text()
+    (tmp_path / ".hydra").mkdir(exist_ok=True)  # what `python -m finetune` writes; run() alone does not
+    from omegaconf import OmegaConf
+    OmegaConf.save(compose("method=full", *FAST), tmp_path / ".hydra" / "config.yaml")
+    again = evaluate_run(tmp_path, ["eval.max_samples=8"])
+    assert again["tuned"]["perplexity"] < again["base"]["perplexity"]
+    assert SignalProvider.from_run(tmp_path).generate([[{"role": "user", "content": "RSI 28"}]])[0] is not None
+
+
+def test_full_fine_tuning_of_a_7b_preset_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"method=full on qwen2.5-7b-instruct \(7\.\d B parameters\) needs ~1\d\d GiB"
+                                          r".*fsdp"):
+        run(compose("model=qwen2_5_7b", "training=cpu", "method=full"), tmp_path)
+    assert not (tmp_path / "data").exists()
