@@ -1,7 +1,6 @@
 """Stop a run that cannot succeed with a message that says what to change: non-finite loss, out of memory, a full
 disk."""
 import errno
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -9,8 +8,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from finetune.errors import TrainingError
-
-log = logging.getLogger("finetune")
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
@@ -44,13 +41,9 @@ def disk_full(err: BaseException) -> bool:
 def disk_full_advice(err: BaseException, checkpoints: Path, main: bool) -> str:
     """The message for a full disk while training saved a checkpoint. The half-written checkpoint is removed
     (rank 0), which frees its space; the complete ones before it are left as they are."""
-    from finetune.resume import checkpoints as listed, problem
+    from finetune.resume import complete_checkpoints
     where = getattr(err, "filename", None) or checkpoints
-    broken = [c for c in listed(checkpoints) if problem(c) is not None]
-    for checkpoint in broken if main else ():
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        log.warning("removed the half-written %s (the disk filled up while it was saved)", checkpoint)
-    kept = [c for c in listed(checkpoints) if c not in broken]
+    kept = complete_checkpoints(checkpoints, delete=main)  # names and (rank 0) deletes the half-written one
     last = f"the last complete checkpoint, {kept[-1].name}, is intact and " if kept else ""
     return (f"no space left on {where} ({shutil.disk_usage(checkpoints.parent).free / 2**20:.0f} MiB free now); "
             f"{last}the same command resumes once there is room (lower training.save_total_limit to keep fewer "

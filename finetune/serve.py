@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ class Batcher:
         provider, first = self.provider, jobs[0]
         streamer = Pieces(provider.tokenizer, first.stream) if first.stream is not None else None
         try:
-            with provider.model.disable_adapter() if first.model == BASE else _nothing():
+            with provider.model.disable_adapter() if first.model == BASE else nullcontext():
                 out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs], first.max_tokens,
                                        len(jobs), progress=False, grammar=first.grammar, streamer=streamer,
                                        **provider.generation)
@@ -152,14 +153,6 @@ class Batcher:
 
     def close(self) -> None:
         self.jobs.put(None)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class Pieces:
@@ -367,9 +360,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError(400, "prompt: a non-empty string or list of strings")
-        system = [{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []
-        outs = await asyncio.gather(*(answer(Job(system + [{"role": "user", "content": p}], model, tokens))
-                                      for p in prompts))
+        outs = await asyncio.gather(*(answer(Job(prompt_chat(p), model, tokens)) for p in prompts))
         choices = [{"index": i, "text": o["texts"], "finish_reason": "stop" if o["stopped"] else "length",
                     "logprobs": None} for i, o in enumerate(outs)]
         return completion("text_completion", model, choices, usage(list(outs)))
@@ -397,14 +388,17 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         if "messages" in body:
             chat = messages_of(body["messages"])
         else:
-            prompt = body_field(body, "prompt", str)
-            chat = ([{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []) + [
-                {"role": "user", "content": prompt}]
+            chat = prompt_chat(body_field(body, "prompt", str))
         tokens = body.get("max_new_tokens")
         if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= limits.max_tokens):
             raise ApiError(400, f"max_new_tokens: an integer from 1 to {limits.max_tokens}")
         out = await answer(Job(chat, run_name, tokens or provider.max_new_tokens))
         return {"text": out["texts"]}
+
+    def prompt_chat(prompt: str) -> list[dict]:
+        """A bare prompt as the run's chats are: its system prompt, then the prompt as the user's turn."""
+        system = [{"role": "system", "content": provider.system_prompt}] if provider.system_prompt else []
+        return system + [{"role": "user", "content": prompt}]
 
     def signal_chat(body: dict, market_data, where: str = "market_data") -> list[dict]:
         try:

@@ -4,10 +4,9 @@ A grammar (here a regular expression in llguidance's syntax) masks, at every gen
 that cannot continue a valid answer; the end-of-turn token is allowed once the answer is complete. The model
 still chooses among what is valid: a constrained answer is the model's most likely *well-formed* answer.
 
-llguidance was chosen over xgrammar and outlines: a 3 MB wheel with no dependency beyond numpy (xgrammar's
-wheel pins its own build requirements, outlines pulls a stack of packages), masks in ~50 us a token on CPU,
-regex / JSON schema / Lark grammars, and it is what vLLM, SGLang and llama.cpp ship as a guided-decoding
-backend, so a grammar here behaves the same under `--backend vllm`.
+llguidance was chosen over xgrammar and outlines: a 3 MB wheel that installs no other package, regex / JSON
+schema / Lark grammars, a token mask per row computed in Rust, and it is a guided-decoding backend of vLLM,
+SGLang and llama.cpp, so a grammar written here carries over to them.
 
     signals  {"signal": "BUY" | "SELL" | "HOLD", "confidence": 0 ... 1}: the trade-log builder's answer, spaced
              as json.dumps writes it, so a tuned model's learnt format is inside the grammar

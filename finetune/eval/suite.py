@@ -133,11 +133,10 @@ def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: 
         outputs = answers["texts"]
     for metric in metrics.values():
         results.update(metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer))
-    constrained = None
     if answering and grammar is not None:
         constrained = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, grammar=grammar,
                                        **(generation or {}))["texts"]
         for metric in answering.values():
             scores = metric(samples=samples, outputs=constrained, model=model, tokenizer=tokenizer)
             results.update({f"constrained_{k}": v for k, v in scores.items()})
-    return {"metrics": results, "outputs": outputs, "constrained_outputs": constrained}
+    return {"metrics": results, "outputs": outputs}
