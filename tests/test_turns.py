@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from finetune.data.tokens import encode, tokenize, trained_ranges
+from finetune.data.tokens import encode, encode_pieces, special_splitter, splits_at_lines, tokenize, trained_ranges
 from finetune.errors import DataError
 from finetune.model import load_tokenizer
 from finetune.paths import CONF_DIR
@@ -49,6 +49,40 @@ def test_trained_token_ranges_are_the_tokens_whose_last_character_is_in_the_span
             assert trained_ranges(encoding, len(text), [(start, end)]) == [expected], (start, end, text[start:end])
             checked += 1
     assert checked > 500
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2_135m"])
+def test_texts_encoded_by_lines_and_cached_pieces_are_the_whole_texts_encodings(preset):
+    """A byte-level BPE's texts are cut at added tokens and lines and each piece encoded once across calls:
+    ids, offsets and char_to_token are the whole text's, on random texts of words, blank lines, spaces before
+    newlines, CRLF, digits, CJK and contractions."""
+    import random
+    backend = tokenizer_of(preset).backend_tokenizer
+    assert splits_at_lines(backend)
+    splitter = special_splitter(backend)
+    alphabet = ["a", "Bc", " ", "\n", "\n\n", " \n", "\r\n", "\t", "1", "23", "4567", "é", "中文", "。", "'s", "'T",
+                ":", "{", '"', "!!", "<|im_start|>", "<|im_end|>"]
+    rnd = random.Random(0)
+    texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 40))) for _ in range(1500)]
+    cache = {}
+    for k in range(0, len(texts), 500):  # the second and third calls reuse the first's pieces
+        for text, joined in zip(texts[k:k + 500], encode_pieces(backend, splitter, texts[k:k + 500], cache)):
+            whole = backend.encode(text, add_special_tokens=False)
+            assert (joined.ids, joined.offsets) == (whole.ids, whole.offsets), text
+            assert [joined.char_to_token(i) for i in range(len(text))] == \
+                [whole.char_to_token(i) for i in range(len(text))], text
+    assert any("\n" in piece and piece.endswith("\n") for piece in cache)  # it did cut at lines
+
+
+def test_a_sentencepiece_style_tokenizer_is_not_cut_at_lines():
+    """Metaspace pre-tokenization merges across newlines: those texts are cut at added tokens only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.train_from_iterator(["Trend: bullish\nRSI: 30\n"] * 20, BpeTrainer(special_tokens=["<unk>", "<s>"]))
+    assert not splits_at_lines(backend)
+    assert special_splitter(backend).split("a\nb<s>c") == ["a\nb", "<s>", "c"]
 
 
 @pytest.mark.parametrize("preset, end", [("tiny", "<|im_end|>"), ("smollm2_135m", "<|im_end|>\n")])

@@ -174,14 +174,17 @@ def token_features() -> "datasets.Features":
                               else datasets.Value(kind) for name, kind in TOKEN_COLUMNS.items()})
 
 
-def tokenize_file(path: str, samples: list[str], tokenizer=None, turns: str | None = None) -> int:
+def tokenize_file(path: str, samples: list[str], tokenizer=None, turns: str | None = None,
+                  cache: dict | None = None) -> int:
     """JSON samples -> an Arrow file of input_ids, assistant_masks, length, first trained token; the row count.
-    In a worker process the tokenizer is the one `start_worker` set."""
+    In a worker process the tokenizer (and its cache of recurring pieces) is the one `start_worker` set."""
     from datasets.arrow_writer import ArrowWriter
-    tokenizer, turns = (tokenizer, turns) if tokenizer is not None else (_worker["tokenizer"], _worker["turns"])
+    if tokenizer is None:
+        tokenizer, turns, cache = _worker["tokenizer"], _worker["turns"], _worker["cache"]
     with ArrowWriter(features=token_features(), path=path) as writer:
         for k in range(0, len(samples), 1000):
-            encoded = tokens.tokenize_many([json.loads(sample) for sample in samples[k:k + 1000]], tokenizer, turns)
+            encoded = tokens.tokenize_many([json.loads(sample) for sample in samples[k:k + 1000]], tokenizer, turns,
+                                           cache)
             writer.write_batch({"input_ids": [e["input_ids"] for e in encoded],
                                 "assistant_masks": [e["assistant_masks"] for e in encoded],
                                 "length": [len(e["input_ids"]) for e in encoded],
@@ -194,7 +197,7 @@ def start_worker(tokenizer, turns: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's preemption handler (finetune/preemption.py):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process stops the pool
-    _worker.update(tokenizer=tokenizer, turns=turns)
+    _worker.update(tokenizer=tokenizer, turns=turns, cache={})
 
 
 class Tokenizing:
@@ -204,7 +207,7 @@ class Tokenizing:
 
     def __init__(self, folder: Path, tokenizer, turns: str, num_proc: int | None):
         self.folder, self.tokenizer, self.turns, self.num_proc = folder, tokenizer, turns, num_proc or 0
-        self.pending, self.files, self.pool, self.first = [], [], None, None
+        self.pending, self.files, self.pool, self.first, self.cache = [], [], None, None, {}
         folder.mkdir(parents=True, exist_ok=True)
 
     def submit(self, samples: list[str]) -> None:
@@ -221,7 +224,7 @@ class Tokenizing:
         path = str(self.folder / f"{len(self.files):05d}.arrow")
         self.files.append(path)
         if self.pool is None:
-            tokenize_file(path, samples, self.tokenizer, self.turns)
+            tokenize_file(path, samples, self.tokenizer, self.turns, self.cache)
             return
         while len(self.pending) >= 2 * self.num_proc:  # bounded: the builder never runs far ahead
             self.pending.pop(0).result()

@@ -16,9 +16,10 @@ prompt/completion pair, for any number of turns.
 Text samples (`segments`) are tokenized as plain text with the tokenizer's special tokens and EOS at the
 end; a segment with `"train": false` carries no loss.
 """
+import json
 import re
 from bisect import bisect_right
-from itertools import accumulate
+from itertools import accumulate, chain
 
 from finetune.errors import DataError
 
@@ -36,10 +37,12 @@ def render(tokenizer, conversations: list[list[dict]], tools: list | None = None
         return []
     try:
         compiled = compiled_template(tokenizer) if not tools else None
-        if compiled is not None:  # the template itself, without apply_chat_template's per-message conversions
-            context = {**tokenizer.special_tokens_map,
+        if compiled is not None:  # the template itself, without apply_chat_template's per-message conversions,
+            # its globals merged once (jinja's render merges them, a ChainMap, on every call)
+            context = {**compiled.globals, **tokenizer.special_tokens_map, "tools": None, "documents": None,
                        "add_generation_prompt": bool(options.get("add_generation_prompt"))}
-            texts = [compiled.render(messages=chat, tools=None, documents=None, **context) for chat in conversations]
+            texts = ["".join(compiled.root_render_func(compiled.new_context({**context, "messages": chat}, shared=True)))
+                     for chat in conversations]
             if texts[0] == tokenizer.apply_chat_template(conversations[0], tokenize=False, **options):
                 return texts  # checked once per batch: a transformers that renders otherwise takes the slow path
         return tokenizer.apply_chat_template(conversations, tools=tools, tokenize=False, **options)
@@ -110,38 +113,76 @@ def segment_spans(segments: list[dict]) -> tuple[str, list[tuple]]:
     return text, spans
 
 
-def encode(tokenizer, texts: list[str], special: bool) -> list:
+def encode(tokenizer, texts: list[str], special: bool, cache: dict | None = None) -> list:
     """The fast tokenizer's encodings of `texts` (ids, offsets, char_to_token), in one batch: from the backend
     directly (the Python wrapper's per-text conversion costs as much as the encoding), through the wrapper when
     the backend is set to pad or cut (the wrapper lifts that for the call). Chat texts are encoded by pieces
-    where that is exact (`encode_pieces`)."""
+    where that is exact (`encode_pieces`); `cache` keeps the pieces' encodings from one call to the next."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return tokenizer(texts, add_special_tokens=special).encodings
     splitter = None if special else special_splitter(backend)
     if splitter is not None and texts:
-        joined = encode_pieces(backend, splitter, texts)
+        joined = encode_pieces(backend, splitter, texts, {} if cache is None else cache)
         whole = backend.encode(texts[0], add_special_tokens=False)
         if joined[0].ids == whole.ids and joined[0].offsets == whole.offsets:  # checked once per batch
             return joined
     return backend.encode_batch(texts, add_special_tokens=special)
 
 
+# The pre-tokenizer patterns after whose newlines a text can be cut (see `splits_at_lines`): GPT-2's (ByteLevel's
+# own), and the Split patterns of Llama 3 and Qwen 2 (as they appear in their tokenizer.json).
+LINE_SAFE_PATTERNS = {
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+LINE_CUT = r"(?<=\S\n)(?=\S)"  # after a newline between two characters that are not whitespace
+
+
+def splits_at_lines(backend) -> bool:
+    """Whether the tokenizer always ends a pre-token after a newline that sits between two non-space characters,
+    and encodes the text after it as it would a text that starts there: a byte-level BPE (no dropout) whose
+    pre-tokenizer is GPT-2's regex (ByteLevel, no prefix space), or Llama 3's / Qwen 2's Split with digit
+    splitting, and no normalizer but NFC. In each of those patterns no alternative matches a newline followed by
+    a non-space (only `\\s+` takes it, alone), and none that ends a pre-token before a newline looks past it;
+    so the text's tokens are its lines' tokens, and a line that recurs (`Trend: bullish`) is encoded once.
+    SentencePiece-style tokenizers (Metaspace; merges across a newline) are not cut."""
+    spec = json.loads(backend.to_str())
+    model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or model.get("dropout") or (normalizer and normalizer.get("type") != "NFC"):
+        return False
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    regex = False
+    for step in steps:
+        kind = (step or {}).get("type")
+        if kind == "ByteLevel" and not step.get("add_prefix_space"):
+            regex = regex or step.get("use_regex", True)
+        elif kind == "Split" and step.get("pattern", {}).get("Regex") in LINE_SAFE_PATTERNS and \
+                step.get("behavior") == "Isolated" and not step.get("invert"):
+            regex = True
+        elif kind != "Digits":
+            return False
+    return regex
+
+
 def special_splitter(backend):
-    """A regex that cuts a text at the tokenizer's added tokens (keeping them), where encoding each piece alone
-    gives the whole text's tokens: the tokenizer cuts there itself before it pre-tokenizes, unless an added
-    token strips its neighbours' whitespace or is matched after normalization. None where it is not exact."""
+    """A regex that cuts a text at the tokenizer's added tokens (keeping them), and after its lines where
+    `splits_at_lines`, where encoding each piece alone gives the whole text's tokens: the tokenizer cuts at added
+    tokens itself before it pre-tokenizes, unless an added token strips its neighbours' whitespace or is matched
+    after normalization. None where it is not exact."""
     added = list(backend.get_added_tokens_decoder().values())
     if not added or any(t.lstrip or t.rstrip or t.single_word or (t.normalized and backend.normalizer is not None)
                         for t in added):
         return None
     contents = sorted({t.content for t in added}, key=len, reverse=True)  # leftmost-longest, as the tokenizer
-    return re.compile("(" + "|".join(map(re.escape, contents)) + ")")
+    return re.compile("(" + "|".join(map(re.escape, contents)) + ")" + ("|" + LINE_CUT if splits_at_lines(backend)
+                                                                        else ""))
 
 
 class Joined:
     """A text's encoding put together from its pieces' encodings: ids, offsets and char_to_token as the whole
-    text's. `encodings` maps a piece to its encoding (an added token is not in it)."""
+    text's. `encodings` maps a piece to its encoding, an added token to its id."""
     __slots__ = ("ids", "pieces", "chars", "tokens", "encodings")
 
     def __init__(self, ids: list[int], pieces: list[str], tokens: list[int], encodings: dict):
@@ -153,8 +194,8 @@ class Joined:
 
     def char_to_token(self, position: int) -> int | None:
         k = bisect_right(self.chars, position) - 1
-        encoding = self.encodings.get(self.pieces[k])
-        if encoding is None:  # an added token holds all of its characters
+        encoding = self.encodings[self.pieces[k]]
+        if isinstance(encoding, int):  # an added token holds all of its characters
             return self.tokens[k]
         found = encoding.char_to_token(position - self.chars[k])
         return None if found is None else self.tokens[k] + found
@@ -163,28 +204,33 @@ class Joined:
     def offsets(self) -> list[tuple[int, int]]:
         out = []
         for piece, start in zip(self.pieces, self.chars):
-            encoding = self.encodings.get(piece)
-            out += ([(start, start + len(piece))] if encoding is None
+            encoding = self.encodings[piece]
+            out += ([(start, start + len(piece))] if isinstance(encoding, int)
                     else [(a + start, b + start) for a, b in encoding.offsets])
         return out
 
 
-def encode_pieces(backend, splitter, texts: list[str]) -> list[Joined]:
-    """Each text cut at its added tokens; each distinct piece of the batch encoded once (a chat's system prompt,
-    role headers and recurring answers repeat in every sample: a third to a half of its characters)."""
-    cut = [[piece for piece in splitter.split(text) if piece] for text in texts]
-    distinct = dict.fromkeys(piece for pieces in cut for piece in pieces)
-    ids_of = {piece: [backend.token_to_id(piece)] for piece in distinct if splitter.fullmatch(piece)}
-    plain = [piece for piece in distinct if piece not in ids_of]
-    encodings = dict(zip(plain, backend.encode_batch(plain, add_special_tokens=False)))
-    ids_of.update((piece, encoding.ids) for piece, encoding in encodings.items())
-    out = []
-    for pieces in cut:
-        ids = []
-        for piece in pieces:
-            ids += ids_of[piece]
-        out.append(Joined(ids, pieces, list(accumulate((len(ids_of[p]) for p in pieces), initial=0)), encodings))
-    return out
+CACHED_PIECES = 200_000  # a cache that grows past this is emptied (~100 MB of encodings)
+
+
+def encode_pieces(backend, splitter, texts: list[str], cache: dict) -> list[Joined]:
+    """Each text cut at its added tokens (and lines); each piece encoded once while it is in `cache` (piece ->
+    its encoding, or an added token's id): a chat's system prompt, role headers, recurring answers and lines
+    repeat in every sample, most of its characters."""
+    if len(cache) > CACHED_PIECES:
+        cache.clear()
+    cut = [list(filter(None, splitter.split(text))) for text in texts]
+    distinct = dict.fromkeys(chain.from_iterable(cut))
+    new = [piece for piece in distinct if piece not in cache]
+    special = [piece for piece in new if splitter.fullmatch(piece)]
+    plain = [piece for piece in new if not splitter.fullmatch(piece)]
+    cache.update((piece, backend.token_to_id(piece)) for piece in special)
+    cache.update(zip(plain, backend.encode_batch(plain, add_special_tokens=False)))
+    ids_of = {piece: [found] if isinstance(found, int) else found.ids for piece, found in zip(distinct, map(
+        cache.__getitem__, distinct))}
+    counts = {piece: len(ids) for piece, ids in ids_of.items()}
+    return [Joined(list(chain.from_iterable(map(ids_of.__getitem__, pieces))), pieces,
+                   list(accumulate(map(counts.__getitem__, pieces), initial=0)), cache) for pieces in cut]
 
 
 def trained_ranges(encoding, text_length: int, spans: list[tuple]) -> list[tuple[int, int]]:
@@ -203,9 +249,10 @@ def trained_ranges(encoding, text_length: int, spans: list[tuple]) -> list[tuple
     return ranges
 
 
-def tokenize_many(samples: list[dict], tokenizer, turns: str = "all") -> list[dict]:
+def tokenize_many(samples: list[dict], tokenizer, turns: str = "all", cache: dict | None = None) -> list[dict]:
     """[{"input_ids", "assistant_masks", "first_trained"}] per sample (first_trained: the index of the first
-    token with loss, or the length when none has), the texts tokenized in one batched call per kind."""
+    token with loss, or the length when none has), the texts tokenized in one batched call per kind; `cache`
+    (see `encode`) carries the encodings of recurring pieces from one call to the next."""
     out = [None] * len(samples)
     for plain_text in (False, True):
         picked = [i for i, s in enumerate(samples) if ("segments" in s) == plain_text]
@@ -221,7 +268,7 @@ def tokenize_many(samples: list[dict], tokenizer, turns: str = "all") -> list[di
                     found[i] = answer_spans(tokenizer, [samples[i]["messages"]], samples[i]["tools"], turns)[0]
             prepared = [found[i] for i in picked]
         # a chat template writes its own special tokens; plain text gets the model's BOS, as TRL gives it
-        encoded = encode(tokenizer, [text for text, _ in prepared], plain_text)
+        encoded = encode(tokenizer, [text for text, _ in prepared], plain_text, cache)
         for i, (text, spans), encoding in zip(picked, prepared, encoded):
             ids = encoding.ids
             ranges = [(low, high) for low, high in trained_ranges(encoding, len(text), spans) if high > low]
