@@ -1,5 +1,6 @@
 """The shared data pipeline: temporal split without leaks, cache, augmentation on train only, balance, errors."""
 import json
+import sys
 import random
 import time
 from collections import Counter
@@ -142,8 +143,9 @@ def test_new_builder_code_or_chat_template_misses_the_cache(source, tokenizer, t
 def test_worker_processes_tokenize_the_same_as_one_process(source, tokenizer, tmp_path, monkeypatch):
     """Batches of 40 samples (CHUNK, shrunk) tokenized by 2 worker processes while the build goes on give the
     same token files, split files and stats as one process; a worker's template error stops the build."""
+    from finetune import data
     from finetune.data import pipeline
-    monkeypatch.setattr(pipeline, "CHUNK", 40)
+    monkeypatch.setattr(data, "CHUNK", 40)
     built = {}
     for num_proc in (None, 2):
         _, stats = prepare(dataset_cfg(source, num_proc=num_proc), tokenizer, tmp_path / f"run{num_proc}", seed=0,
@@ -158,3 +160,20 @@ def test_worker_processes_tokenize_the_same_as_one_process(source, tokenizer, tm
     monkeypatch.setattr(tokenizer, "chat_template", broken)
     with pytest.raises(DataError, match="no row 2x"):
         prepare(dataset_cfg(source, num_proc=2), tokenizer, tmp_path / "broken", seed=0, load=False)
+
+
+def test_duplicates_are_dropped_and_the_first_is_kept(source, tokenizer, tmp_path, monkeypatch):
+    """Samples that train the same tokens with the same loss mask are one (their meta may differ); the first in
+    the builder's order stays, across batches and worker processes alike."""
+    from finetune import data
+    monkeypatch.setattr(data, "CHUNK", 40)
+    samples = fake_build(source, n=120).samples
+    copies = [{**samples[i], "meta": {"i": 1000 + i}} for i in (3, 50, 77)]  # later, in other batches
+    monkeypatch.setattr(sys.modules[__name__], "fake_build", lambda path, **_: Built(samples + copies))
+    for num_proc in (None, 2):
+        splits, stats = prepare(dataset_cfg(source, split="random", num_proc=num_proc), tokenizer,
+                                tmp_path / f"run{num_proc}", seed=0)
+        kept = sorted(s["meta"]["i"] for split in splits.values() for s in split)
+        assert stats["dropped"] == {"duplicate": 3} and kept == list(range(120))
+    _, stats = prepare(dataset_cfg(source, split="random", dedupe=False), tokenizer, tmp_path / "all", seed=0)
+    assert stats["built"] == 123 and sum(s["count"] for s in stats["splits"].values()) == 123

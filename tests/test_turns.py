@@ -82,7 +82,7 @@ def test_a_sentencepiece_style_tokenizer_is_not_cut_at_lines():
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.train_from_iterator(["Trend: bullish\nRSI: 30\n"] * 20, BpeTrainer(special_tokens=["<unk>", "<s>"]))
     assert not splits_at_lines(backend)
-    assert special_splitter(backend).split("a\nb<s>c") == ["a\nb", "<s>", "c"]
+    assert special_splitter(backend)("a\nb<s>c") == ["a\nb", "<s>", "c"]
 
 
 @pytest.mark.parametrize("preset, end", [("tiny", "<|im_end|>"), ("smollm2_135m", "<|im_end|>\n")])

@@ -22,10 +22,20 @@ under a short reason; a bad file (missing, wrong schema, empty) always raises.
 The shared pipeline (finetune/data/pipeline.py) validates, deduplicates, splits and writes stats.
 """
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+CHUNK = 10_000  # samples per batch that is built, checked, written and tokenized in one go (pipeline.py)
 
 
 @dataclass
 class Built:
-    samples: list[dict]
+    """A builder's result: its samples (a list, or a generator that reads the source as it goes), or, for a
+    source large enough to be built in worker processes, `parts`: picklable zero-argument callables, each
+    returning (samples, dropped) for one batch of rows, which the pipeline runs where it tokenizes them.
+    `dropped` counts what the builder skipped (updated with each part's); `finish(built)` is called once every
+    part has run, with the number of samples they built, for the builder's own checks (e.g. none at all)."""
+    samples: Iterable[dict] | None
     dropped: Counter = field(default_factory=Counter)
+    parts: Iterator[Callable[[], tuple[list[dict], Counter]]] | None = None
+    finish: Callable[[int], None] | None = None

@@ -6,25 +6,33 @@ train split -> tokenize -> stats, cached by content, on disk in Arrow files (mem
 train and validation splits (input_ids + assistant_masks, finetune/data/tokens.py) are what SFTTrainer trains on
 (`load_tokens`), tokenized once, in the same pass that counts the tokens for stats.json.
 
-A builder's samples may be a list or a generator (trade_signals streams its SQLite rows): they are checked
-and written to an Arrow file one by one, so a build of millions of rows holds one JSON string per sample on
-disk, a 16-byte digest per sample for deduplication in memory, and the split indices. Each batch of 10,000 is
-tokenized as it is written, in `dataset.num_proc` worker processes while this one builds the next batch; the
-splits are then Arrow copies of the rows at their indices (samples and tokens), never Python objects.
+The work is done in batches of 10,000 samples (`Batches`), each one built, checked, written as JSON to an Arrow
+shard and tokenized into another, in `dataset.num_proc` worker processes while this one reads the next batch.
+A builder's samples may be a list or a generator (cut into batches here), or `parts` that build their batch
+where they run (trade_signals: this process reads the SQLite rows, the workers turn them into samples). So a
+build of millions of rows holds, in memory, a 16-byte digest per sample for deduplication (of its tokens and loss
+mask; the first of equal
+samples is kept, in the builder's order) and the split indices; the splits are then Arrow copies of the rows at
+their indices (samples and tokens), never Python objects. The result does not depend on the number of
+processes: batches are taken in order.
 
 The cache key is everything the result depends on: the source's bytes (hashed in 1 MiB chunks), the dataset
 config, the seed, the tokenizer and its chat template, and the code (the builder's module, this file,
 tokens.py). A second call with the same inputs builds nothing: it links the cached files into the run dir.
 """
+import gc
 import hashlib
 import importlib
 import json
+import mmap
 import os
 import random
 import signal
 import shutil
 import time
 from collections import Counter
+from functools import partial
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +40,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import data
 from finetune.data import Built, tokens
 from finetune.data.augment import augment, rebalance
 from finetune.errors import DataError
@@ -41,10 +50,10 @@ from finetune import tasks
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
 
 SPLITS = ("train", "validation", "test")
 ROLES = {"system", "user", "assistant", "tool"}
-CHUNK = 10_000  # samples per batch written, tokenized and copied
 
 
 def source_hash(path: Path) -> str:
@@ -118,42 +127,36 @@ def check_segments(segments, task) -> str | None:
 
 
 def body(sample: dict) -> list:
-    """What makes two samples the same: their messages (or a text sample's segments) and tools."""
+    """What a sample says: its messages (or a text sample's segments) and tools (finetune/incremental.py)."""
     return [sample["segments"] if "messages" not in sample else sample["messages"], sample.get("tools")]
 
 
-def checked(samples, task: str, skip_bad_rows: bool, dedupe: bool, dropped: Counter, where: str):
-    """The valid samples, in order, less duplicates (same messages or segments, and tools); a generator, so a
-    streaming builder's samples pass one at a time. An invalid sample stops the build, or is counted."""
-    seen = set()
-    for i, sample in enumerate(samples, 1):
-        reason = check_sample(sample, task)
-        if reason is not None:
-            if not skip_bad_rows:
-                raise DataError(f"{where}: sample {i}: {reason} (fix the source, or set dataset.skip_bad_rows=true)")
-            dropped[f"invalid: {reason.split(':')[0]}"] += 1
-            continue
-        if dedupe:
-            key = hashlib.blake2b(json.dumps(body(sample), sort_keys=True, ensure_ascii=False).encode(),
-                                  digest_size=16).digest()
-            if key in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(key)
-        yield sample
+def first_of_each(digests: bytes) -> np.ndarray:
+    """Which rows to keep: the first of each run of equal 16-byte digests, in row order."""
+    keys = np.frombuffer(digests, dtype="V16")
+    _, first = np.unique(keys, return_index=True)  # the lowest index of each distinct digest
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[first] = True
+    return keep
 
 
-def split_indices(timestamps: list, how: str, val_size: float, test_size: float, seed: int) -> dict[str, list[int]]:
-    """Random, or temporal: train on the oldest rows, validate on later ones, test on the latest."""
+def split_indices(timestamps, how: str, val_size: float, test_size: float, seed: int) -> dict[str, np.ndarray]:
+    """Random, or temporal: train on the oldest rows, validate on later ones, test on the latest. `timestamps`:
+    one per sample, ISO text or None (a list, or an Arrow array: sorted in Arrow, never as Python strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    timestamps = timestamps if isinstance(timestamps, (pa.Array, pa.ChunkedArray)) else pa.array(timestamps,
+                                                                                                  pa.string())
     n = len(timestamps)
     if how == "temporal":
-        missing = sum(t is None for t in timestamps)
+        missing = timestamps.null_count
         if missing:
             raise DataError(f"dataset.split=temporal but {missing} samples have no timestamp; use split=random")
-        ordered = sorted(range(n), key=timestamps.__getitem__)  # stable: ties keep the builder's order
+        ordered = pc.sort_indices(timestamps).to_numpy()  # stable: ties keep the builder's order
     elif how == "random":
         ordered = list(range(n))
         random.Random(seed).shuffle(ordered)
+        ordered = np.asarray(ordered, dtype=np.int64)
     else:
         raise DataError(f"dataset.split={how}: choose random or temporal")
     n_test, n_val = round(n * test_size), round(n * val_size)
@@ -165,7 +168,7 @@ def split_indices(timestamps: list, how: str, val_size: float, test_size: float,
 
 
 TOKEN_COLUMNS = {"input_ids": "int32", "assistant_masks": "int8", "length": "int32", "first_trained": "int32"}
-_worker = {}  # a tokenizing process's tokenizer and train_turns (set once per process)
+_worker = {}  # a worker process's tokenizer, train_turns and cache of recurring pieces (set once per process)
 
 
 def token_features() -> "datasets.Features":
@@ -174,45 +177,113 @@ def token_features() -> "datasets.Features":
                               else datasets.Value(kind) for name, kind in TOKEN_COLUMNS.items()})
 
 
-def tokenize_file(path: str, samples: list[str], tokenizer=None, turns: str | None = None,
-                  cache: dict | None = None) -> int:
-    """JSON samples -> an Arrow file of input_ids, assistant_masks, length, first trained token; the row count.
-    In a worker process the tokenizer (and its cache of recurring pieces) is the one `start_worker` set."""
-    from datasets.arrow_writer import ArrowWriter
+def sample_features() -> "datasets.Features":
+    import datasets
+    return datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
+                              "label": datasets.Value("string")})
+
+
+def given(samples: list[dict]) -> tuple[list[dict], Counter]:
+    """The job of a batch of samples a builder has already built."""
+    return samples, Counter()
+
+
+def run_batch(job, stem: str, task: str | None, skip_bad_rows: bool, dedupe: bool, tokenizer=None,
+              turns: str | None = None, cache: dict | None = None) -> dict:
+    """One batch, in a worker process or this one: job() builds its samples; each is checked for `task` (None:
+    not checked), written as JSON to STEM.samples.arrow and tokenized into STEM.tokens.arrow, row for row.
+
+    Returns how many were built, what was dropped (by the builder, and invalid ones with skip_bad_rows), the
+    rows' 16-byte digests for deduplication, and the first invalid sample (its index in the batch, why) when
+    it stops the build. In a worker the tokenizer is the one `start_worker` set."""
     if tokenizer is None:
         tokenizer, turns, cache = _worker["tokenizer"], _worker["turns"], _worker["cache"]
-    with ArrowWriter(features=token_features(), path=path) as writer:
-        for k in range(0, len(samples), 1000):
-            encoded = tokens.tokenize_many([json.loads(sample) for sample in samples[k:k + 1000]], tokenizer, turns,
-                                           cache)
-            writer.write_batch({"input_ids": [e["input_ids"] for e in encoded],
-                                "assistant_masks": [e["assistant_masks"] for e in encoded],
-                                "length": [len(e["input_ids"]) for e in encoded],
-                                "first_trained": [e["first_trained"] for e in encoded]})
+    collecting = gc.isenabled()
+    gc.disable()  # a batch makes ~100 objects per sample that live until its end: the collector would walk them
+    try:        # (and the piece cache) over and over, ~15 % of the time; what it leaves is collected after
+        return checked_and_written(job, stem, task, skip_bad_rows, dedupe, tokenizer, turns, cache)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def checked_and_written(job, stem, task, skip_bad_rows, dedupe, tokenizer, turns, cache) -> dict:
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+    samples, dropped = job()
+    valid = samples
+    if task is not None:
+        valid = []
+        for j, sample in enumerate(samples):
+            reason = check_sample(sample, task)
+            if reason is None:
+                valid.append(sample)
+            elif not skip_bad_rows:
+                return {"built": len(samples), "invalid": (j, reason)}
+            else:
+                dropped[f"invalid: {reason.split(':')[0]}"] += 1
+    with ArrowWriter(features=sample_features(), path=f"{stem}.samples.arrow") as writer:
+        writer.write_table(pa.table({"sample": [json.dumps(sample, ensure_ascii=False) for sample in valid],
+                                     "timestamp": [sample.get("timestamp") for sample in valid],
+                                     "label": [str(sample.get("label")) for sample in valid]}))
         writer.finalize()
-    return len(samples)
+    digests = []
+    with ArrowWriter(features=token_features(), path=f"{stem}.tokens.arrow") as writer:
+        for k in range(0, len(valid), 1000):
+            table, ids, masks, offsets = token_table(tokens.trained_tokens(valid[k:k + 1000], tokenizer, turns, cache))
+            writer.write_table(table)
+            if dedupe:
+                digests += [hashlib.blake2b(ids[a:b].tobytes() + masks[a:b].tobytes(), digest_size=16).digest()
+                            for a, b in zip(offsets[:-1], offsets[1:])]
+        writer.finalize()
+    return {"built": len(samples), "dropped": dropped, "invalid": None, "digests": b"".join(digests)}
+
+
+def token_table(encoded: list[tuple]) -> tuple["pa.Table", np.ndarray, np.ndarray, np.ndarray]:
+    """TOKEN_COLUMNS of (input_ids, trained ranges) pairs, built as flat numpy arrays (datasets' writer converts
+    a Python list per row, 5x slower); and the flat ids, masks and row offsets. Two samples whose ids and masks
+    are equal are duplicates: they train the same (whatever else differs where the template does not look)."""
+    import pyarrow as pa
+    lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int32, len(encoded))
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), np.int32, int(offsets[-1]))
+    masks = np.zeros(len(ids), np.int8)
+    first = lengths.copy()
+    for row, (start, (_, ranges)) in enumerate(zip(offsets, encoded)):
+        for low, high in ranges:
+            masks[start + low:start + high] = 1
+        if ranges:
+            first[row] = min(low for low, _ in ranges)
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
+                      "assistant_masks": pa.ListArray.from_arrays(offsets, masks),
+                      "length": lengths, "first_trained": first})
+    return table, ids, masks, offsets
 
 
 def start_worker(tokenizer, turns: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's preemption handler (finetune/preemption.py):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process stops the pool
+    gc.freeze()  # what the fork inherited is never collected: the collector does not walk it for each batch
     _worker.update(tokenizer=tokenizer, turns=turns, cache={})
 
 
-class Tokenizing:
-    """Batches of JSON samples tokenized into numbered Arrow files as they are written: in `num_proc` worker
-    processes, while this one builds the next batch, once there is more than one batch (a process costs ~1 s to
-    start); in this process otherwise. `done()` waits and gives the tokens, in the samples' order."""
+class Batches:
+    """Jobs (finetune/data/__init__.py's Built.parts) run into numbered shards of `folder`, in `num_proc` worker
+    processes while this one reads the next batch, once there is more than one batch (a process costs ~1 s to
+    start); in this process otherwise. Results are taken in job order, so the first invalid sample, the counts
+    and the digests are the same whatever the number of processes. `done()` waits and gives the results."""
 
-    def __init__(self, folder: Path, tokenizer, turns: str, num_proc: int | None):
+    def __init__(self, folder: Path, tokenizer, turns: str, num_proc: int | None, where: str, **options):
         self.folder, self.tokenizer, self.turns, self.num_proc = folder, tokenizer, turns, num_proc or 0
-        self.pending, self.files, self.pool, self.first, self.cache = [], [], None, None, {}
+        self.where, self.options, self.cache = where, options, {}
+        self.pending, self.results, self.pool, self.first, self.count = [], [], None, None, 0
         folder.mkdir(parents=True, exist_ok=True)
 
-    def submit(self, samples: list[str]) -> None:
+    def submit(self, job) -> None:
         if self.num_proc and self.pool is None and self.first is None:
-            self.first = samples  # held until a second batch says the data is large enough for processes
+            self.first = job  # held until a second batch says the data is large enough for processes
             return
         if self.num_proc and self.pool is None:
             import multiprocessing
@@ -221,28 +292,32 @@ class Tokenizing:
                                             initializer=start_worker, initargs=(self.tokenizer, self.turns))
             first, self.first = self.first, None
             self.submit(first)
-        path = str(self.folder / f"{len(self.files):05d}.arrow")
-        self.files.append(path)
+        stem = str(self.folder / f"{self.count:05d}")
+        self.count += 1
         if self.pool is None:
-            tokenize_file(path, samples, self.tokenizer, self.turns, self.cache)
+            self.take(run_batch(job, stem, tokenizer=self.tokenizer, turns=self.turns, cache=self.cache,
+                                **self.options))
             return
-        while len(self.pending) >= 2 * self.num_proc:  # bounded: the builder never runs far ahead
-            self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(tokenize_file, path, samples))
+        while len(self.pending) >= 2 * self.num_proc:  # bounded: the reading never runs far ahead
+            self.take(self.pending.pop(0).result())
+        self.pending.append(self.pool.submit(run_batch, job, stem, **self.options))
 
-    def done(self) -> "datasets.Dataset":
-        import datasets
+    def take(self, result: dict) -> None:
+        if result["invalid"] is not None:
+            j, reason = result["invalid"]
+            number = sum(r["built"] for r in self.results) + j + 1
+            raise DataError(f"{self.where}: sample {number}: {reason} (fix the source, or set "
+                            "dataset.skip_bad_rows=true)")
+        self.results.append(result)
+
+    def done(self) -> list[dict]:
         if self.first is not None:
             first, self.first, self.num_proc = self.first, None, 0
             self.submit(first)
-        try:
-            for future in self.pending:
-                future.result()  # a worker's DataError is raised here, as it would be in this process
-        finally:
-            self.close()
-        if not self.files:
-            return datasets.Dataset.from_dict({name: [] for name in TOKEN_COLUMNS}, features=token_features())
-        return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in self.files])
+        while self.pending:
+            self.take(self.pending.pop(0).result())  # a worker's DataError is raised here, as in this process
+        self.close()
+        return self.results
 
     def close(self) -> None:
         if self.pool is not None:
@@ -250,32 +325,35 @@ class Tokenizing:
             self.pool = None
 
 
-def write_samples(path: Path, samples, tokenizing: Tokenizing) -> tuple["datasets.Dataset", "datasets.Dataset"]:
-    """The samples as one Arrow file (the JSON sample, its timestamp and label), written in batches, each batch
-    tokenized as it goes; (samples, tokens), row for row."""
+def jobs_of(built: Built):
+    """The builder's parts, or its samples cut into batches of CHUNK."""
+    if built.parts is not None:
+        yield from built.parts
+        return
+    samples = iter(built.samples)
+    while batch := list(islice(samples, data.CHUNK)):
+        yield partial(given, batch)
+
+
+def write_batches(jobs, batches: Batches) -> tuple["datasets.Dataset", "datasets.Dataset", list[dict]]:
+    """Every job run (a bad row stops the build, and no worker is left behind); (samples, tokens, results): the
+    valid samples as Arrow rows (the JSON sample, its timestamp and label) and their tokens, row for row."""
+    try:
+        for job in jobs:
+            batches.submit(job)
+        results = batches.done()
+    finally:
+        batches.close()
+    return shards(batches.folder, "samples", len(results)), shards(batches.folder, "tokens", len(results)), results
+
+
+def shards(folder: Path, kind: str, count: int) -> "datasets.Dataset":
     import datasets
-    from datasets.arrow_writer import ArrowWriter
-    features = datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
-                                  "label": datasets.Value("string")})
-    with ArrowWriter(features=features, path=str(path)) as writer:
-        batch = {"sample": [], "timestamp": [], "label": []}
-        try:
-            for sample in samples:
-                batch["sample"].append(json.dumps(sample, ensure_ascii=False))
-                batch["timestamp"].append(sample.get("timestamp"))
-                batch["label"].append(str(sample.get("label")))
-                if len(batch["sample"]) == CHUNK:
-                    writer.write_batch(batch)
-                    tokenizing.submit(batch["sample"])
-                    batch = {key: [] for key in batch}
-        except BaseException:
-            tokenizing.close()  # a bad row stops the build: no worker is left behind
-            raise
-        if batch["sample"]:
-            writer.write_batch(batch)
-            tokenizing.submit(batch["sample"])
-        writer.finalize()
-    return datasets.Dataset.from_file(str(path)), tokenizing.done()
+    if not count:
+        features = sample_features() if kind == "samples" else token_features()
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f"{k:05d}.{kind}.arrow"))
+                                          for k in range(count)])
 
 
 def take(batches: list, offsets: np.ndarray, indices: np.ndarray):
@@ -292,23 +370,47 @@ def take(batches: list, offsets: np.ndarray, indices: np.ndarray):
     return pa.Table.from_batches(parts).combine_chunks().take(pa.array(np.argsort(order)))
 
 
+class Mapped:
+    """The record batches of a dataset's Arrow files, read through memory maps of its own, which `release()` drops
+    from this process's resident memory (the pages stay in the page cache): copying the splits of 1M samples
+    would otherwise leave ~1 GB of those files resident, counted in the process's peak RSS."""
+
+    def __init__(self, dataset: "datasets.Dataset", columns: list[str] | None = None):
+        import pyarrow as pa
+        self.maps, self.batches = [], []
+        for file in dataset.cache_files:
+            with open(file["filename"], "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            table = pa.ipc.open_stream(pa.py_buffer(self.maps[-1])).read_all()
+            self.batches += (table.select(columns) if columns else table).to_batches()
+        self.offsets = np.cumsum([0] + [len(batch) for batch in self.batches[:-1]])
+
+    def take(self, indices: np.ndarray) -> "pa.Table":
+        return take(self.batches, self.offsets, indices)
+
+    def release(self) -> None:
+        for mapping in self.maps:
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def write_split(tmp: Path, name: str, rows: "datasets.Dataset", tokenized: "datasets.Dataset",
-                indices: list[int]) -> "datasets.Dataset":
+                indices: np.ndarray) -> "datasets.Dataset":
     """tmp/NAME.jsonl (the samples, as the run dir keeps them) and tmp/tokens/NAME.arrow (what trains): the
     rows at `indices`, copied in Arrow (never as Python objects) a chunk at a time; the split's tokens."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
-    tables = [table.to_batches() for table in (rows.data.table.select(["sample"]), tokenized.data.table)]
-    offsets = [np.cumsum([0] + [len(batch) for batch in batches[:-1]]) for batches in tables]
+    samples, tokens_of = Mapped(rows, ["sample"]), Mapped(tokenized)
     (tmp / "tokens").mkdir(exist_ok=True)
     path = tmp / "tokens" / f"{name}.arrow"
     indices = np.asarray(indices, dtype=np.int64)
     with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f, \
             ArrowWriter(features=token_features(), path=str(path)) as writer:
-        for k in range(0, len(indices), 5 * CHUNK):
-            chunk = indices[k:k + 5 * CHUNK]
-            f.writelines(line + "\n" for line in take(tables[0], offsets[0], chunk).column("sample").to_pylist())
-            writer.write_table(take(tables[1], offsets[1], chunk))
+        for k in range(0, len(indices), 5 * data.CHUNK):
+            chunk = indices[k:k + 5 * data.CHUNK]
+            f.writelines(line + "\n" for line in samples.take(chunk).column("sample").to_pylist())
+            writer.write_table(tokens_of.take(chunk))
+            samples.release()
+            tokens_of.release()
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
 
@@ -325,62 +427,66 @@ def column(rows: "datasets.Dataset", name: str) -> np.ndarray:
     return rows.with_format("arrow")[name].to_numpy()
 
 
-def values(rows: "datasets.Dataset", name: str) -> list:
-    """A column as one Python list, read from Arrow in one call (a Column iterates row by row)."""
-    return rows.with_format("arrow")[name].to_pylist()
-
-
-def describe(rows, tokenized) -> dict:
+def describe(rows: "pa.Table", tokenized: "datasets.Dataset") -> dict:
+    """A split's count, labels, token lengths and time range, computed in Arrow."""
+    import pyarrow.compute as pc
     lengths = column(tokenized, "length") if len(tokenized) else np.zeros(1, dtype=np.int32)
-    timestamps = [t for t in values(rows, "timestamp") if t]
-    return {"count": len(rows), "labels": dict(sorted(Counter(values(rows, "label")).items())),
+    span = pc.min_max(rows.column("timestamp")).as_py()
+    labels = {row["values"]: row["counts"] for row in pc.value_counts(rows.column("label")).to_pylist()}
+    return {"count": len(rows), "labels": dict(sorted(labels.items())),
             "tokens": {"total": int(lengths.sum()), "max": int(lengths.max()),
                        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)}},
-            "first_timestamp": min(timestamps, default=None), "last_timestamp": max(timestamps, default=None)}
+            "first_timestamp": span["min"], "last_timestamp": span["max"]}
 
 
 def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, digest: str) -> dict:
-    """Build, check, split and tokenize into `tmp`; stats.json's content."""
+    """Build, check, deduplicate, split and tokenize into `tmp`; stats.json's content."""
     # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
     build = instantiate(cfg.builder, _partial_=True, _convert_="all")
     built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
-    dropped, counted = built.dropped, Counter()  # a streaming builder counts its drops as it is read
-
-    def counting(samples):
-        for sample in samples:
-            counted["built"] += 1
-            yield sample
-    rows, tokenized = write_samples(tmp / "samples.arrow", checked(counting(built.samples), cfg.task,
-                                                                 cfg.skip_bad_rows, cfg.dedupe, dropped, str(source)),
-                                    Tokenizing(tmp / "shards", tokenizer, cfg.train_turns, cfg.num_proc))
+    batches = Batches(tmp / "shards", tokenizer, cfg.train_turns, cfg.num_proc, str(source), task=cfg.task,
+                      skip_bad_rows=cfg.skip_bad_rows, dedupe=cfg.dedupe)
+    rows, tokenized, results = write_batches(jobs_of(built), batches)
+    dropped = built.dropped
+    for result in results:
+        dropped.update(result["dropped"])
+    count = sum(result["built"] for result in results)
+    if built.finish is not None:
+        built.finish(count)
+    kept = np.arange(len(rows))
+    if cfg.dedupe:
+        kept = np.flatnonzero(first_of_each(b"".join(result["digests"] for result in results)))
+        if len(kept) < len(rows):
+            dropped["duplicate"] += len(rows) - len(kept)
     dropped = Counter(dropped)
-    if not len(rows):
+    if not len(kept):
         raise DataError(f"{source}: no samples left after filtering (dropped: {dict(dropped) or 'none'})")
-    first = json.loads(rows[0]["sample"])
+    first = json.loads(rows[int(kept[0])]["sample"])
     if cfg.augment.copies > 0 and "messages" not in first:
         raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
                         "set dataset.augment.copies=0")
-    indices = split_indices(values(rows, "timestamp"), cfg.split, cfg.val_size, cfg.test_size, seed)
-    splits = {name: (rows, tokenized, indices[name]) for name in SPLITS}
+    table = rows.data.table  # Arrow from here on: no Python object per sample, no datasets fingerprint per select
+    indices = split_indices(table.column("timestamp").take(kept), cfg.split, cfg.val_size, cfg.test_size, seed)
+    splits = {name: (rows, tokenized, kept[indices[name]]) for name in SPLITS}
     if cfg.augment.copies > 0 or cfg.balance != "none":
         # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains;
         # they work on the train samples in memory
-        train = augment([json.loads(s) for s in values(rows.select(indices["train"]), "sample")],
+        train = augment([json.loads(s) for s in table.column("sample").take(splits["train"][2]).to_pylist()],
                         cfg.augment.copies, cfg.augment.instruction_variants, cfg.augment.numeric_noise, seed)
         try:
             train = rebalance(train, cfg.balance, seed)
         except ValueError as err:
             raise DataError(str(err)) from None
-        train_rows, train_tokens = write_samples(tmp / "train.arrow", train, Tokenizing(
-            tmp / "train-shards", tokenizer, cfg.train_turns, cfg.num_proc))
-        splits["train"] = (train_rows, train_tokens, list(range(len(train_rows))))
-    stats = {"built": counted["built"], "kind": "text" if "messages" not in first else "chat",
+        train_rows, train_tokens, _ = write_batches(jobs_of(Built(train)), Batches(
+            tmp / "train-shards", tokenizer, cfg.train_turns, cfg.num_proc, str(source), task=None,
+            skip_bad_rows=False, dedupe=False))
+        splits["train"] = (train_rows, train_tokens, np.arange(len(train_rows)))
+    stats = {"built": count, "kind": "text" if "messages" not in first else "chat",
              "dropped": dict(dropped), "splits": {}}
     for name, (split_rows, split_tokens, picked) in splits.items():
-        stats["splits"][name] = describe(split_rows.select(picked), write_split(tmp, name, split_rows, split_tokens,
-                                                                                picked))
-    for leftover in (tmp / "samples.arrow", tmp / "train.arrow"):
-        leftover.unlink(missing_ok=True)
+        split_table = split_rows.data.table.select(["timestamp", "label"])
+        stats["splits"][name] = describe(split_table.take(picked), write_split(tmp, name, split_rows, split_tokens,
+                                                                               picked))
     for leftover in (tmp / "shards", tmp / "train-shards"):
         shutil.rmtree(leftover, ignore_errors=True)
     stats["source"] = {"path": str(source), "sha256": digest}

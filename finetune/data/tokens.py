@@ -137,8 +137,6 @@ LINE_SAFE_PATTERNS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
-LINE_CUT = r"(?<=\S\n)(?=\S)"  # after a newline between two characters that are not whitespace
-
 
 def splits_at_lines(backend) -> bool:
     """Whether the tokenizer always ends a pre-token after a newline that sits between two non-space characters,
@@ -166,18 +164,51 @@ def splits_at_lines(backend) -> bool:
     return regex
 
 
-def special_splitter(backend):
-    """A regex that cuts a text at the tokenizer's added tokens (keeping them), and after its lines where
-    `splits_at_lines`, where encoding each piece alone gives the whole text's tokens: the tokenizer cuts at added
-    tokens itself before it pre-tokenizes, unless an added token strips its neighbours' whitespace or is matched
-    after normalization. None where it is not exact."""
+class Cutter:
+    """Cuts a text into pieces that each encode alone as they do inside it: at the tokenizer's added tokens (kept
+    as pieces of their own), and, where `lines`, after each newline between two characters that are not
+    whitespace (`splits_at_lines`). Two C-level splits and a loop over lines: a regex with a lookbehind tried at
+    every character costs twice as much."""
+
+    def __init__(self, added: list[str], lines: bool):
+        self.added = set(added)  # leftmost-longest, as the tokenizer matches them
+        self.specials = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
+        self.lines = lines
+
+    def __call__(self, text: str) -> list[str]:
+        pieces = []
+        for k, piece in enumerate(self.specials.split(text)):
+            if k % 2:
+                pieces.append(piece)
+            elif piece:
+                pieces += self.cut_lines(piece) if self.lines else [piece]
+        return pieces
+
+    @staticmethod
+    def cut_lines(text: str) -> list[str]:
+        pieces, current = [], None
+        for line in text.split("\n"):
+            if current is None:
+                current = line
+            elif current and line and not current[-1].isspace() and not line[0].isspace():
+                pieces.append(current + "\n")  # a newline between two non-space characters ends a piece
+                current = line
+            else:
+                current += "\n" + line
+        pieces.append(current)
+        return pieces
+
+
+def special_splitter(backend) -> Cutter | None:
+    """The Cutter of a tokenizer: at its added tokens, and after its lines where `splits_at_lines`, where encoding
+    each piece alone gives the whole text's tokens: the tokenizer cuts at added tokens itself before it
+    pre-tokenizes, unless an added token strips its neighbours' whitespace or is matched after normalization.
+    None where it is not exact."""
     added = list(backend.get_added_tokens_decoder().values())
     if not added or any(t.lstrip or t.rstrip or t.single_word or (t.normalized and backend.normalizer is not None)
                         for t in added):
         return None
-    contents = sorted({t.content for t in added}, key=len, reverse=True)  # leftmost-longest, as the tokenizer
-    return re.compile("(" + "|".join(map(re.escape, contents)) + ")" + ("|" + LINE_CUT if splits_at_lines(backend)
-                                                                        else ""))
+    return Cutter([t.content for t in added], splits_at_lines(backend))
 
 
 class Joined:
@@ -213,17 +244,17 @@ class Joined:
 CACHED_PIECES = 200_000  # a cache that grows past this is emptied (~100 MB of encodings)
 
 
-def encode_pieces(backend, splitter, texts: list[str], cache: dict) -> list[Joined]:
+def encode_pieces(backend, splitter: Cutter, texts: list[str], cache: dict) -> list[Joined]:
     """Each text cut at its added tokens (and lines); each piece encoded once while it is in `cache` (piece ->
     its encoding, or an added token's id): a chat's system prompt, role headers, recurring answers and lines
     repeat in every sample, most of its characters."""
     if len(cache) > CACHED_PIECES:
         cache.clear()
-    cut = [list(filter(None, splitter.split(text))) for text in texts]
+    cut = list(map(splitter, texts))
     distinct = dict.fromkeys(chain.from_iterable(cut))
     new = [piece for piece in distinct if piece not in cache]
-    special = [piece for piece in new if splitter.fullmatch(piece)]
-    plain = [piece for piece in new if not splitter.fullmatch(piece)]
+    special = [piece for piece in new if piece in splitter.added]
+    plain = [piece for piece in new if piece not in splitter.added]
     cache.update((piece, backend.token_to_id(piece)) for piece in special)
     cache.update(zip(plain, backend.encode_batch(plain, add_special_tokens=False)))
     ids_of = {piece: [found] if isinstance(found, int) else found.ids for piece, found in zip(distinct, map(
@@ -249,10 +280,9 @@ def trained_ranges(encoding, text_length: int, spans: list[tuple]) -> list[tuple
     return ranges
 
 
-def tokenize_many(samples: list[dict], tokenizer, turns: str = "all", cache: dict | None = None) -> list[dict]:
-    """[{"input_ids", "assistant_masks", "first_trained"}] per sample (first_trained: the index of the first
-    token with loss, or the length when none has), the texts tokenized in one batched call per kind; `cache`
-    (see `encode`) carries the encodings of recurring pieces from one call to the next."""
+def trained_tokens(samples: list[dict], tokenizer, turns: str = "all", cache: dict | None = None) -> list[tuple]:
+    """(input_ids, [(low, high)] token ranges that carry loss) per sample, the texts tokenized in one batched call
+    per kind; `cache` (see `encode`) carries the encodings of recurring pieces from one call to the next."""
     out = [None] * len(samples)
     for plain_text in (False, True):
         picked = [i for i, s in enumerate(samples) if ("segments" in s) == plain_text]
@@ -276,11 +306,20 @@ def tokenize_many(samples: list[dict], tokenizer, turns: str = "all", cache: dic
                 ids.append(tokenizer.eos_token_id)
                 if samples[i]["segments"][-1]["train"]:
                     ranges.append((len(ids) - 1, len(ids)))
-            mask = [0] * len(ids)
-            for low, high in ranges:
-                mask[low:high] = [1] * (high - low)
-            out[i] = {"input_ids": ids, "assistant_masks": mask,
-                      "first_trained": min((low for low, _ in ranges), default=len(ids))}
+            out[i] = (ids, ranges)
+    return out
+
+
+def tokenize_many(samples: list[dict], tokenizer, turns: str = "all", cache: dict | None = None) -> list[dict]:
+    """[{"input_ids", "assistant_masks", "first_trained"}] per sample (first_trained: the index of the first
+    token with loss, or the length when none has)."""
+    out = []
+    for ids, ranges in trained_tokens(samples, tokenizer, turns, cache):
+        mask = [0] * len(ids)
+        for low, high in ranges:
+            mask[low:high] = [1] * (high - low)
+        out.append({"input_ids": ids, "assistant_masks": mask,
+                    "first_trained": min((low for low, _ in ranges), default=len(ids))})
     return out
 
 

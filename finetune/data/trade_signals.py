@@ -49,9 +49,9 @@ skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number), "bad_market_data
 "bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
 "unknown_direction". The samples come in time order (timestamp, then trade id); `limit` keeps the most
 recent ones, like the design note's ORDER BY timestamp DESC LIMIT. With `stream=True` (what the pipeline asks
-for, conf/dataset/trade_signals.yaml) they are a generator in the log's row order, read and converted one
-batch of rows at a time, so a log of millions of trades is never held in memory; `dropped` is complete once
-it has been read.
+for, conf/dataset/trade_signals.yaml) the rows are read in batches of 10,000, in the log's row order, and
+each batch is converted where the pipeline runs it (its worker processes, `Built.parts`), so a log of
+millions of trades is never held in memory and the conversion runs in parallel.
 
 meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
@@ -74,8 +74,10 @@ import logging
 import sqlite3
 from collections import Counter
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
+from finetune import data
 from finetune.data import Built, safe_json
 from finetune.data.numbers import finite_number
 from finetune.data.rows import BadRow, BadRows, SkipRow
@@ -108,9 +110,11 @@ INDICATORS = (
 )
 TRENDS = {"bullish": ("bullish", "bull", "up", "uptrend", "上涨", "上升", "多头", "看涨"),
           "bearish": ("bearish", "bear", "down", "downtrend", "下跌", "下降", "空头", "看跌")}
+TREND_OF = {word: trend for trend, words in TRENDS.items() for word in words}
 DIRECTIONS = {"long": ("buy", "long", "open_long", "close_long", "买入", "做多", "开多"),
               "short": ("sell", "short", "open_short", "close_short", "卖出", "做空", "开空")}
 SIGNAL_OF = {"long": "BUY", "short": "SELL"}
+DIRECTION_OF = {word: direction for direction, words in DIRECTIONS.items() for word in words}
 
 
 def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
@@ -125,30 +129,45 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
                         label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
                         rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
                         system_prompt=system_prompt)
-    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true", dropped)
     hint = (f"check closed_status={closed_status!r} and that '{signals_table}' rows share the trades' timestamps")
 
-    def samples():  # one trade at a time, read in batches: a log of millions of trades is never held
-        count, extra = 0, Counter()
+    def parts():  # the rows read here in batches, each converted by whoever runs it: a log is never held whole
+        extra = Counter()
         try:
-            for sample in bad.stream(_rows(con, name, trades_table, signals_table, cols, closed_status, extra),
-                                   to_sample):
-                count += 1
-                yield sample
+            rows = _rows(con, name, trades_table, signals_table, cols, closed_status, extra)
+            while batch := list(islice(rows, data.CHUNK)):
+                yield partial(_convert, batch, to_sample, name, skip_bad_rows)
         finally:
             con.close()
         if extra["signals"]:
             log.warning("%s: %d trades matched more than one '%s' row at their timestamp; used the first",
                         name, extra["signals"], signals_table)
+
+    def finish(count):
         if not count:
             raise DataError(f"{name}: no samples left from {total} trades in '{trades_table}' (dropped: "
                             f"{dict(dropped) or 'none'}); {hint}")
+    if stream:  # the pipeline's way: converted in its worker processes, in the log's row order
+        return Built(None, dropped, parts=parts(), finish=finish)
+
+    def samples():
+        count = 0
+        for part in parts():
+            converted, lost = part()
+            dropped.update(lost)
+            count += len(converted)
+            yield from converted
+        finish(count)
     in_time = (lambda s: (s["timestamp"], s["meta"]["trade_id"]))
     if limit:  # the most recent, oldest first; only `limit` samples are held
         return Built(heapq.nlargest(limit, samples(), key=in_time)[::-1], dropped)
-    if stream:  # the pipeline's way: a generator, in the log's row order (its temporal split orders by time)
-        return Built(samples(), dropped)
     return Built(sorted(samples(), key=in_time), dropped)
+
+
+def _convert(rows, to_sample, name, skip_bad_rows) -> tuple[list[dict], Counter]:
+    """One batch of rows -> (samples, dropped); a bad row raises, or is counted with skip_bad_rows."""
+    bad = BadRows(name, skip_bad_rows, "fix the row or set dataset.skip_bad_rows=true")
+    return bad.each(rows, to_sample), bad.dropped
 
 
 def _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
@@ -208,7 +227,9 @@ def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Co
 
     A row: trade rowid, signal rowid, then TRADE_COLUMNS but status, then SIGNAL_COLUMNS but signal_timestamp
     (NULL for a column mapped to null); the signal columns are NULL for a trade with no signal row. Several
-    signal rows at one timestamp: the first (lowest rowid) is used, the others counted in `extra`.
+    signal rows at one timestamp: the first (lowest rowid) is used, the others counted in `extra`. The query
+    orders by the trade only (the scan's own order: an ORDER BY on the signal as well sorts every joined row
+    before the first comes back, 3 s and the whole log in SQLite's temp store at 1M trades).
     """
     pnl, status = f't."{cols["pnl_percent"]}"', f't."{cols["status"]}"'
     select = [f't."{cols[k]}"' if cols[k] is not None else "NULL" for k in TRADE_COLUMNS[:-1]]
@@ -217,15 +238,20 @@ def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Co
         cursor = con.execute(
             f'SELECT t.rowid, s.rowid, {", ".join(select)} FROM "{trades_table}" t '
             f'LEFT JOIN "{signals_table}" s ON t."{cols["timestamp"]}" = s."{cols["signal_timestamp"]}" '
-            f'WHERE {pnl} IS NOT NULL AND LOWER({status}) = LOWER(?) ORDER BY t.rowid, s.rowid', (closed_status,))
-        last = None
+            f'WHERE {pnl} IS NOT NULL AND LOWER({status}) = LOWER(?) ORDER BY t.rowid', (closed_status,))
+        held = None  # rows of one trade are adjacent (ORDER BY t.rowid): the one with the lowest signal rowid
         while rows := cursor.fetchmany(batch):
             for row in rows:
-                if row[0] == last:  # rows of one trade are adjacent (ORDER BY t.rowid)
+                if held is not None and row[0] == held[0]:
                     extra["signals"] += 1
+                    if row[1] < held[1]:
+                        held = row
                     continue
-                last = row[0]
-                yield row
+                if held is not None:
+                    yield held
+                held = row
+        if held is not None:
+            yield held
     except sqlite3.DatabaseError as e:
         raise DataError(f"{name}: cannot read the database ({e}); is dataset.path an SQLite file?") from e
 
@@ -261,7 +287,9 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     confidence = _confidence(label, ai_signal, signal_confidence, ruled)
     symbol = symbol if symbol is not None else snapshot.get("symbol")
     messages = prompt_messages(lines, symbol, system_prompt)
-    messages.append({"role": "assistant", "content": json.dumps({"signal": label, "confidence": confidence})})
+    # json.dumps({"signal": label, "confidence": confidence}) to the character (a label is one of three words, a
+    # float's JSON is its repr), at a tenth of the cost
+    messages.append({"role": "assistant", "content": f'{{"signal": "{label}", "confidence": {confidence!r}}}'})
     sign = {"long": 1, "short": -1}.get(direction)
     return {"messages": messages, "label": label, "timestamp": timestamp,
             "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
@@ -307,10 +335,11 @@ def market_prompt(market_data: dict, symbol=None, system_prompt: str | None = SY
 
 def _indicators(snapshot):
     """(prompt lines, {rsi, trend_direction, trend_strength}); ValueError names a bad value."""
-    technical = snapshot.get("technical") if isinstance(snapshot.get("technical"), dict) else {}
+    technical = snapshot.get("technical")
+    sources = (technical, snapshot) if isinstance(technical, dict) else (snapshot,)
     lines, values = [], {}
     for label, keys, numeric in INDICATORS:
-        key, value = first_present(keys, technical, snapshot)
+        key, value = first_present(keys, *sources)
         if value is None:
             continue
         if numeric:
@@ -323,7 +352,7 @@ def _indicators(snapshot):
         else:
             text = str(value).strip()
             if label == "Trend":
-                text = next((t for t, words in TRENDS.items() if text.lower() in words), text)
+                text = TREND_OF.get(text.lower(), text)
                 value = text
         values[keys[0]] = value
         lines.append(f"{label}: {text}")
@@ -364,9 +393,8 @@ def _pnl_label(pnl, direction, profit, loss, loss_label):
 
 def _direction(action, entry, exit_, pnl):
     word = str(action).strip().lower() if action is not None else ""
-    for direction, words in DIRECTIONS.items():
-        if word in words:
-            return direction
+    if word in DIRECTION_OF:
+        return DIRECTION_OF[word]
     entry, exit_ = finite_number(entry), finite_number(exit_)
     if entry is None or exit_ is None or entry == exit_ or pnl == 0:
         return None
@@ -385,9 +413,8 @@ def _confidence(label, ai_signal, signal_confidence, ruled):
 
 def _signal_word(value):
     word = str(value).strip().lower()
-    for direction, words in DIRECTIONS.items():
-        if word in words:
-            return SIGNAL_OF[direction]
+    if word in DIRECTION_OF:
+        return SIGNAL_OF[DIRECTION_OF[word]]
     return "HOLD" if word in ("hold", "wait", "观望", "持有") else word.upper()
 
 
