@@ -260,7 +260,7 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         if args.max_length:  # TRL cuts each row to max_length: one whose answers start later trains on nothing
             rows = rows.filter(lambda first: first < args.max_length, input_columns="first_trained")
         return rows.select_columns(["input_ids", "assistant_masks"])
-    callbacks = [StopOnNonFiniteLoss()] + ([preemption] if preemption is not None else [])
+    callbacks = [StopOnNonFiniteLoss()] + ([preemption.callback()] if preemption is not None else [])
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
