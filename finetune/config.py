@@ -124,12 +124,58 @@ def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
     if config["method"] is not None:  # null: method=full, no PEFT method to check
         check_method(config["method"], config["training"])
     check_model(config["model"])
-    return config, None if output_dir is None else sft_config(config["training"], output_dir)
+    check_objective(config["objective"], config["training"])
+    if output_dir is None:
+        return config, None
+    if config["objective"]["name"] == "dpo":
+        return config, dpo_config(config["training"], config["objective"], output_dir)
+    return config, sft_config(config["training"], output_dir)
+
+
+OBJECTIVES = ("sft", "dpo")
+SFT_ONLY = {"packing": False, "packing_strategy": None, "eval_packing": None,
+            "completion_only_loss": None, "assistant_only_loss": False, "dataset_text_field": None,
+            "dataset_kwargs": None, "chat_template_path": None, "eos_token": None, "shuffle_dataset": False}
+
+
+def check_objective(objective: dict, training: dict) -> None:
+    """objective.name and its keys (trl.DPOConfig fields), and training keys DPO cannot honour."""
+    name = objective.get("name")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r}: choose {' or '.join(OBJECTIVES)} (objective=dpo)")
+    if name == "sft":
+        return
+    from trl import DPOConfig
+    fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    for key in objective:
+        if key != "name" and key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            raise ConfigError(f"objective.{key}: not a trl.DPOConfig field; "
+                              + (f"did you mean {' or '.join(close)}?" if close else "see trl.DPOConfig"))
+    check_types("objective", {k: v for k, v in objective.items() if k != "name"}, DPOConfig)
+    if training.get("packing"):
+        raise ConfigError("objective=dpo with training.packing=true: DPO scores each chosen / rejected answer on "
+                          "its own row; set training.packing=false")
+
+
+def dpo_config(training: dict, objective: dict, output_dir: Path):
+    """trl.DPOConfig from `training` (less the keys only SFT reads, at their off values) and `objective`."""
+    from trl import DPOConfig
+    kept = {k: v for k, v in training.items() if k not in SFT_ONLY or v != SFT_ONLY[k]}
+    unused = sorted(set(kept) - {f.name for f in dataclasses.fields(DPOConfig) if f.init})
+    if unused:
+        raise ConfigError(f"objective=dpo: training.{unused[0]} is an SFT setting DPO has no use for; remove it")
+    options = {k: v for k, v in objective.items() if k != "name"}
+    return trainer_config(DPOConfig, kept, output_dir, **options)
 
 
 def sft_config(training: dict, output_dir: Path):
     """trl.SFTConfig from `training` (checked by check_training first)."""
     from trl import SFTConfig
+    return trainer_config(SFTConfig, training, output_dir)
+
+
+def trainer_config(cls, training: dict, output_dir: Path, **options):
     if not training.get("use_cpu") and not cuda_available():
         raise ConfigError("training.use_cpu=false but this machine has no CUDA GPU; use training=cpu "
                           "(or dry_run=true to only build the data and estimate)")
@@ -137,7 +183,7 @@ def sft_config(training: dict, output_dir: Path):
     if training.get("hub_token"):  # the Trainer pickles its arguments into every checkpoint's training_args.bin:
         os.environ["HF_TOKEN"] = str(training.pop("hub_token"))  # the hub client reads the token from here instead
     try:
-        return SFTConfig(output_dir=str(output_dir), **training)
+        return cls(output_dir=str(output_dir), **training, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"training: {err}") from None
 

@@ -107,6 +107,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
                           "none; use eval=perplexity")
     if cfg.dry_run:
         return dry_run(cfg, config, stats, tokenizer, run_dir)
+    if cfg.objective.name == "dpo":  # checked before any weight loads
+        preference_pairs(splits["train"], "train")
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
@@ -267,6 +269,12 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     if earlier_adapter is not None:  # trainable: SFTTrainer must not wrap it again
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
+    if cfg.objective.name == "dpo":  # TRL tokenizes the pairs itself, the chat template on each side
+        from trl import DPOTrainer
+        trainer = DPOTrainer(model=model, args=args, train_dataset=preference_pairs(splits["train"], "train"),
+                             eval_dataset=preference_pairs(splits["validation"], "validation") if splits["validation"]
+                             else None, processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        return trainer
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
                          eval_dataset=as_dataset("validation") if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
@@ -278,6 +286,26 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         log.info("rank %d of %d: first batch digest %s", args.process_index, args.world_size,
                  hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:12])
     return trainer
+
+
+def preference_pairs(samples: list[dict], split: str):
+    """TRL's conversational preference rows: the prompt (every message but the last), the chosen answer (the
+    last) and the rejected one (the sample's `rejected`)."""
+    import datasets
+    pairs = [{"prompt": s["messages"][:-1], "chosen": [s["messages"][-1]],
+              "rejected": [{"role": "assistant", "content": s["rejected"]}]} for s in samples if "rejected" in s]
+    if not pairs:
+        raise DataError(f"objective=dpo: no {split} sample has a rejected answer; DPO learns from pairs: use "
+                        "dataset=generic with dataset.builder.format=chosen (prompt / chosen / rejected), or "
+                        "dataset=trade_signals with dataset.builder.preference=true")
+    return datasets.Dataset.from_list(pairs)
+
+
+def objective_name(objective: dict) -> str:
+    if objective["name"] == "dpo":
+        return (f"DPO (beta {objective.get('beta', 0.1)}, {objective.get('loss_type', 'sigmoid')}; chosen over "
+                "rejected answers, reference: the model before this run)")
+    return "SFT (the answers as targets)"
 
 
 def train(trainer, checkpoint: str | None):
@@ -316,6 +344,7 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
                "model folder": loaded["model_folder"], "parameters": loaded["parameters"],
                "trainable parameters": f"{trainable:,} ({trainable / max(total, 1):.2%} of all)",
                "method": method_name(config["method"], cfg.quantization is not None, choices.get("method")),
+               "objective": objective_name(config["objective"]),
                "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
                "train samples": trained_count(len(trainer.train_dataset), len(splits["train"])),
                "held-out samples": len(held_out),

@@ -182,12 +182,13 @@ def test_format_chosen_trains_on_prompt_plus_chosen(caplog, tmp_path):
     assert [s["messages"] for s in explicit] == [
         chat(("user", "The sky is"), ("assistant", "blue.")),
         chat(("user", "What color is the sky?"), ("assistant", "It is blue."))]
-    assert "format=chosen: 2 samples from prompt + chosen; 'rejected' ignored" in caplog.text
+    assert "format=chosen: 2 samples of prompt + chosen, 2 with a rejected answer ('rejected')" in caplog.text
     [implicit] = build(FIXTURES / "dpo_implicit.jsonl", format="chosen").samples
     assert implicit["messages"] == chat(("user", "What color is the sky?"), ("assistant", "It is blue."))
     [sharegpt] = build(FIXTURES / "dpo_sharegpt.json", format="chosen").samples
-    assert sharegpt["messages"] == chat(("system", "You are a teacher."), ("user", "Who wrote Pride and Prejudice?"),
-                                        ("assistant", "Jane Austen."))
+    # the rejected answer's text, from a string, a conversation (TRL's implicit prompt) or a ShareGPT turn
+    assert [s["rejected"] for s in explicit] + [implicit["rejected"], sharegpt["rejected"]] == \
+        ["green.", "It is green.", "It is green.", "Charles Dickens."]
     texts = jsonl(tmp_path / "hh.jsonl", {"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go"})
     with pytest.raises(DataError, match=r"hh\.jsonl: line 1, field 'chosen' is text and there is no prompt column: "
                                         r"to train on it as plain text set dataset\.builder\.format=text and "

@@ -252,3 +252,21 @@ def test_sample_data_is_balanced_and_both_rules_agree():
     # the long-side return agrees with BUY and SELL labels: what the backtest scores
     assert all(s["meta"]["return_percent"] > 3 for s in by_pnl.samples if s["label"] == "BUY")
     assert all(s["meta"]["return_percent"] < -3 for s in by_pnl.samples if s["label"] == "SELL")
+
+
+@pytest.mark.parametrize("pnl, action, loss_label, chosen, rejected", [
+    (6.0, "BUY", "opposite", "BUY", "SELL"),     # the move paid: the other side is punished
+    (6.0, "SELL", "opposite", "SELL", "BUY"),
+    (-4.0, "BUY", "opposite", "SELL", "BUY"),    # a losing long: the long it took is punished
+    (-4.0, "BUY", "HOLD", "HOLD", "BUY"),
+    (1.0, "SELL", "opposite", "HOLD", "SELL"),   # within the thresholds: trading it did not pay
+])
+def test_preference_pairs_reject_the_signal_the_outcome_punished(tmp_path, pnl, action, loss_label, chosen, rejected):
+    db = make_db(tmp_path / "t.db", [("2024-03-05 09:00:00", "BTC/USDT", 100, 101, pnl, action, "closed")],
+                 [("2024-03-05 09:00:00", snap(), None, 70)])
+    [sample] = build(db, preference=True, loss_label=loss_label).samples
+    assert json.loads(sample["messages"][-1]["content"]) == {"signal": chosen, "confidence": 0.7}
+    assert json.loads(sample["rejected"]) == {"signal": rejected, "confidence": 0.7}
+    assert "rejected" not in build(db, loss_label=loss_label).samples[0]
+    with pytest.raises(ConfigError, match="preference=true .* needs label_rule=pnl"):
+        build(db, preference=True, label_rule="indicators")

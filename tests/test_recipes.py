@@ -12,6 +12,8 @@ EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tu
     "lora_qwen_signals": ({"perplexity", "accuracy", "macro_f1", "parse_rate", "majority_baseline", "profitable_ratio",
                            "total_return", "sharpe", "max_drawdown", "win_rate", "latency_seconds",
                            "answers_per_second"}, {"loss.png", "labels.png", "confusion.png", "equity.png"}),
+    "dpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},
+                         {"loss.png", "equity.png"}),
     "qlora_deepseek_news": ({"perplexity"}, {"loss.png", "labels.png"}),
     "lora_qwen_decisions": ({"perplexity", "accuracy", "macro_f1", "parse_rate"}, {"loss.png", "confusion.png"}),
     "qlora_style": ({"perplexity", "style_distance", "sentence_length_js", "word_freq_js"},
@@ -32,6 +34,13 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     keys, files = EXPECTED[recipe]
     for side in ("base", "tuned"):
         assert keys <= set(result.metrics[side]), keys - set(result.metrics[side])
-    assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
+    if recipe.startswith("dpo"):  # DPO may lower the chosen answers' likelihood too: it learns the preference
+        state = json.loads(max((tmp_path / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                               key=lambda p: int(p.parent.name.split("-")[1])).read_text())
+        evals = [e["eval_rewards/accuracies"] for e in state["log_history"] if "eval_rewards/accuracies" in e]
+        assert evals[-1] > 0.5, evals  # held-out pairs: the chosen answer gains on the rejected one
+        assert "| objective | DPO (beta 0.1" in (tmp_path / "report.md").read_text()
+    else:
+        assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
     for name in files:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import FAST, compose
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 from finetune.runner import run
 
 
@@ -146,3 +146,22 @@ def test_full_fine_tuning_of_a_7b_preset_is_refused_before_anything_loads(tmp_pa
                                           r".*fsdp"):
         run(compose("model=qwen2_5_7b", "training=cpu", "method=full"), tmp_path)
     assert not (tmp_path / "data").exists()
+
+
+def test_dpo_on_data_without_pairs_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """objective=dpo on supervised samples names the two ways to give it pairs; no weight has loaded."""
+    import finetune.runner as runner
+    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"objective=dpo: no train sample has a rejected answer; .*"
+                                        r"dataset\.builder\.format=chosen .* dataset\.builder\.preference=true"):
+        run(compose("objective=dpo", "training.max_steps=2"), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.betta=0.2", r"objective\.betta: not a trl\.DPOConfig field; did you mean beta\?"),
+    ("training.packing=true", r"objective=dpo with training\.packing=true: .* set training\.packing=false"),
+    ("objective.name=ppo", r"objective\.name='ppo': choose sft or dpo"),
+])
+def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose("objective=dpo", "+" + override if "betta" in override else override), tmp_path)

@@ -12,7 +12,8 @@ A builder turns a user's source (SQLite, JSONL, CSV, a folder of Markdown) into 
 Optional keys, only where the source has them (finetune/data/generic.py): an assistant message may call tools,
 `"tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]` (then
 its content may be ""), answered by `{"role": "tool", "content": "18 C"}` (+ "name" / "tool_call_id"); an
-assistant message may carry `"weight": 0 | 1` (0: not trained); the sample may carry `"tools": [{"type":
+assistant message may carry `"weight": 0 | 1` (0: not trained); a preference sample (objective=dpo) carries
+`"rejected": "<the answer to move away from>"`, its last message being the chosen one; the sample may carry `"tools": [{"type":
 "function", "function": {name, description, parameters}}]`. A text sample (task text only) has no messages:
 `{"segments": [{"text": "Q: 2+2?\n", "train": false}, {"text": "4", "train": true}], "label": None, ...}`.
 

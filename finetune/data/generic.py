@@ -30,8 +30,9 @@ is one of these forms, detected from its columns or forced with `format`:
   kto_tag): desirable rows train (label None), undesirable ones are dropped ("undesirable" in dropped).
       {"prompt": "Capital of France?", "completion": "Paris.", "label": true}
 - chosen: preference pairs (`chosen` / `rejected`, with a `prompt`, `messages`, `conversations` or alpaca
-  `instruction`; or TRL's implicit prompt: `chosen` is the whole conversation) train on prompt + chosen;
-  `rejected` is ignored. Auto mode never picks it: pairs are DPO data, so it stops and says so.
+  `instruction`; or TRL's implicit prompt: `chosen` is the whole conversation): the sample is prompt + chosen,
+  with the rejected answer's text as `rejected`. objective=sft trains on the chosen answer, objective=dpo on the
+  pair. Auto mode never picks it: pairs are DPO data, so it stops and says so.
       {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}
 - text (TRL language modeling, axolotl `completion`: `text`; axolotl `segments`, label false = not trained):
       {"text": "A whole document."}
@@ -159,9 +160,9 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
         if plan.format == "kto":
             log.info("%s: kto: %d desirable rows kept, %d undesirable ones dropped", name, kept,
                      dropped["undesirable"] - undesirable)
-        if plan.format == "chosen" and plan.columns["rejected"] in present:
-            log.info("%s: format=chosen: %d samples from prompt + chosen; '%s' ignored", name, kept,
-                     plan.columns["rejected"])
+        if plan.format == "chosen":
+            log.info("%s: format=chosen: %d samples of prompt + chosen, %d with a rejected answer ('%s')", name,
+                     kept, sum("rejected" in sample for sample in samples[before:]), plan.columns["rejected"])
         if kept:
             kinds.setdefault("text" if plan.format == "text" else "chat", name)
         if len(kinds) == 2:
@@ -218,8 +219,8 @@ def _plan(format, hint, present, records, name, columns, tags, label_field) -> P
     if format == "auto" and has(None, "chosen") and has(None, "rejected"):
         pair = _columns(None, columns, label_field)
         raise DataError(f"{name}: '{pair['chosen']}' / '{pair['rejected']}' columns: these rows are preference pairs (DPO data), not supervised "
-                        "samples; set dataset.builder.format=chosen to train on prompt + chosen (rejected is "
-                        "ignored)")
+                        "samples; set dataset.builder.format=chosen: objective=dpo trains on the pairs, the default "
+                        "objective=sft on prompt + chosen")
     if format in SHAPES:
         shape = format
     elif hint in SHAPES:
@@ -333,6 +334,8 @@ def _sample(record, plan, fields, meta_fields, system_prompt) -> dict:
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         sample = {"messages": messages}
+        if plan.format == "chosen" and not _blank(record.get(col["rejected"])):
+            sample["rejected"] = _rejected(record, plan)
         tools = _tools(record.get(col["tools"]), col["tools"])
         if tools:
             sample["tools"] = tools
@@ -404,6 +407,19 @@ def _chosen(record, plan) -> list[dict]:
                                       f"plain text set dataset.builder.format=text and dataset.builder.columns.text="
                                       f"{field}, or name the prompt with dataset.builder.columns.prompt")
     return [{"role": "assistant", "content": _text(record, field)}]
+
+
+def _rejected(record, plan) -> str:
+    """The rejected answer's text: a string, one turn, or a conversation whose last turn is the answer."""
+    field = plan.columns["rejected"]
+    value = record[field]
+    if isinstance(value, str):
+        return _text(record, field)
+    tags = plan.tags if plan.shape == "sharegpt" else _tags("chat", {})
+    turns = _turns([value] if isinstance(value, dict) else value, field, tags)
+    if turns[-1]["role"] != "assistant" or not isinstance(turns[-1].get("content"), str):
+        raise BadRow("bad_messages", f"field '{field}': the rejected answer must end with an assistant turn")
+    return turns[-1]["content"]
 
 
 def _turns(value, field, tags, answer=True) -> list[dict]:

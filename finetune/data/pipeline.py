@@ -112,6 +112,15 @@ def check_sample(sample: dict, task: str) -> str | None:
         return "last message must be the assistant's answer"
     if task.labels and sample.get("label") in (None, ""):
         return "label missing"
+    if "rejected" in sample:  # a preference sample (objective=dpo): the last message is the chosen answer
+        rejected = sample["rejected"]
+        if not isinstance(rejected, str) or not rejected.strip():
+            return f"rejected must be the text of an answer, got {rejected!r:.60}"
+        if rejected == messages[-1]["content"]:
+            return "rejected is the chosen answer itself"
+        reason = task.check(rejected)
+        if reason is not None:
+            return f"rejected: {reason}"
     return task.check(messages[-1]["content"])
 
 

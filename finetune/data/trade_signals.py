@@ -53,6 +53,11 @@ for, conf/dataset/trade_signals.yaml) the rows are read in batches of 10,000, in
 each batch is converted where the pipeline runs it (its worker processes, `Built.parts`), so a log of
 millions of trades is never held in memory and the conversion runs in parallel.
 
+Preference pairs (`preference=true`, for objective=dpo; label_rule=pnl): each sample also carries `rejected`, the
+answer the realised return punished, at the same confidence: for a BUY or SELL label (the move paid more than
+profit_threshold, or lost more than loss_threshold) the other direction; for HOLD (the move did not pay for the
+risk) the direction the trade took.
+
 meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
 (pnl_percent for a long, -pnl_percent for a short, None if the direction is unknown): a BUY / SELL backtest
@@ -120,15 +125,18 @@ DIRECTION_OF = {word: direction for direction, words in DIRECTIONS.items() for w
 def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
           closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
           loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
-          system_prompt=SYSTEM_PROMPT, limit=None, stream=False) -> Built:
+          system_prompt=SYSTEM_PROMPT, limit=None, stream=False, preference=False) -> Built:
     cols = _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
                           trades_table, signals_table)
+    if preference and label_rule != "pnl":
+        raise ConfigError("dataset.builder.preference=true pairs the answer the realised return rewarded with the one "
+                          "it punished: it needs label_rule=pnl")
     name = Path(path).name
     con, total, dropped = _open(path, name, trades_table, signals_table, cols, closed_status)
     to_sample = partial(_sample, cols=cols, trades_table=trades_table, signals_table=signals_table,
                         label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
                         rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
-                        system_prompt=system_prompt)
+                        system_prompt=system_prompt, preference=preference)
     hint = (f"check closed_status={closed_status!r} and that '{signals_table}' rows share the trades' timestamps")
 
     def parts():  # the rows read here in batches, each converted by whoever runs it: a log is never held whole
@@ -258,7 +266,8 @@ def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Co
 
 # ---- one closed trade -> one sample
 
-def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rule, system_prompt) -> dict:
+def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rule, system_prompt,
+            preference=False) -> dict:
     (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
      market_data, ai_signal, signal_confidence) = row
     at = f"table '{trades_table}' row id {trade_id}"
@@ -291,7 +300,11 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     # float's JSON is its repr), at a tenth of the cost
     messages.append({"role": "assistant", "content": f'{{"signal": "{label}", "confidence": {confidence!r}}}'})
     sign = {"long": 1, "short": -1}.get(direction)
-    return {"messages": messages, "label": label, "timestamp": timestamp,
+    sample = {"messages": messages, "label": label, "timestamp": timestamp}
+    if preference:  # the answer the outcome punished: the other side of a move that paid, the trade taken otherwise
+        punished = SIGNAL_OF["short" if label == "BUY" else "long"] if label != "HOLD" else SIGNAL_OF[direction]
+        sample["rejected"] = f'{{"signal": "{punished}", "confidence": {confidence!r}}}'
+    return {**sample,
             "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
                      "pnl_percent": pnl_value, "entry_price": finite_number(entry),
                      "exit_price": finite_number(exit_), "action_taken": None if action is None else str(action),
