@@ -55,6 +55,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
     main = is_main_process()
     route_library_logs()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.eval.get("walk_forward", {}).get("folds") is not None:  # K runs in run_dir/fold-k, one report
+        from finetune import walk_forward
+        return Run(metrics=walk_forward.run_folds(cfg, run_dir, run))
     with run_lock(run_dir) if main else nullcontext():  # rank 0 holds it for the job
         return _locked_run(cfg, run_dir, main)
 

@@ -177,3 +177,30 @@ def test_duplicates_are_dropped_and_the_first_is_kept(source, tokenizer, tmp_pat
         assert stats["dropped"] == {"duplicate": 3} and kept == list(range(120))
     _, stats = prepare(dataset_cfg(source, split="random", dedupe=False), tokenizer, tmp_path / "all", seed=0)
     assert stats["built"] == 123 and sum(s["count"] for s in stats["splits"].values()) == 123
+
+
+def test_walk_forward_folds_roll_forward_and_never_train_on_their_test_window(source, tokenizer, tmp_path):
+    """K + 1 windows in time order: fold k trains (and validates) on windows 0..k-1, tests on window k; ties at a
+    cut stay on one side, so no fold sees a timestamp at or after its test window."""
+    from finetune.data.pipeline import split_indices
+    timestamps = [f"2024-01-{1 + i // 6:02d}T00:00:00" for i in range(70)]  # 6 a day: the windows cut days
+    random.Random(0).shuffle(timestamps)
+    previous_test = None
+    for k in range(1, 5):
+        split = split_indices(timestamps, "walk_forward", 0.1, 0.0, 0, fold=(k, 4))
+        seen = [timestamps[i] for i in (*split["train"], *split["validation"])]
+        test = [timestamps[i] for i in split["test"]]
+        assert max(seen) < min(test) and max(timestamps[i] for i in split["train"]) < min(
+            timestamps[i] for i in split["validation"])
+        assert len(test) >= 6 and (previous_test is None or min(test) > max(previous_test))
+        previous_test = test
+    assert max(previous_test) == max(timestamps)  # the last fold tests on the latest window
+    for k in (0, 5):
+        with pytest.raises(DataError, match=r"dataset.fold=\[k, K\], 1 <= k <= K"):
+            split_indices(timestamps, "walk_forward", 0.1, 0.0, 0, fold=(k, 4))
+    # the temporal split keeps ties together too: no test sample shares the last train timestamp
+    split = split_indices(timestamps, "temporal", 0.1, 0.15, 0)
+    assert max(timestamps[i] for i in (*split["train"], *split["validation"])) < min(
+        timestamps[i] for i in split["test"])
+    with pytest.raises(DataError, match="only 7 samples in 1 distinct timestamps"):
+        split_indices(["2024-01-01"] * 7, "temporal", 0.1, 0.2, 0)

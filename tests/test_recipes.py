@@ -44,3 +44,26 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
         assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
     for name in files:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+
+
+def test_walk_forward_trains_each_fold_on_the_past_only_and_reports_every_fold(tmp_path):
+    """4 folds on the sample trade log: fold-k runs whole, report.md shows each fold, the mean and the
+    always-long / always-HOLD baselines, and no fold trained or validated on a timestamp at or after its test
+    window (read back from each fold's own split files)."""
+    summary = run(compose("recipe=lora_qwen_signals", *SHORT, "training.max_steps=4", "eval.walk_forward.folds=4"),
+                  tmp_path).metrics
+    assert [row["fold"] for row in summary["folds"]] == [1, 2, 3, 4]
+    previous = None
+    for k in range(1, 5):
+        fold = tmp_path / f"fold-{k}"
+        assert json.loads((fold / "status.json").read_text())["status"] == "completed"
+        read = {name: [json.loads(line)["timestamp"] for line in (fold / "data" / f"{name}.jsonl").read_text().splitlines()]
+                for name in ("train", "validation", "test")}
+        assert max(read["train"] + read["validation"]) < min(read["test"])
+        assert previous is None or min(read["test"]) > max(previous)  # the windows roll forward
+        previous = read["test"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| fold | train window | test window | train / test samples | accuracy |" in report
+    assert report.count("\n| ") == 6 and "| mean |" in report and "always long | always HOLD |" in report
+    assert set(summary["tuned"]) >= {"accuracy", "total_return", "always_long_return"}
+    assert summary["tuned"]["accuracy"] == sum(row["tuned"]["accuracy"] for row in summary["folds"]) / 4

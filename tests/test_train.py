@@ -165,3 +165,13 @@ def test_dpo_on_data_without_pairs_stops_before_the_model_loads(tmp_path, monkey
 def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run(compose("objective=dpo", "+" + override if "betta" in override else override), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.walk_forward.folds=1"], r"eval\.walk_forward\.folds=1: a whole number of folds, 2 or more"),
+    (["eval.walk_forward.folds=3", "dry_run=true"], r"eval\.walk_forward with dry_run=true"),
+    (["eval.walk_forward.folds=3", "dataset.split=random"], r"needs time-ordered samples"),
+])
+def test_a_bad_walk_forward_setting_is_named(tmp_path, overrides, message):
+    with pytest.raises((ConfigError, DataError), match=message):
+        run(compose(*overrides), tmp_path)

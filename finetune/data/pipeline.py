@@ -149,31 +149,68 @@ def first_of_each(digests: bytes) -> np.ndarray:
     return keep
 
 
-def split_indices(timestamps, how: str, val_size: float, test_size: float, seed: int) -> dict[str, np.ndarray]:
-    """Random, or temporal: train on the oldest rows, validate on later ones, test on the latest. `timestamps`:
-    one per sample, ISO text or None (a list, or an Arrow array: sorted in Arrow, never as Python strings)."""
+def split_indices(timestamps, how: str, val_size: float, test_size: float, seed: int,
+                  fold: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Random; temporal: train on the oldest rows, validate on later ones, test on the latest; walk_forward with
+    `fold` (k, K): the samples in time order cut into K + 1 windows, train (its latest val_size validating) on
+    windows 0..k-1, test on window k. A time cut never falls between two samples of one timestamp, so every test
+    timestamp is after every train one (checked). `timestamps`: ISO text or None per sample (a list, or an Arrow
+    array: sorted in Arrow, never as Python strings)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     timestamps = timestamps if isinstance(timestamps, (pa.Array, pa.ChunkedArray)) else pa.array(timestamps,
                                                                                                   pa.string())
     n = len(timestamps)
-    if how == "temporal":
-        missing = timestamps.null_count
-        if missing:
-            raise DataError(f"dataset.split=temporal but {missing} samples have no timestamp; use split=random")
-        ordered = pc.sort_indices(timestamps).to_numpy()  # stable: ties keep the builder's order
-    elif how == "random":
+    if how == "random":
         ordered = list(range(n))
         random.Random(seed).shuffle(ordered)
         ordered = np.asarray(ordered, dtype=np.int64)
+        n_test, n_val = round(n * test_size), round(n * val_size)
+        bounds = [n - n_val - n_test, n - n_test]
+    elif how in ("temporal", "walk_forward"):
+        missing = timestamps.null_count
+        if missing:
+            raise DataError(f"dataset.split={how} but {missing} samples have no timestamp; use split=random")
+        ordered = pc.sort_indices(timestamps).to_numpy()  # stable: ties keep the builder's order
+        in_time = timestamps.take(ordered)
+        if how == "temporal":
+            n_test, n_val = round(n * test_size), round(n * val_size)
+            test_from = tie_start(in_time, n - n_test)
+            bounds = [tie_start(in_time, test_from - n_val), test_from]
+        else:
+            k, folds = check_fold(fold)
+            test_from, test_to = (tie_start(in_time, round(n * j / (folds + 1))) for j in (k, k + 1))
+            test_to = n if k == folds else test_to
+            bounds = [tie_start(in_time, test_from - round(test_from * val_size)), test_from]
+            ordered = ordered[:test_to]
     else:
-        raise DataError(f"dataset.split={how}: choose random or temporal")
-    n_test, n_val = round(n * test_size), round(n * val_size)
-    n_train = n - n_val - n_test
-    if n_train < 1 or (val_size > 0 and n_val < 1) or (test_size > 0 and n_test < 1):
-        raise DataError(f"only {n} samples: too few for val_size={val_size}, test_size={test_size}")
-    return {"train": ordered[:n_train], "validation": ordered[n_train:n_train + n_val],
-            "test": ordered[n_train + n_val:]}
+        raise DataError(f"dataset.split={how}: choose random, temporal or walk_forward")
+    train, validation, test = np.split(ordered, bounds)
+    if len(train) < 1 or (val_size > 0 and len(validation) < 1) or (test_size > 0 and len(test) < 1):
+        raise DataError(f"only {n} samples" + (f" in {len(set(timestamps.to_pylist()))} distinct timestamps"
+                                              if how != "random" else "") +
+                        f": too few for val_size={val_size}, test_size={test_size}"
+                        + (f", fold {fold[0]} of {fold[1]}" if how == "walk_forward" else ""))
+    if how != "random" and len(test) and pc.min(timestamps.take(test)).as_py() <= pc.max(
+            timestamps.take(np.concatenate([train, validation]))).as_py():
+        raise DataError("a test sample's timestamp is not after every train sample's: the split would leak the future")
+    return {"train": train, "validation": validation, "test": test}
+
+
+def tie_start(in_time, position: int) -> int:
+    """`position`, moved earlier to the first sample of its timestamp (a cut between two samples of one
+    timestamp would train on the moment it tests on); the held-out side grows."""
+    position = min(max(position, 0), len(in_time))
+    while 0 < position < len(in_time) and in_time[position].as_py() == in_time[position - 1].as_py():
+        position -= 1
+    return position
+
+
+def check_fold(fold) -> tuple[int, int]:
+    if fold is None or len(fold) != 2 or not all(type(v) is int for v in fold) or not 1 <= fold[0] <= fold[1]:
+        raise DataError(f"dataset.split=walk_forward needs dataset.fold=[k, K], 1 <= k <= K, got {fold!r}; "
+                        "eval.walk_forward.folds=K sets it for each fold")
+    return fold[0], fold[1]
 
 
 TOKEN_COLUMNS = {"input_ids": "int32", "assistant_masks": "int8", "length": "int32", "first_trained": "int32"}
@@ -475,7 +512,8 @@ def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, d
         raise DataError(f"{source}: dataset.augment rewrites a chat sample's user turn; these are text samples: "
                         "set dataset.augment.copies=0")
     table = rows.data.table  # Arrow from here on: no Python object per sample, no datasets fingerprint per select
-    indices = split_indices(table.column("timestamp").take(kept), cfg.split, cfg.val_size, cfg.test_size, seed)
+    indices = split_indices(table.column("timestamp").take(kept), cfg.split, cfg.val_size, cfg.test_size, seed,
+                            None if cfg.get("fold") is None else tuple(cfg.fold))
     splits = {name: (rows, tokenized, kept[indices[name]]) for name in SPLITS}
     if cfg.augment.copies > 0 or cfg.balance != "none":
         # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains;
