@@ -106,14 +106,18 @@ def check_peft(method: dict) -> None:
     cls = getattr(peft, name, None) if module == "peft" else None
     if cls is None or not dataclasses.is_dataclass(cls):
         return  # a user's own config class: instantiate() checks it
+    check_fields("method", {k: v for k, v in method.items() if k != "_target_"}, cls, f"peft.{name}")
+
+
+def check_fields(group: str, values: dict, cls: type, where: str) -> None:
+    """Every key of `values` a field of the dataclass `cls` (the closest names suggested), of a plain type."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    values = {k: v for k, v in method.items() if k != "_target_"}
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"see peft.{name}"
-            raise ConfigError(f"method.{key}: not a peft.{name} field; {hint}")
-    check_types("method", values, cls)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"see {where}"
+            raise ConfigError(f"{group}.{key}: not a {where} field; {hint}")
+    check_types(group, values, cls)
 
 
 def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
@@ -146,13 +150,7 @@ def check_objective(objective: dict, training: dict) -> None:
     if name == "sft":
         return
     from trl import DPOConfig
-    fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-    for key in objective:
-        if key != "name" and key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            raise ConfigError(f"objective.{key}: not a trl.DPOConfig field; "
-                              + (f"did you mean {' or '.join(close)}?" if close else "see trl.DPOConfig"))
-    check_types("objective", {k: v for k, v in objective.items() if k != "name"}, DPOConfig)
+    check_fields("objective", {k: v for k, v in objective.items() if k != "name"}, DPOConfig, "trl.DPOConfig")
     if training.get("packing"):
         raise ConfigError("objective=dpo with training.packing=true: DPO scores each chosen / rejected answer on "
                           "its own row; set training.packing=false")

@@ -55,10 +55,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
     main = is_main_process()
     route_library_logs()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.eval.get("walk_forward", {}).get("folds") is not None:  # K runs in run_dir/fold-k, one report
-        from finetune import walk_forward
-        return Run(metrics=walk_forward.run_folds(cfg, run_dir, run))
     with run_lock(run_dir) if main else nullcontext():  # rank 0 holds it for the job
+        if cfg.eval.get("walk_forward", {}).get("folds") is not None:  # K runs in run_dir/fold-k, one report
+            from finetune import walk_forward
+            return Run(metrics=walk_forward.run_folds(cfg, run_dir, run))
         return _locked_run(cfg, run_dir, main)
 
 
@@ -111,7 +111,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     if cfg.dry_run:
         return dry_run(cfg, config, stats, tokenizer, run_dir)
     if cfg.objective.name == "dpo":  # checked before any weight loads
-        preference_pairs(splits["train"], "train")
+        check_pairs(splits["train"], "train")
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
@@ -295,13 +295,17 @@ def preference_pairs(samples: list[dict], split: str):
     """TRL's conversational preference rows: the prompt (every message but the last), the chosen answer (the
     last) and the rejected one (the sample's `rejected`)."""
     import datasets
-    pairs = [{"prompt": s["messages"][:-1], "chosen": [s["messages"][-1]],
-              "rejected": [{"role": "assistant", "content": s["rejected"]}]} for s in samples if "rejected" in s]
-    if not pairs:
+    check_pairs(samples, split)
+    return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "chosen": [s["messages"][-1]],
+                                        "rejected": [{"role": "assistant", "content": s["rejected"]}]}
+                                       for s in samples if "rejected" in s])
+
+
+def check_pairs(samples: list[dict], split: str) -> None:
+    if not any("rejected" in s for s in samples):
         raise DataError(f"objective=dpo: no {split} sample has a rejected answer; DPO learns from pairs: use "
                         "dataset=generic with dataset.builder.format=chosen (prompt / chosen / rejected), or "
                         "dataset=trade_signals with dataset.builder.preference=true")
-    return datasets.Dataset.from_list(pairs)
 
 
 def objective_name(objective: dict) -> str:

@@ -171,8 +171,9 @@ class Cutter:
     every character costs twice as much."""
 
     def __init__(self, added: list[str], lines: bool):
-        self.added = set(added)  # leftmost-longest, as the tokenizer matches them
-        self.specials = re.compile("(" + "|".join(map(re.escape, sorted(self.added, key=len, reverse=True))) + ")")
+        self.added = set(added)
+        longest_first = sorted(self.added, key=len, reverse=True)  # leftmost-longest, as the tokenizer matches them
+        self.specials = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         self.lines = lines
 
     def __call__(self, text: str) -> list[str]:

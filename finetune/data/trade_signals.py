@@ -119,6 +119,7 @@ TREND_OF = {word: trend for trend, words in TRENDS.items() for word in words}
 DIRECTIONS = {"long": ("buy", "long", "open_long", "close_long", "买入", "做多", "开多"),
               "short": ("sell", "short", "open_short", "close_short", "卖出", "做空", "开空")}
 SIGNAL_OF = {"long": "BUY", "short": "SELL"}
+OPPOSITE = {"BUY": "SELL", "SELL": "BUY"}
 DIRECTION_OF = {word: direction for direction, words in DIRECTIONS.items() for word in words}
 
 
@@ -296,14 +297,11 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     confidence = _confidence(label, ai_signal, signal_confidence, ruled)
     symbol = symbol if symbol is not None else snapshot.get("symbol")
     messages = prompt_messages(lines, symbol, system_prompt)
-    # json.dumps({"signal": label, "confidence": confidence}) to the character (a label is one of three words, a
-    # float's JSON is its repr), at a tenth of the cost
-    messages.append({"role": "assistant", "content": f'{{"signal": "{label}", "confidence": {confidence!r}}}'})
+    messages.append({"role": "assistant", "content": _answer(label, confidence)})
     sign = {"long": 1, "short": -1}.get(direction)
     sample = {"messages": messages, "label": label, "timestamp": timestamp}
     if preference:  # the answer the outcome punished: the other side of a move that paid, the trade taken otherwise
-        punished = SIGNAL_OF["short" if label == "BUY" else "long"] if label != "HOLD" else SIGNAL_OF[direction]
-        sample["rejected"] = f'{{"signal": "{punished}", "confidence": {confidence!r}}}'
+        sample["rejected"] = _answer(OPPOSITE[label] if label != "HOLD" else SIGNAL_OF[direction], confidence)
     return {**sample,
             "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
                      "pnl_percent": pnl_value, "entry_price": finite_number(entry),
@@ -396,11 +394,17 @@ def _rule(values, t):
     return "HOLD", 0.55
 
 
+def _answer(signal: str, confidence: float) -> str:
+    """json.dumps({"signal": signal, "confidence": confidence}) to the character (a signal is one of three words, a
+    float's JSON is its repr), at a tenth of the cost."""
+    return f'{{"signal": "{signal}", "confidence": {confidence!r}}}'
+
+
 def _pnl_label(pnl, direction, profit, loss, loss_label):
     if pnl > profit:
         return SIGNAL_OF[direction]
     if pnl < loss:
-        return SIGNAL_OF["short" if direction == "long" else "long"] if loss_label == "opposite" else "HOLD"
+        return OPPOSITE[SIGNAL_OF[direction]] if loss_label == "opposite" else "HOLD"
     return "HOLD"
 
 
