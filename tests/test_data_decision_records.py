@@ -70,6 +70,23 @@ def test_train_outcomes_select_records(tmp_path):
         build(path, train_outcomes="neutral")
 
 
+def test_undesirable_outcomes_become_samples_marked_undesirable(tmp_path):
+    """objective=kto's data from the JSONL alone: excellent / good desirable, bad undesirable, the rest left out."""
+    path = write(tmp_path / "d.jsonl", record("excellent_decision"), record("good"), record("acceptable_loss"),
+                 record("bad_decision", action="hold"), record("pending"))
+    built = build(path, undesirable_outcomes=["bad"])
+    assert [(s["meta"]["outcome"], s["label"], s["desirable"]) for s in built.samples] == [
+        ("excellent", "BUY", True), ("good", "BUY", True), ("bad", "HOLD", False)]
+    assert built.dropped == {"outcome_acceptable_loss": 1, "outcome_pending": 1}
+    loss_is_bad = build(path, undesirable_outcomes=["bad", "acceptable_loss_decision"]).samples
+    assert [s["desirable"] for s in loss_is_bad] == [True, True, False, False]
+    assert all("desirable" not in s for s in build(path).samples)  # SFT data as before
+    with pytest.raises(ConfigError, match=r"good is in both train_outcomes and undesirable_outcomes"):
+        build(path, undesirable_outcomes=["good"])
+    with pytest.raises(ConfigError, match=r"undesirable_outcomes=\['awful'\]: choose from excellent"):
+        build(path, undesirable_outcomes=["awful"])
+
+
 @pytest.mark.parametrize("raw, action", [("open_long", "BUY"), ("BUY", "BUY"), ("做多", "BUY"),
                                          ("open_short", "SELL"), ("Sell", "SELL"), ("hold", "HOLD"),
                                          ("观望", "HOLD"), ("close_long", "CLOSE"), ("平仓", "CLOSE")])

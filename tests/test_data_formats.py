@@ -149,14 +149,16 @@ def test_alpaca_bad_history_is_named(tmp_path):
 
 # ---- KTO and preference pairs
 
-def test_kto_labels_keep_desirable_rows_and_drop_the_others(caplog):
+def test_kto_labels_become_the_desirable_flag_of_every_row(caplog):
     with caplog.at_level(logging.INFO, logger="finetune.data.generic"):
         built = build(FIXTURES / "kto.jsonl")
-    assert [s["messages"] for s in built.samples] == [chat(("user", "The sky is"), ("assistant", "blue.")),
-                                                      chat(("user", "Capital of France?"), ("assistant", "Paris."))]
-    assert [s["label"] for s in built.samples] == [None, None]  # not the class labels "True" / "False"
-    assert built.dropped == {"undesirable": 1}
-    assert "kto.jsonl: kto: 2 desirable rows kept, 1 undesirable ones dropped" in caplog.text
+    assert [(s["messages"], s["desirable"]) for s in built.samples] == [
+        (chat(("user", "The sky is"), ("assistant", "blue.")), True),
+        (chat(("user", "The sky is"), ("assistant", "green.")), False),
+        (chat(("user", "Capital of France?"), ("assistant", "Paris.")), True)]
+    assert [s["label"] for s in built.samples] == [None, None, None]  # not the class labels "True" / "False"
+    assert built.dropped == {}
+    assert "kto.jsonl: kto: 2 desirable and 1 undesirable samples" in caplog.text
 
 
 def test_kto_label_must_be_true_or_false(tmp_path):
@@ -289,8 +291,8 @@ def test_llamafactory_folder_entries(caplog):
         "name": "convert_currency", "arguments": {"amount": 100, "from": "USD", "to": "EUR"}}}]
     assert [t["function"]["name"] for t in glaive["tools"]] == ["convert_currency"]
     kto = build(folder, dataset_name="kto_demo")  # kto_tag -> label, role/content tags
-    assert [s["messages"][-1]["content"] for s in kto.samples] == ["D: Science/Tech."]
-    assert kto.dropped == {"undesirable": 1}
+    assert [(s["messages"][-1]["content"], s["desirable"]) for s in kto.samples][0] == ("D: Science/Tech.", True)
+    assert [s["desirable"] for s in kto.samples] == [True, False]
     with pytest.raises(DataError, match=r"dpo_demo\.json: 'chosen' / 'rejected' columns: these rows are preference "
                                         r"pairs"):
         build(folder, dataset_name="dpo_demo")

@@ -19,8 +19,9 @@ from finetune.paths import CONF_DIR
 CALLS = Counter()
 
 
-def fake_build(path, n=300, skip_bad_rows=False, bad_row=None):
-    """Samples with shuffled timestamps, labels A/B/C in 3:2:1, row `bad_row` without an answer."""
+def fake_build(path, n=300, skip_bad_rows=False, bad_row=None, undesirable_every=None):
+    """Samples with shuffled timestamps, labels A/B/C in 3:2:1, row `bad_row` without an answer; with
+    `undesirable_every`, every sample is marked desirable but each k-th one, marked undesirable."""
     CALLS["build"] += 1
     rng = random.Random(1)
     hours = list(range(n))
@@ -32,6 +33,8 @@ def fake_build(path, n=300, skip_bad_rows=False, bad_row=None):
         samples.append({"messages": [{"role": "user", "content": f"row {i} price 100.5 rsi 30"}, *answer],
                         "label": label, "timestamp": f"2024-01-{1 + hour // 24:02d}T{hour % 24:02d}:00:00",
                         "meta": {"i": i}})
+        if undesirable_every:
+            samples[-1]["desirable"] = i % undesirable_every != 0
     return Built(samples)
 
 
@@ -204,3 +207,20 @@ def test_walk_forward_folds_roll_forward_and_never_train_on_their_test_window(so
         timestamps[i] for i in split["test"])
     with pytest.raises(DataError, match="only 7 samples in 1 distinct timestamps"):
         split_indices(["2024-01-01"] * 7, "temporal", 0.1, 0.2, 0)
+
+
+def test_undesirable_samples_leave_train_and_validation_only_and_the_test_split_is_the_same(source, tokenizer,
+                                                                                            tmp_path):
+    """dataset.undesirable=drop (objective=sft) keeps what SFT imitates clean and the held-out split whole, so
+    an SFT run and a KTO run (undesirable=keep) of the same data test on the same samples."""
+    builder = {"builder": {"undesirable_every": 4}}
+    drop, drop_stats = prepare(dataset_cfg(source, **builder), tokenizer, tmp_path / "drop", seed=0)
+    keep, keep_stats = prepare(dataset_cfg(source, **builder, undesirable="keep"), tokenizer, tmp_path / "keep", seed=0)
+    assert drop["test"] == keep["test"] and any(not s["desirable"] for s in drop["test"])
+    for name in ("train", "validation"):
+        assert all(s["desirable"] for s in drop[name])
+        assert drop[name] == [s for s in keep[name] if s["desirable"]]
+        assert drop_stats["dropped"][f"undesirable ({name})"] == sum(not s["desirable"] for s in keep[name]) > 0
+    assert not any(k.startswith("undesirable") for k in keep_stats["dropped"])
+    with pytest.raises(DataError, match=r"dataset\.undesirable='some': choose drop .* or keep"):
+        prepare(dataset_cfg(source, **builder, undesirable="some"), tokenizer, tmp_path / "bad", seed=0)

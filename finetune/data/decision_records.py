@@ -19,7 +19,11 @@ suffix; "neutral" and "pending" (not yet closed) are known too. `train_outcomes`
 become samples, default excellent + good: the design note's export also keeps bad decisions, but its
 trainer imitates every exported output, so it would teach the model the decisions that lost money. Records
 with another outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever
-skip_bad_rows says.
+skip_bad_rows says, unless `undesirable_outcomes` names it (e.g. [bad]): then its record becomes a sample with
+"desirable": false (and the train_outcomes ones "desirable": true), which objective=kto learns to avoid, and
+objective=sft leaves out of train and validation (dataset.undesirable=drop; the test split keeps it, so the
+outcome metric can say how often a model repeats a decision that went badly). acceptable_loss goes in
+either list, or neither.
 
 The sample: input -> user prompt, one line per part; nested values are written as compact JSON; only
 the last `history_items` entries of recent_history (taken as oldest first) are shown, and no History line
@@ -78,13 +82,17 @@ NUMBERS = {"size": ("size_usd", "size"), "leverage": ("leverage",),
 SYSTEM_PROMPT = "You are a crypto trading AI. Reply with one JSON decision."
 
 
-def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), history_items=3,
-          max_reasoning_chars=200, system_prompt=SYSTEM_PROMPT, encoding="utf-8-sig") -> Built:
+def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), undesirable_outcomes=(),
+          history_items=3, max_reasoning_chars=200, system_prompt=SYSTEM_PROMPT, encoding="utf-8-sig") -> Built:
     path = Path(path)
     train = _check_options(train_outcomes, history_items, max_reasoning_chars)
+    avoid = _outcomes("undesirable_outcomes", undesirable_outcomes, empty=True)
+    if train & avoid:
+        raise ConfigError(f"dataset.builder: {sorted(train & avoid)[0]} is in both train_outcomes and "
+                          "undesirable_outcomes; a decision is desirable or not")
     records = _read(path, encoding)
     bad = BadRows(path.name, skip_bad_rows, "fix the record or set dataset.skip_bad_rows=true")
-    samples = bad.each(records, partial(_sample, train=train, history_items=history_items,
+    samples = bad.each(records, partial(_sample, train=train, avoid=avoid, history_items=history_items,
                                         max_reasoning_chars=max_reasoning_chars, system_prompt=system_prompt))
     if not samples:
         raise DataError(f"{path.name}: no samples left from {len(records)} records (dropped: "
@@ -95,14 +103,19 @@ def build(path, *, skip_bad_rows=False, train_outcomes=("excellent", "good"), hi
 
 def _check_options(train_outcomes, history_items, max_reasoning_chars) -> set[str]:
     """The outcomes that train; a ConfigError for a bad option, before the file is read."""
-    train = {_outcome(o) for o in ([train_outcomes] if isinstance(train_outcomes, str) else train_outcomes)}
-    if not train or not train <= set(OUTCOMES):
-        raise ConfigError(f"dataset.builder.train_outcomes={list(train_outcomes)}: choose from {', '.join(OUTCOMES)}")
+    train = _outcomes("train_outcomes", train_outcomes, empty=False)
     if type(history_items) is not int or history_items < 0:
         raise ConfigError(f"dataset.builder.history_items={history_items!r}: a number of entries, 0 or more")
     if max_reasoning_chars is not None and (type(max_reasoning_chars) is not int or max_reasoning_chars < 1):
         raise ConfigError(f"dataset.builder.max_reasoning_chars={max_reasoning_chars!r}: a positive integer or null")
     return train
+
+
+def _outcomes(option: str, given, empty: bool) -> set[str]:
+    chosen = {_outcome(o) for o in ([given] if isinstance(given, str) else given)}
+    if not (chosen or empty) or not chosen <= set(OUTCOMES):
+        raise ConfigError(f"dataset.builder.{option}={list(given)}: choose from {', '.join(OUTCOMES)}")
+    return chosen
 
 
 def _read(path, encoding) -> list[tuple[int, dict | str]]:
@@ -118,11 +131,11 @@ def _read(path, encoding) -> list[tuple[int, dict | str]]:
 
 # ---- one record -> one sample
 
-def _sample(item, *, train, history_items, max_reasoning_chars, system_prompt) -> dict:
+def _sample(item, *, train, avoid, history_items, max_reasoning_chars, system_prompt) -> dict:
     line, record = item
     if isinstance(record, str):  # a line that is no JSON object: record holds why
         raise BadRow("malformed_json", f"line {line}, {record}")
-    outcome = _train_outcome(line, record, train)
+    outcome = _train_outcome(line, record, train | avoid)
     given, output = record.get("input"), record.get("output")
     fields, timestamp, action = _required(line, record, given, output)
     answer = _answer(line, output, action, max_reasoning_chars)
@@ -136,6 +149,7 @@ def _sample(item, *, train, history_items, max_reasoning_chars, system_prompt) -
                  {"role": "assistant", "content": json.dumps(answer, ensure_ascii=False, separators=(",", ":"))}]
     result = record.get("result") if isinstance(record.get("result"), dict) else {}
     return {"messages": messages, "label": action, "timestamp": timestamp,
+            **({"desirable": outcome in train} if avoid else {}),
             "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
                      "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
                      "pnl": _number(result.get("pnl"))}}

@@ -27,7 +27,8 @@ is one of these forms, detected from its columns or forced with `format`:
 - prompt_completion (`prompt` / `completion`, strings or TRL-style message lists):
       {"prompt": "Headline: Apple beats\\nSentiment?", "completion": "positive"}
 - kto: any of the forms above with a true/false `label` (TRL's unpaired preference, LLaMA-Factory's
-  kto_tag): desirable rows train (label None), undesirable ones are dropped ("undesirable" in dropped).
+  kto_tag): the sample's "desirable" (label None). objective=kto learns from both kinds; objective=sft
+  leaves the undesirable ones out of train and validation (dataset.undesirable=drop).
       {"prompt": "Capital of France?", "completion": "Paris.", "label": true}
 - chosen: preference pairs (`chosen` / `rejected`, with a `prompt`, `messages`, `conversations` or alpaca
   `instruction`; or TRL's implicit prompt: `chosen` is the whole conversation): the sample is prompt + chosen,
@@ -139,7 +140,7 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
             if field and field not in present:
                 log.info("%s: no '%s' field, so its samples have %s None", name, field, what)
         bad = BadRows(name, skip_bad_rows, "fix it or set dataset.skip_bad_rows=true", dropped)
-        before, undesirable, with_media = len(samples), dropped["undesirable"], 0
+        before, with_media = len(samples), 0
         for where, record in records:  # a BadRow from _sample names the field; the place is added here
             if drop_media and isinstance(record, dict):
                 record, had = _without_media(record, plan.columns)
@@ -158,8 +159,8 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
             log.info("%s: drop_media: media and <image>/<video>/<audio> placeholders removed from %d rows",
                      name, with_media)
         if plan.format == "kto":
-            log.info("%s: kto: %d desirable rows kept, %d undesirable ones dropped", name, kept,
-                     dropped["undesirable"] - undesirable)
+            log.info("%s: kto: %d desirable and %d undesirable samples", name,
+                     sum(s["desirable"] for s in samples[before:]), sum(not s["desirable"] for s in samples[before:]))
         if plan.format == "chosen":
             log.info("%s: format=chosen: %d samples of prompt + chosen, %d with a rejected answer ('%s')", name,
                      kept, sum("rejected" in sample for sample in samples[before:]), plan.columns["rejected"])
@@ -346,8 +347,7 @@ def _sample(record, plan, fields, meta_fields, system_prompt) -> dict:
         if not isinstance(value, bool):
             raise BadRow("missing_label", f"field '{col['label']}': expected true or false (kto: is the answer "
                                           f"desirable?), got {value!r:.40}")
-        if not value:
-            raise SkipRow("undesirable")
+        sample["desirable"] = value
     elif "label" in fields:
         value = record.get(fields["label"])
         if _blank(value):

@@ -121,6 +121,8 @@ def check_sample(sample: dict, task: str) -> str | None:
         reason = task.check(rejected)
         if reason is not None:
             return f"rejected: {reason}"
+    if "desirable" in sample and not isinstance(sample["desirable"], bool):  # objective=kto's label
+        return f"desirable must be true or false, got {sample['desirable']!r:.60}"
     return task.check(messages[-1]["content"])
 
 
@@ -226,7 +228,7 @@ def token_features() -> "datasets.Features":
 def sample_features() -> "datasets.Features":
     import datasets
     return datasets.Features({"sample": datasets.Value("string"), "timestamp": datasets.Value("string"),
-                              "label": datasets.Value("string")})
+                              "label": datasets.Value("string"), "desirable": datasets.Value("bool")})
 
 
 def given(samples: list[dict]) -> tuple[list[dict], Counter]:
@@ -271,18 +273,27 @@ def checked_and_written(job, stem, task, skip_bad_rows, dedupe, tokenizer, turns
     with ArrowWriter(features=sample_features(), path=f"{stem}.samples.arrow") as writer:
         writer.write_table(pa.table({"sample": [json.dumps(sample, ensure_ascii=False) for sample in valid],
                                      "timestamp": [sample.get("timestamp") for sample in valid],
-                                     "label": [str(sample.get("label")) for sample in valid]}))
+                                     "label": [str(sample.get("label")) for sample in valid],
+                                     "desirable": [sample.get("desirable") for sample in valid]}))
         writer.finalize()
     digests = []
     with ArrowWriter(features=token_features(), path=f"{stem}.tokens.arrow") as writer:
         for k in range(0, len(valid), 1000):
-            table, ids, masks, offsets = token_table(tokens.trained_tokens(valid[k:k + 1000], tokenizer, turns, cache))
+            batch = valid[k:k + 1000]
+            table, ids, masks, offsets = token_table(tokens.trained_tokens(batch, tokenizer, turns, cache))
             writer.write_table(table)
-            if dedupe:
-                digests += [hashlib.blake2b(ids[a:b].tobytes() + masks[a:b].tobytes(), digest_size=16).digest()
-                            for a, b in zip(offsets[:-1], offsets[1:])]
+            if dedupe:  # what else trains: a preference sample's rejected answer, a KTO sample's label
+                digests += [hashlib.blake2b(ids[a:b].tobytes() + masks[a:b].tobytes() + outcome(sample),
+                                            digest_size=16).digest()
+                            for sample, a, b in zip(batch, offsets[:-1], offsets[1:])]
         writer.finalize()
     return {"built": len(samples), "dropped": dropped, "invalid": None, "digests": b"".join(digests)}
+
+
+def outcome(sample: dict) -> bytes:
+    if "rejected" not in sample and "desirable" not in sample:
+        return b""
+    return json.dumps([sample.get("rejected"), sample.get("desirable")]).encode()
 
 
 def token_table(encoded: list[tuple]) -> tuple["pa.Table", np.ndarray, np.ndarray, np.ndarray]:
@@ -487,6 +498,8 @@ def describe(rows: "pa.Table", tokenized: "datasets.Dataset") -> dict:
 
 def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, digest: str) -> dict:
     """Build, check, deduplicate, split and tokenize into `tmp`; stats.json's content."""
+    if cfg.undesirable not in ("drop", "keep"):
+        raise DataError(f"dataset.undesirable={cfg.undesirable!r}: choose drop (out of train and validation) or keep")
     # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
     build = instantiate(cfg.builder, _partial_=True, _convert_="all")
     built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
@@ -515,6 +528,14 @@ def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, d
     indices = split_indices(table.column("timestamp").take(kept), cfg.split, cfg.val_size, cfg.test_size, seed,
                             None if cfg.get("fold") is None else tuple(cfg.fold))
     splits = {name: (rows, tokenized, kept[indices[name]]) for name in SPLITS}
+    if cfg.undesirable == "drop":  # SFT must not imitate them; the test split keeps them for the outcome metric
+        desirable = table.column("desirable")
+        for name in ("train", "validation"):
+            picked = splits[name][2]
+            good = desirable.take(picked).fill_null(True).to_numpy(zero_copy_only=False).astype(bool)
+            if not good.all():
+                dropped[f"undesirable ({name})"] += int((~good).sum())
+                splits[name] = (rows, tokenized, picked[good])
     if cfg.augment.copies > 0 or cfg.balance != "none":
         # augmentation and rebalancing touch the train split only: nothing derived from a held-out row trains;
         # they work on the train samples in memory
