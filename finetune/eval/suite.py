@@ -132,11 +132,21 @@ def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: 
         results.update(answer_lengths(tokenizer, samples, answers))
         outputs = answers["texts"]
     for metric in metrics.values():
-        results.update(metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer))
+        results.update(call(metric, samples, outputs, model, tokenizer))
     if answering and grammar is not None:
         constrained = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, grammar=grammar,
                                        **(generation or {}))["texts"]
         for metric in answering.values():
-            scores = metric(samples=samples, outputs=constrained, model=model, tokenizer=tokenizer)
+            scores = call(metric, samples, constrained, model, tokenizer)
             results.update({f"constrained_{k}": v for k, v in scores.items()})
     return {"metrics": results, "outputs": outputs}
+
+
+def call(metric, samples: list[dict], outputs: list[str] | None, model, tokenizer) -> dict:
+    """A metric on the samples whose answer is wanted: one marked "desirable": false (a decision that went badly)
+    is no gold answer to match, so only a metric that `reads_undesirable` (finetune/eval/outcomes.py) sees it."""
+    wanted = [i for i, s in enumerate(samples) if s.get("desirable", True)]
+    if len(wanted) < len(samples) and not getattr(metric, "reads_undesirable", False):
+        samples = [samples[i] for i in wanted]
+        outputs = None if outputs is None else [outputs[i] for i in wanted]
+    return metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer)
