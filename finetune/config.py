@@ -124,47 +124,69 @@ def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
     """The resolved config with every part checked, and the trainer's arguments writing checkpoints into
     `output_dir` (None, e.g. for a dry run: no arguments built, so no GPU is needed)."""
     config = resolve(cfg)
+    if config["objective"]["name"] != "sft":  # the preference stage's own training values, over `training`
+        config["training"] = {**config["training"], **(config["objective"].get("training") or {})}
     check_training(config["training"])
     if config["method"] is not None:  # null: method=full, no PEFT method to check
         check_method(config["method"], config["training"])
     check_model(config["model"])
-    check_objective(config["objective"], config["training"])
+    check_objective(config)
     if output_dir is None:
         return config, None
-    if config["objective"]["name"] == "dpo":
-        return config, dpo_config(config["training"], config["objective"], output_dir)
+    if config["objective"]["name"] != "sft":
+        return config, preference_config(config["training"], config["objective"], output_dir)
     return config, sft_config(config["training"], output_dir)
 
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "kto")
+# objective keys the runner reads; the rest are fields of the objective's trl config (DPOConfig, KTOConfig)
+RUNNER_KEYS = ("name", "start_from", "training")
 SFT_ONLY = {"packing": False, "packing_strategy": None, "eval_packing": None,
             "completion_only_loss": None, "assistant_only_loss": False, "dataset_text_field": None,
             "dataset_kwargs": None, "chat_template_path": None, "eos_token": None, "shuffle_dataset": False}
 
 
-def check_objective(objective: dict, training: dict) -> None:
-    """objective.name and its keys (trl.DPOConfig fields), and training keys DPO cannot honour."""
+def trl_class(name: str) -> type:
+    import trl
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[name]
+
+
+def check_objective(config: dict) -> None:
+    """objective.name, start_from and its keys (trl.DPOConfig / KTOConfig fields), and settings a preference
+    objective cannot honour."""
+    objective, training = config["objective"], config["training"]
     name = objective.get("name")
     if name not in OBJECTIVES:
-        raise ConfigError(f"objective.name={name!r}: choose {' or '.join(OBJECTIVES)} (objective=dpo)")
+        raise ConfigError(f"objective.name={name!r}: choose {', '.join(OBJECTIVES)} (objective=dpo, objective=kto)")
     if name == "sft":
         return
-    from trl import DPOConfig
-    check_fields("objective", {k: v for k, v in objective.items() if k != "name"}, DPOConfig, "trl.DPOConfig")
+    cls = trl_class(name)
+    check_fields("objective", {k: v for k, v in objective.items() if k not in RUNNER_KEYS}, cls, f"trl.{cls.__name__}")
+    start = objective.get("start_from")
+    if start is not None and config.get("incremental", {}).get("adapter") is not None:
+        raise ConfigError("objective.start_from with incremental.adapter: both name an adapter to continue; keep one")
+    if start is not None and config["method"] is None:
+        raise ConfigError(f"objective.start_from={start} with method=full: a preference stage continues an SFT "
+                          "adapter; use a PEFT method (method=lora), or drop objective.start_from")
+    if start not in (None, "sft") and not Path(str(start)).is_dir():
+        raise ConfigError(f"objective.start_from={start}: no such run dir; give an SFT run's dir (it holds "
+                          "adapter/), sft (an SFT stage first, in this run's dir), or null (the base model)")
     if training.get("packing"):
-        raise ConfigError("objective=dpo with training.packing=true: DPO scores each chosen / rejected answer on "
-                          "its own row; set training.packing=false")
+        raise ConfigError(f"objective={name} with training.packing=true: {name.upper()} scores each answer on its "
+                          "own row; set training.packing=false")
 
 
-def dpo_config(training: dict, objective: dict, output_dir: Path):
-    """trl.DPOConfig from `training` (less the keys only SFT reads, at their off values) and `objective`."""
-    from trl import DPOConfig
+def preference_config(training: dict, objective: dict, output_dir: Path):
+    """trl.DPOConfig / KTOConfig from `training` (less the keys only SFT reads, at their off values) and the
+    objective's own fields."""
+    cls = trl_class(objective["name"])
     kept = {k: v for k, v in training.items() if k not in SFT_ONLY or v != SFT_ONLY[k]}
-    unused = sorted(set(kept) - {f.name for f in dataclasses.fields(DPOConfig) if f.init})
+    unused = sorted(set(kept) - {f.name for f in dataclasses.fields(cls) if f.init})
     if unused:
-        raise ConfigError(f"objective=dpo: training.{unused[0]} is an SFT setting DPO has no use for; remove it")
-    options = {k: v for k, v in objective.items() if k != "name"}
-    return trainer_config(DPOConfig, kept, output_dir, **options)
+        raise ConfigError(f"objective={objective['name']}: training.{unused[0]} is an SFT setting "
+                          f"{objective['name'].upper()} has no use for; remove it")
+    options = {k: v for k, v in objective.items() if k not in RUNNER_KEYS}
+    return trainer_config(cls, kept, output_dir, **options)
 
 
 def sft_config(training: dict, output_dir: Path):

@@ -59,6 +59,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
         if cfg.eval.get("walk_forward", {}).get("folds") is not None:  # K runs in run_dir/fold-k, one report
             from finetune import walk_forward
             return Run(metrics=walk_forward.run_folds(cfg, run_dir, run))
+        if cfg.objective.get("start_from") == "sft":  # RUN_DIR/sft first, then the preference stage here
+            from finetune import stages
+            return stages.run_stages(cfg, run_dir, run, _locked_run, main)
         return _locked_run(cfg, run_dir, main)
 
 
@@ -90,6 +93,7 @@ def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
 def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> Run:
     started = time.perf_counter()
     config, args = check(cfg, run_dir, main)  # everything checked before data is built or weights load
+    start = start_adapter(cfg)  # objective.start_from: the SFT adapter a preference stage continues
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     peft_config = instantiate(cfg.method, _convert_="all")  # None: method=full
     if cfg.method is None:
@@ -110,8 +114,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
                           "none; use eval=perplexity")
     if cfg.dry_run:
         return dry_run(cfg, config, stats, tokenizer, run_dir)
-    if cfg.objective.name == "dpo":  # checked before any weight loads
-        check_pairs(splits["train"], "train")
+    if cfg.objective.name != "sft":  # checked before any weight loads
+        preference_rows(cfg.objective.name, splits["train"], "train", check_only=True)
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
@@ -121,6 +125,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     run_manifest = record(cfg, config, stats, run_dir) if main else None
 
     model = load_base(cfg, args)
+    if start is not None:  # a preference stage from an SFT adapter: that model is trained on, and scored as "base"
+        from peft import PeftModel
+        model, peft_config = PeftModel.from_pretrained(model, start, is_trainable=True), None
     held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
@@ -145,7 +152,10 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     if not main:
         return Run(model=trainer.model, tokenizer=tokenizer)
     with atomic_dir(run_dir / ADAPTER) as tmp:  # PEFT format; a crash never leaves half an adapter
-        trainer.model.save_pretrained(tmp)
+        if hasattr(trainer.model, "peft_config"):  # the trained adapter, not TRL's frozen "ref" copy beside it
+            trainer.model.save_pretrained(tmp, selected_adapters=["default"])
+        else:
+            trainer.model.save_pretrained(tmp)
         if cfg.method is None:  # method=full: a whole model, with its tokenizer (chat template included)
             tokenizer.save_pretrained(tmp)
 
@@ -208,7 +218,16 @@ def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
             log.info("%s", line)
             if main:
                 print(line)
-    return check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
+    config, args = check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
+    own = config["objective"].get("training") or {} if config["objective"]["name"] != "sft" else {}
+    for key, value in own.items():  # the preference stage's values win over `training`'s: say so where they differ
+        if cfg.training.get(key, value) != value:
+            line = (f"objective={cfg.objective.name}: training.{key}={value} from objective.training "
+                    f"(training.{key}={cfg.training[key]} is not used by this stage)")
+            log.info("%s", line)
+            if main:
+                print(line)
+    return config, args
 
 
 def build_data(cfg: DictConfig, tokenizer, run_dir: Path, main: bool) -> tuple[dict, dict]:
@@ -272,12 +291,13 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     if earlier_adapter is not None:  # trainable: SFTTrainer must not wrap it again
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
-    if cfg.objective.name == "dpo":  # TRL tokenizes the pairs itself, the chat template on each side
-        from trl import DPOTrainer
-        trainer = DPOTrainer(model=model, args=args, train_dataset=preference_pairs(splits["train"], "train"),
-                             eval_dataset=preference_pairs(splits["validation"], "validation") if splits["validation"]
-                             else None, processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-        return trainer
+    if cfg.objective.name != "sft":  # TRL tokenizes the rows itself, the chat template on each side
+        import trl
+        cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[cfg.objective.name]
+        validation = splits["validation"] and preference_rows(cfg.objective.name, splits["validation"], "validation")
+        return cls(model=model, args=args, train_dataset=preference_rows(cfg.objective.name, splits["train"], "train"),
+                   eval_dataset=validation or None, processing_class=tokenizer, peft_config=peft_config,
+                   callbacks=callbacks)
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
                          eval_dataset=as_dataset("validation") if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
@@ -291,28 +311,60 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
     return trainer
 
 
-def preference_pairs(samples: list[dict], split: str):
-    """TRL's conversational preference rows: the prompt (every message but the last), the chosen answer (the
-    last) and the rejected one (the sample's `rejected`)."""
+def preference_rows(objective: str, samples: list[dict], split: str, check_only: bool = False):
+    """TRL's conversational rows: for dpo the prompt (every message but the last), the chosen answer (the last)
+    and the rejected one (the sample's `rejected`); for kto the prompt, the answer and its `desirable` label.
+    Samples without a rejected answer / a desirable label are left out; none at all is a DataError."""
     import datasets
-    check_pairs(samples, split)
-    return datasets.Dataset.from_list([{"prompt": s["messages"][:-1], "chosen": [s["messages"][-1]],
-                                        "rejected": [{"role": "assistant", "content": s["rejected"]}]}
-                                       for s in samples if "rejected" in s])
-
-
-def check_pairs(samples: list[dict], split: str) -> None:
-    if not any("rejected" in s for s in samples):
+    key = {"dpo": "rejected", "kto": "desirable"}[objective]
+    usable = [s for s in samples if key in s]
+    if not usable:
         raise DataError(f"objective=dpo: no {split} sample has a rejected answer; DPO learns from pairs: use "
                         "dataset=generic with dataset.builder.format=chosen (prompt / chosen / rejected), or "
-                        "dataset=trade_signals with dataset.builder.preference=true")
+                        "dataset=trade_signals with dataset.builder.preference=true" if objective == "dpo" else
+                        f"objective=kto: no {split} sample says whether its answer is desirable; use "
+                        "dataset=decision_records with dataset.builder.undesirable_outcomes=[bad], dataset=generic "
+                        "with dataset.builder.format=kto (prompt / completion / label), or dataset=trade_signals "
+                        "with dataset.builder.desirability=true")
+    if objective == "kto" and len({s["desirable"] for s in usable}) < 2 and split == "train":
+        side = "desirable" if usable[0]["desirable"] else "undesirable"
+        raise DataError(f"objective=kto: every train sample is {side}; KTO learns from both kinds (check "
+                        "dataset.undesirable=keep and the builder's outcome options)")
+    if check_only:
+        return None
+    if objective == "dpo":
+        rows = [{"prompt": s["messages"][:-1], "chosen": [s["messages"][-1]],
+                 "rejected": [{"role": "assistant", "content": s["rejected"]}]} for s in usable]
+    else:
+        rows = [{"prompt": s["messages"][:-1], "completion": [s["messages"][-1]], "label": s["desirable"]}
+                for s in usable]
+    return datasets.Dataset.from_list(rows)
+
+
+def start_adapter(cfg: DictConfig) -> Path | None:
+    """objective.start_from's adapter (an SFT run dir's), checked to be for this run's model; None without one."""
+    start = cfg.objective.get("start_from")
+    if start is None:
+        return None
+    adapter = incremental.adapter_dir(start)
+    manifest_file = Path(start) / MANIFEST
+    if manifest_file.is_file():
+        trained_on = json.loads(manifest_file.read_text())["config"]["model"]["name"]
+        if trained_on != cfg.model.name:
+            raise ConfigError(f"objective.start_from={start}: that run trained model={trained_on}, this one is "
+                              f"model={cfg.model.name}; start from a run of the same model")
+    return adapter
 
 
 def objective_name(objective: dict) -> str:
-    if objective["name"] == "dpo":
-        return (f"DPO (beta {objective.get('beta', 0.1)}, {objective.get('loss_type', 'sigmoid')}; chosen over "
-                "rejected answers, reference: the model before this run)")
-    return "SFT (the answers as targets)"
+    name = objective["name"]
+    if name == "sft":
+        return "SFT (the answers as targets)"
+    start = objective.get("start_from")
+    what = "chosen over rejected answers" if name == "dpo" else "desirable vs undesirable answers"
+    where = ("from the base; reference: the model before this run" if start is None else
+             f"from the SFT adapter of {start}, also the reference")
+    return f"{name.upper()} (beta {objective.get('beta', 0.1)}, {objective.get('loss_type')}; {what}; {where})"
 
 
 def train(trainer, checkpoint: str | None):

@@ -14,6 +14,10 @@ EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tu
                            "answers_per_second"}, {"loss.png", "labels.png", "confusion.png", "equity.png"}),
     "dpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},
                          {"loss.png", "equity.png"}),
+    "sft_dpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},
+                             {"loss.png", "equity.png", "sft/report.md", "sft/adapter/adapter_model.safetensors"}),
+    "sft_kto_qwen_decisions": ({"perplexity", "accuracy", "parse_rate", "desirable_rate", "undesirable_rate",
+                                "outcome_margin"}, {"loss.png", "sft/report.md"}),
     "qlora_deepseek_news": ({"perplexity"}, {"loss.png", "labels.png"}),
     "lora_qwen_decisions": ({"perplexity", "accuracy", "macro_f1", "parse_rate"}, {"loss.png", "confusion.png"}),
     "qlora_style": ({"perplexity", "style_distance", "sentence_length_js", "word_freq_js"},
@@ -26,6 +30,10 @@ EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tu
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
 def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     extra = ["training.learning_rate=3e-2"] if recipe == "prefix_sentiment" else []  # virtual tokens learn slower
+    if "dpo" in recipe or "kto" in recipe:  # the preference stage's own lr, which a fit leaves: the tiny model's
+        extra = ["objective.training.learning_rate=3e-3"]
+    if recipe.startswith("sft_"):  # and its steps, over the SFT stage's
+        extra += ["+objective.training.max_steps=8", "+objective.training.eval_steps=4"]
     result = run(compose(f"recipe={recipe}", *SHORT, *extra), tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
     stats = json.loads((tmp_path / "data" / "stats.json").read_text())
@@ -34,16 +42,39 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     keys, files = EXPECTED[recipe]
     for side in ("base", "tuned"):
         assert keys <= set(result.metrics[side]), keys - set(result.metrics[side])
-    if recipe.startswith("dpo"):  # DPO may lower the chosen answers' likelihood too: it learns the preference
+    if "dpo" in recipe or "kto" in recipe:  # the likelihood of the answers may fall: it learns the preference
         state = json.loads(max((tmp_path / "checkpoints").glob("checkpoint-*/trainer_state.json"),
                                key=lambda p: int(p.parent.name.split("-")[1])).read_text())
-        evals = [e["eval_rewards/accuracies"] for e in state["log_history"] if "eval_rewards/accuracies" in e]
-        assert evals[-1] > 0.5, evals  # held-out pairs: the chosen answer gains on the rejected one
-        assert "| objective | DPO (beta 0.1" in (tmp_path / "report.md").read_text()
+        if "dpo" in recipe:  # held-out pairs: the chosen answer gains on the rejected one
+            evals = [e["eval_rewards/accuracies"] for e in state["log_history"] if "eval_rewards/accuracies" in e]
+            assert evals[-1] > 0.5, evals
+        else:  # KTO's loss is >= 0.5 where the policy is its reference (every reward 0, KL >= 0)
+            evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+            assert evals[-1] < 0.5, evals
+        objective = "DPO" if "dpo" in recipe else "KTO"
+        assert f"| objective | {objective} (beta 0.1" in (tmp_path / "report.md").read_text()
     else:
         assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
     for name in files:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    if recipe.startswith("sft_"):
+        check_stages(tmp_path, result.metrics, "dpo" if "dpo" in recipe else "kto")
+
+
+def check_stages(run_dir, metrics, objective):
+    """SFT ran whole in run_dir/sft; the preference stage started from its adapter (its "base" scores are the SFT
+    model's on the same held-out samples), saved only its own adapter (not TRL's frozen reference copy), and the
+    report shows the three models."""
+    sft = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert json.loads((run_dir / "sft" / "status.json").read_text())["status"] == "completed"
+    assert "| objective | SFT" in (run_dir / "sft" / "report.md").read_text()
+    assert metrics["base"]["perplexity"] == pytest.approx(sft["tuned"]["perplexity"], rel=1e-4)
+    assert metrics["base"]["perplexity"] < sft["base"]["perplexity"]  # the SFT stage trained
+    assert metrics["stages"] == {"base": sft["base"], "sft": sft["tuned"], objective: metrics["tuned"]}
+    assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                       "adapter_model.safetensors"]
+    assert (run_dir / "sft" / "data" / "test.jsonl").read_text() == (run_dir / "data" / "test.jsonl").read_text()
+    assert f"| metric | base model | after SFT | after SFT + {objective.upper()} |" in (run_dir / "report.md").read_text()
 
 
 def test_walk_forward_trains_each_fold_on_the_past_only_and_reports_every_fold(tmp_path):

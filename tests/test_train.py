@@ -157,14 +157,36 @@ def test_dpo_on_data_without_pairs_stops_before_the_model_loads(tmp_path, monkey
         run(compose("objective=dpo", "training.max_steps=2"), tmp_path)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("objective.betta=0.2", r"objective\.betta: not a trl\.DPOConfig field; did you mean beta\?"),
-    ("training.packing=true", r"objective=dpo with training\.packing=true: .* set training\.packing=false"),
-    ("objective.name=ppo", r"objective\.name='ppo': choose sft or dpo"),
+def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path, monkeypatch):
+    import finetune.runner as runner
+    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"objective=kto: no train sample says whether its answer is desirable; .*"
+                                        r"undesirable_outcomes=\[bad\].*format=kto"):
+        run(compose("objective=kto", "training.max_steps=2"), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+objective.betta=0.2"], r"objective\.betta: not a trl\.DPOConfig field; did you mean beta\?"),
+    (["objective=kto", "+objective.desirable_weigth=2"], r"objective\.desirable_weigth: not a trl\.KTOConfig field; "
+                                                        r"did you mean desirable_weight or undesirable_weight\?"),
+    (["objective.training.packing=true"], r"objective=dpo with training\.packing=true: .* set training\.packing=false"),
+    (["objective.name=ppo"], r"objective\.name='ppo': choose sft, dpo, kto"),
+    (["objective.start_from=/no/such/run"], r"objective\.start_from=/no/such/run: no such run dir; give an SFT run's"),
+    (["objective.start_from=sft", "method=full"], r"objective\.start_from=sft with method=full: .*\(method=lora\)"),
+    (["objective.start_from={tmp}", "incremental.adapter={tmp}"], r"objective\.start_from with incremental\.adapter"),
+    (["objective.start_from={tmp}"],
+     r"objective\.start_from=.*: that run trained model=smollm2-135m-instruct, this one is model=tiny"),
 ])
-def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, override, message):
+def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, monkeypatch, overrides, message):
+    import finetune.runner as runner
+    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    earlier = tmp_path / "earlier"  # a run dir of another model, with an adapter
+    (earlier / "adapter").mkdir(parents=True)
+    (earlier / "adapter" / "adapter_config.json").write_text("{}")
+    (earlier / "manifest.json").write_text(json.dumps({"config": {"model": {"name": "smollm2-135m-instruct"}}}))
+    overrides = [o.format(tmp=earlier) for o in overrides]
     with pytest.raises(ConfigError, match=message):
-        run(compose("objective=dpo", "+" + override if "betta" in override else override), tmp_path)
+        run(compose("objective=dpo", *overrides), tmp_path / "run")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,0 +1,79 @@
+"""SFT, then a preference stage (DPO / KTO) from its adapter, in one command: `objective.start_from=sft`.
+
+1. The SFT stage is a whole run in RUN_DIR/sft: the composed config with objective=sft, `training` as composed
+   (a fit's CPU values included) and undesirable samples out of train and validation (dataset.undesirable=drop).
+2. The preference stage runs in RUN_DIR itself from RUN_DIR/sft/adapter (objective.start_from=RUN_DIR/sft): the
+   adapter trains on, TRL keeps a frozen copy of it as the reference, `objective.training` goes over `training`.
+   Its "base" scores are the SFT model's, so its report.md compares SFT with SFT -> DPO on the same held-out
+   samples (both stages split the same samples with the same seed; test keeps every sample).
+
+RUN_DIR is then an ordinary run dir (adapter/ is the final adapter: predict, serve and evaluate read it as any),
+and its report.md and metrics.json add the three models side by side ("stages": the base model, after SFT,
+after SFT -> preference). A command run again on the same dir does not train a completed SFT stage again.
+"""
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from finetune.config import check_config
+from finetune.rundir import METRICS, STATUS, write_json, write_text
+from finetune.walk_forward import fmt
+
+SFT_DIR = "sft"
+SHOWN = ("accuracy", "parse_rate", "profitable_ratio", "total_return", "sharpe", "max_drawdown",
+         "desirable_rate", "undesirable_rate", "outcome_margin", "perplexity")
+
+
+def sft_config(cfg: DictConfig) -> DictConfig:
+    sft = cfg.copy()
+    with open_dict(sft):
+        sft.objective = {"name": "sft"}
+        sft.dataset.undesirable = "drop"
+    return sft
+
+
+def preference_config(cfg: DictConfig, sft_dir: Path) -> DictConfig:
+    preference = cfg.copy()
+    with open_dict(preference):
+        preference.objective.start_from = str(sft_dir)
+    return preference
+
+
+def completed(run_dir: Path) -> dict | None:
+    """A finished run's metrics.json, or None."""
+    status, metrics = run_dir / STATUS, run_dir / METRICS
+    if not status.is_file() or json.loads(status.read_text())["status"] != "completed" or not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text())
+
+
+def run_stages(cfg: DictConfig, run_dir: Path, run, locked_run, main: bool):
+    """`run(cfg, dir)` for the SFT stage (unless it completed), `locked_run(cfg, dir, main)` for the preference
+    stage in `run_dir` (finetune/runner.py); the stages table added to its report.md and metrics.json."""
+    check_config(cfg, None)  # the preference stage's settings too, before the SFT stage trains
+    sft_dir = run_dir / SFT_DIR
+    sft = completed(sft_dir)
+    if sft is None:
+        sft = run(sft_config(cfg), sft_dir).metrics
+    result = locked_run(preference_config(cfg, sft_dir), run_dir, main)
+    if not main or result.skipped:
+        return result
+    name = cfg.objective.name.upper()
+    stages = {"base": sft["base"], "sft": sft["tuned"], name.lower(): result.metrics["tuned"]}
+    result.metrics["stages"] = stages
+    write_json(run_dir / METRICS, result.metrics)
+    report = run_dir / "report.md"
+    write_text(report, report.read_text(encoding="utf-8") + table(stages, name))
+    return result
+
+
+def table(stages: dict, name: str) -> str:
+    shown = [k for k in SHOWN if any(isinstance(s.get(k), (int, float)) for s in stages.values())]
+    lines = ["", f"## Stages: base -> SFT -> SFT + {name}", "",
+             f"The same held-out samples. SFT: {SFT_DIR}/ (its report.md); {name}: this run, from the SFT adapter, "
+             "with the SFT model as the reference.", "",
+             f"| metric | base model | after SFT | after SFT + {name} |", "|---|---|---|---|"]
+    for key in shown:
+        lines.append(f"| {key} | " + " | ".join(fmt(s.get(key)) for s in stages.values()) + " |")
+    return "\n".join(lines) + "\n"
