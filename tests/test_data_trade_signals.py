@@ -270,3 +270,23 @@ def test_preference_pairs_reject_the_signal_the_outcome_punished(tmp_path, pnl, 
     assert "rejected" not in build(db, loss_label=loss_label).samples[0]
     with pytest.raises(ConfigError, match="preference=true .* needs label_rule=pnl"):
         build(db, preference=True, label_rule="indicators")
+
+
+@pytest.mark.parametrize("pnl, action, signal, desirable", [
+    (6.0, "BUY", "BUY", True),      # the long paid
+    (0.5, "SELL", "SELL", True),    # a small win still beats 0.1 % of costs
+    (0.05, "BUY", "BUY", False),    # a win the costs ate
+    (-4.0, "SELL", "SELL", False),  # a losing short
+])
+def test_desirability_judges_the_signal_the_trade_took_after_costs(tmp_path, pnl, action, signal, desirable):
+    db = make_db(tmp_path / "t.db", [("2024-03-05 09:00:00", "BTC/USDT", 100, 101, pnl, action, "closed")],
+                 [("2024-03-05 09:00:00", snap(), None, 70)])
+    [sample] = build(db, desirability=True).samples
+    assert json.loads(sample["messages"][-1]["content"])["signal"] == signal == sample["label"]
+    assert sample["desirable"] is desirable
+    assert "desirable" not in build(db).samples[0]
+    assert build(db, desirability=True, cost_percent=10.0).samples[0]["desirable"] is False
+    with pytest.raises(ConfigError, match="desirability=true .* needs label_rule=pnl and preference=false"):
+        build(db, desirability=True, preference=True)
+    with pytest.raises(ConfigError, match=r"cost_percent=-1: a round-trip cost in percent"):
+        build(db, desirability=True, cost_percent=-1)

@@ -58,6 +58,12 @@ answer the realised return punished, at the same confidence: for a BUY or SELL l
 profit_threshold, or lost more than loss_threshold) the other direction; for HOLD (the move did not pay for the
 risk) the direction the trade took.
 
+Desirability (`desirability=true`, for objective=kto; label_rule=pnl): the answer is the signal the trade took
+(long -> BUY, short -> SELL; label the same) and the sample says "desirable": true when the trade was profitable
+after costs (pnl_percent > cost_percent, the round trip in percent: 0.1 = the backtest's 10 bps), false
+otherwise. objective=kto learns from both; objective=sft leaves the losing trades out of train and validation
+(dataset.undesirable=drop), so it imitates the winning trades only.
+
 meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
 (pnl_percent for a long, -pnl_percent for a short, None if the direction is unknown): a BUY / SELL backtest
@@ -126,18 +132,25 @@ DIRECTION_OF = {word: direction for direction, words in DIRECTIONS.items() for w
 def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
           closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
           loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
-          system_prompt=SYSTEM_PROMPT, limit=None, stream=False, preference=False) -> Built:
+          system_prompt=SYSTEM_PROMPT, limit=None, stream=False, preference=False, desirability=False,
+          cost_percent=0.1) -> Built:
     cols = _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
                           trades_table, signals_table)
     if preference and label_rule != "pnl":
         raise ConfigError("dataset.builder.preference=true pairs the answer the realised return rewarded with the one "
                           "it punished: it needs label_rule=pnl")
+    if desirability and (preference or label_rule != "pnl"):
+        raise ConfigError("dataset.builder.desirability=true judges the signal each trade took by its realised "
+                          "return: it needs label_rule=pnl and preference=false")
+    if finite_number(cost_percent) is None or cost_percent < 0:
+        raise ConfigError(f"dataset.builder.cost_percent={cost_percent!r}: a round-trip cost in percent, 0 or more")
     name = Path(path).name
     con, total, dropped = _open(path, name, trades_table, signals_table, cols, closed_status)
     to_sample = partial(_sample, cols=cols, trades_table=trades_table, signals_table=signals_table,
                         label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
                         rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
-                        system_prompt=system_prompt, preference=preference)
+                        system_prompt=system_prompt, preference=preference,
+                        cost=cost_percent if desirability else None)
     hint = (f"check closed_status={closed_status!r} and that '{signals_table}' rows share the trades' timestamps")
 
     def parts():  # the rows read here in batches, each converted by whoever runs it: a log is never held whole
@@ -268,7 +281,7 @@ def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Co
 # ---- one closed trade -> one sample
 
 def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rule, system_prompt,
-            preference=False) -> dict:
+            preference=False, cost=None) -> dict:
     (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
      market_data, ai_signal, signal_confidence) = row
     at = f"table '{trades_table}' row id {trade_id}"
@@ -293,7 +306,7 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
         if direction is None:
             raise BadRow("unknown_direction", f"{at}, column '{cols['action_taken']}': {action!r} is neither a buy "
                          "nor a sell, and the prices do not tell the direction")
-        label = _pnl_label(pnl_value, direction, *pnl_rule)
+        label = _pnl_label(pnl_value, direction, *pnl_rule) if cost is None else SIGNAL_OF[direction]
     confidence = _confidence(label, ai_signal, signal_confidence, ruled)
     symbol = symbol if symbol is not None else snapshot.get("symbol")
     messages = prompt_messages(lines, symbol, system_prompt)
@@ -302,6 +315,8 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     sample = {"messages": messages, "label": label, "timestamp": timestamp}
     if preference:  # the answer the outcome punished: the other side of a move that paid, the trade taken otherwise
         sample["rejected"] = _answer(OPPOSITE[label] if label != "HOLD" else SIGNAL_OF[direction], confidence)
+    if cost is not None:  # desirability: was the trade taken worth it after costs?
+        sample["desirable"] = pnl_value > cost
     return {**sample,
             "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
                      "pnl_percent": pnl_value, "entry_price": finite_number(entry),
