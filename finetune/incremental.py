@@ -39,12 +39,12 @@ def plan(cfg, config: dict, args, train: list[dict]) -> tuple[Path | None, str |
     return adapter, None
 
 
-def adapter_dir(path: str) -> Path:
+def adapter_dir(path: str, option: str = "incremental.adapter") -> Path:
     path = Path(path)
     for candidate in (path / ADAPTER, path):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    raise ConfigError(f"incremental.adapter={path}: no adapter_config.json there or in its adapter/ folder")
+    raise ConfigError(f"{option}={path}: no adapter_config.json there or in its adapter/ folder")
 
 
 def new_samples(path: str, train: list[dict]) -> int:

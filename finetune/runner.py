@@ -219,7 +219,7 @@ def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
             if main:
                 print(line)
     config, args = check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
-    own = config["objective"].get("training") or {} if config["objective"]["name"] != "sft" else {}
+    own = {} if config["objective"]["name"] == "sft" else config["objective"].get("training") or {}
     for key, value in own.items():  # the preference stage's values win over `training`'s: say so where they differ
         if cfg.training.get(key, value) != value:
             line = (f"objective={cfg.objective.name}: training.{key}={value} from objective.training "
@@ -346,7 +346,7 @@ def start_adapter(cfg: DictConfig) -> Path | None:
     start = cfg.objective.get("start_from")
     if start is None:
         return None
-    adapter = incremental.adapter_dir(start)
+    adapter = incremental.adapter_dir(start, "objective.start_from")
     manifest_file = Path(start) / MANIFEST
     if manifest_file.is_file():
         trained_on = json.loads(manifest_file.read_text())["config"]["model"]["name"]
@@ -409,6 +409,8 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
                "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(seconds, 1)}
+    if config["objective"].get("start_from"):  # "base" below is the SFT model this stage continued, not the base
+        summary["base scores"] = f"the model this run starts from: {config['objective']['start_from']}"
     write_json(run_dir / MANIFEST, {**run_manifest, **loaded, "seconds": summary["seconds"],
                                     "steps": summary["steps"]})
     write_report(run_dir, summary, result, stats, trainer.state.log_history, cfg.leaderboard.metric,

@@ -163,6 +163,11 @@ def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path,
     with pytest.raises(DataError, match=r"objective=kto: no train sample says whether its answer is desirable; .*"
                                         r"undesirable_outcomes=\[bad\].*format=kto"):
         run(compose("objective=kto", "training.max_steps=2"), tmp_path)
+    only_good = tmp_path / "good.jsonl"
+    only_good.write_text("".join(json.dumps({"prompt": f"{i} + {i}?", "completion": str(2 * i), "label": True}) + "\n"
+                                 for i in range(30)))
+    with pytest.raises(DataError, match=r"objective=kto: every train sample is desirable; KTO learns from both"):
+        run(compose("objective=kto", "dataset=generic", f"dataset.path={only_good}"), tmp_path / "good")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -172,6 +177,7 @@ def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path,
     (["objective.training.packing=true"], r"objective=dpo with training\.packing=true: .* set training\.packing=false"),
     (["objective.name=ppo"], r"objective\.name='ppo': choose sft, dpo, kto"),
     (["objective.start_from=/no/such/run"], r"objective\.start_from=/no/such/run: no such run dir; give an SFT run's"),
+    (["objective.start_from={tmp}/empty"], r"objective\.start_from=.*earlier/empty: no adapter_config\.json there"),
     (["objective.start_from=sft", "method=full"], r"objective\.start_from=sft with method=full: .*\(method=lora\)"),
     (["objective.start_from={tmp}", "incremental.adapter={tmp}"], r"objective\.start_from with incremental\.adapter"),
     (["objective.start_from={tmp}"],
@@ -183,6 +189,7 @@ def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, monkeyp
     earlier = tmp_path / "earlier"  # a run dir of another model, with an adapter
     (earlier / "adapter").mkdir(parents=True)
     (earlier / "adapter" / "adapter_config.json").write_text("{}")
+    (earlier / "empty").mkdir()
     (earlier / "manifest.json").write_text(json.dumps({"config": {"model": {"name": "smollm2-135m-instruct"}}}))
     overrides = [o.format(tmp=earlier) for o in overrides]
     with pytest.raises(ConfigError, match=message):

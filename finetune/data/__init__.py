@@ -13,7 +13,9 @@ Optional keys, only where the source has them (finetune/data/generic.py): an ass
 `"tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]` (then
 its content may be ""), answered by `{"role": "tool", "content": "18 C"}` (+ "name" / "tool_call_id"); an
 assistant message may carry `"weight": 0 | 1` (0: not trained); a preference sample (objective=dpo) carries
-`"rejected": "<the answer to move away from>"`, its last message being the chosen one; the sample may carry `"tools": [{"type":
+`"rejected": "<the answer to move away from>"`, its last message being the chosen one; an outcome-judged sample
+(objective=kto) carries `"desirable": true | false` (whether its last message went well; the pipeline keeps false
+ones out of SFT's train and validation); the sample may carry `"tools": [{"type":
 "function", "function": {name, description, parameters}}]`. A text sample (task text only) has no messages:
 `{"segments": [{"text": "Q: 2+2?\n", "train": false}, {"text": "4", "train": true}], "label": None, ...}`.
 
