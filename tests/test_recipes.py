@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import compose
 from finetune.runner import run
@@ -58,6 +59,8 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     for name in files:
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     if recipe.startswith("sft_"):
+        (tmp_path / ".hydra").mkdir()  # what `python -m finetune` writes; run() alone does not
+        OmegaConf.save(compose(f"recipe={recipe}", *SHORT, *extra), tmp_path / ".hydra" / "config.yaml")
         check_stages(tmp_path, result.metrics, "dpo" if "dpo" in recipe else "kto")
 
 
@@ -75,6 +78,9 @@ def check_stages(run_dir, metrics, objective):
                                                                        "adapter_model.safetensors"]
     assert (run_dir / "sft" / "data" / "test.jsonl").read_text() == (run_dir / "data" / "test.jsonl").read_text()
     assert f"| metric | base model | after SFT | after SFT + {objective.upper()} |" in (run_dir / "report.md").read_text()
+    from finetune.inference import SignalProvider  # the run dir serves as any: the final adapter on its base
+    first = json.loads((run_dir / "answers.jsonl").read_text().splitlines()[0])
+    assert SignalProvider.from_run(run_dir, system_prompt=None).generate([first["prompt"]]) == [first["tuned"]]
 
 
 def test_walk_forward_trains_each_fold_on_the_past_only_and_reports_every_fold(tmp_path):
