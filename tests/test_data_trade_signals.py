@@ -268,6 +268,12 @@ def test_preference_pairs_reject_the_signal_the_outcome_punished(tmp_path, pnl, 
     assert json.loads(sample["messages"][-1]["content"]) == {"signal": chosen, "confidence": 0.7}
     assert json.loads(sample["rejected"]) == {"signal": rejected, "confidence": 0.7}
     assert "rejected" not in build(db, loss_label=loss_label).samples[0]
+    [held] = build(db, preference=True, loss_label=loss_label, move_rejects="hold").samples
+    assert json.loads(held["rejected"])["signal"] == ("HOLD" if chosen != "HOLD" else rejected)
+    [balanced] = build(db, preference=True, loss_label=loss_label, move_rejects="balanced").samples  # trade id 1: odd
+    assert balanced["rejected"] == held["rejected"]
+    with pytest.raises(ConfigError, match="move_rejects='some': choose opposite, hold or balanced"):
+        build(db, preference=True, move_rejects="some")
     with pytest.raises(ConfigError, match="preference=true .* needs label_rule=pnl"):
         build(db, preference=True, label_rule="indicators")
 

@@ -56,7 +56,10 @@ millions of trades is never held in memory and the conversion runs in parallel.
 Preference pairs (`preference=true`, for objective=dpo; label_rule=pnl): each sample also carries `rejected`, the
 answer the realised return punished, at the same confidence: for a BUY or SELL label (the move paid more than
 profit_threshold, or lost more than loss_threshold) the other direction; for HOLD (the move did not pay for the
-risk) the direction the trade took.
+risk) the direction the trade took. `move_rejects` chooses what a BUY / SELL label rejects: opposite (the other
+direction), hold (not trading the move), or balanced (opposite for an even trade id, HOLD for an odd one). With
+opposite alone HOLD is chosen but never rejected, so DPO learns the marginal "answer HOLD" rather than which side
+paid (measured in docs/results.md); balanced rejects each answer about as often as it is chosen.
 
 Desirability (`desirability=true`, for objective=kto; label_rule=pnl): the answer is the signal the trade took
 (long -> BUY, short -> SELL; label the same) and the sample says "desirable": true when the trade was profitable
@@ -132,13 +135,15 @@ DIRECTION_OF = {word: direction for direction, words in DIRECTIONS.items() for w
 def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="signals", columns=None,
           closed_status="closed", label_rule="pnl", profit_threshold=5.0, loss_threshold=-3.0,
           loss_label="opposite", rsi_oversold=35.0, rsi_overbought=65.0, strong_trend=0.6,
-          system_prompt=SYSTEM_PROMPT, limit=None, stream=False, preference=False, desirability=False,
-          cost_percent=0.1) -> Built:
+          system_prompt=SYSTEM_PROMPT, limit=None, stream=False, preference=False, move_rejects="opposite",
+          desirability=False, cost_percent=0.1) -> Built:
     cols = _check_options(columns, label_rule, loss_label, profit_threshold, loss_threshold, limit,
                           trades_table, signals_table)
     if preference and label_rule != "pnl":
         raise ConfigError("dataset.builder.preference=true pairs the answer the realised return rewarded with the one "
                           "it punished: it needs label_rule=pnl")
+    if move_rejects not in ("opposite", "hold", "balanced"):
+        raise ConfigError(f"dataset.builder.move_rejects={move_rejects!r}: choose opposite, hold or balanced")
     if desirability and (preference or label_rule != "pnl"):
         raise ConfigError("dataset.builder.desirability=true judges the signal each trade took by its realised "
                           "return: it needs label_rule=pnl and preference=false")
@@ -149,7 +154,7 @@ def build(path, *, skip_bad_rows=False, trades_table="trades", signals_table="si
     to_sample = partial(_sample, cols=cols, trades_table=trades_table, signals_table=signals_table,
                         label_rule=label_rule, pnl_rule=(profit_threshold, loss_threshold, loss_label),
                         rule={"oversold": rsi_oversold, "overbought": rsi_overbought, "strong": strong_trend},
-                        system_prompt=system_prompt, preference=preference,
+                        system_prompt=system_prompt, preference=preference and move_rejects,
                         cost=cost_percent if desirability else None)
     hint = (f"check closed_status={closed_status!r} and that '{signals_table}' rows share the trades' timestamps")
 
@@ -313,8 +318,11 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     messages.append({"role": "assistant", "content": _answer(label, confidence)})
     sign = {"long": 1, "short": -1}.get(direction)
     sample = {"messages": messages, "label": label, "timestamp": timestamp}
-    if preference:  # the answer the outcome punished: the other side of a move that paid, the trade taken otherwise
-        sample["rejected"] = _answer(OPPOSITE[label] if label != "HOLD" else SIGNAL_OF[direction], confidence)
+    if preference:  # the answer the outcome punished: the other side of (or no trade on) a move that paid, the
+        # trade taken otherwise; `preference` is the builder's move_rejects
+        hold = preference == "hold" or preference == "balanced" and trade_id % 2
+        rejected = SIGNAL_OF[direction] if label == "HOLD" else "HOLD" if hold else OPPOSITE[label]
+        sample["rejected"] = _answer(rejected, confidence)
     if cost is not None:  # desirability: was the trade taken worth it after costs?
         sample["desirable"] = pnl_value > cost
     return {**sample,
