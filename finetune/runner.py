@@ -211,23 +211,27 @@ def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
 
 
 def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
-    """The resolved config (a fit's replacements printed) and the trainer's arguments (None for a dry run)."""
+    """The resolved config (a fit's replacements and a preference stage's own values printed) and the trainer's
+    arguments (None for a dry run)."""
+    def say(lines):
+        for line in lines:
+            log.info("%s", line)
+            if main:
+                print(line)
     if HydraConfig.initialized():  # the user's recipe and the method's own values outrank a fit
         from finetune.fit import apply_fit_precedence
-        for line in apply_fit_precedence(cfg, HydraConfig.get()):
-            log.info("%s", line)
-            if main:
-                print(line)
+        say(apply_fit_precedence(cfg, HydraConfig.get()))
     config, args = check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
-    own = {} if config["objective"]["name"] == "sft" else config["objective"].get("training") or {}
-    for key, value in own.items():  # the preference stage's values win over `training`'s: say so where they differ
-        if cfg.training.get(key, value) != value:
-            line = (f"objective={cfg.objective.name}: training.{key}={value} from objective.training "
-                    f"(training.{key}={cfg.training[key]} is not used by this stage)")
-            log.info("%s", line)
-            if main:
-                print(line)
+    say(stage_values(cfg, config))
     return config, args
+
+
+def stage_values(cfg: DictConfig, config: dict) -> list[str]:
+    """One line for each `training` value a preference stage does not use: objective.training sets another."""
+    own = {} if config["objective"]["name"] == "sft" else config["objective"].get("training") or {}
+    return [f"objective={cfg.objective.name}: training.{key}={value} from objective.training "
+            f"(training.{key}={cfg.training[key]} is not used by this stage)"
+            for key, value in own.items() if cfg.training.get(key, value) != value]
 
 
 def build_data(cfg: DictConfig, tokenizer, run_dir: Path, main: bool) -> tuple[dict, dict]:

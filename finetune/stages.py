@@ -11,18 +11,16 @@ RUN_DIR is then an ordinary run dir (adapter/ is the final adapter: predict, ser
 and its report.md and metrics.json add the three models side by side ("stages": the base model, after SFT,
 after SFT -> preference). A command run again on the same dir does not train a completed SFT stage again.
 """
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from finetune.config import check_config
+from finetune.leaderboard import read_json
 from finetune.rundir import METRICS, STATUS, write_json, write_text
-from finetune.walk_forward import fmt
+from finetune.walk_forward import SHOWN, fmt
 
 SFT_DIR = "sft"
-SHOWN = ("accuracy", "parse_rate", "profitable_ratio", "total_return", "sharpe", "max_drawdown",
-         "desirable_rate", "undesirable_rate", "outcome_margin", "perplexity")
 
 
 def sft_config(cfg: DictConfig) -> DictConfig:
@@ -42,10 +40,9 @@ def preference_config(cfg: DictConfig, sft_dir: Path) -> DictConfig:
 
 def completed(run_dir: Path) -> dict | None:
     """A finished run's metrics.json, or None."""
-    status, metrics = run_dir / STATUS, run_dir / METRICS
-    if not status.is_file() or json.loads(status.read_text())["status"] != "completed" or not metrics.is_file():
+    if read_json(run_dir / STATUS).get("status") != "completed":
         return None
-    return json.loads(metrics.read_text())
+    return read_json(run_dir / METRICS) or None
 
 
 def run_stages(cfg: DictConfig, run_dir: Path, run, locked_run, main: bool):

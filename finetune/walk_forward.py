@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune.errors import ConfigError, DataError
 from finetune.rundir import METRICS, write_json
 
-# the columns report.md shows for each fold, where the eval suite has them (base -> tuned)
-SHOWN = ("accuracy", "parse_rate", "profitable_ratio", "total_return", "sharpe", "max_drawdown", "perplexity")
+# the metrics report.md shows for each fold (and finetune/stages.py for each stage), where the eval suite has them
+SHOWN = ("accuracy", "parse_rate", "profitable_ratio", "total_return", "sharpe", "max_drawdown",
+         "desirable_rate", "undesirable_rate", "outcome_margin", "perplexity")
 
 
 def check(cfg: DictConfig) -> int:
