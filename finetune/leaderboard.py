@@ -9,6 +9,7 @@ with `leaderboard.mode` min or max; recipes choose theirs.
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,7 @@ class Leaderboard(Callback):
         rows = write_leaderboard(sweep_dir, config.leaderboard.metric, config.leaderboard.mode)
         done = sum(row["status"] == "completed" for row in rows)
         print(f"leaderboard: {sweep_dir / 'leaderboard.md'} ({done} of {len(rows)} jobs completed)")
+        if done < len(rows):  # the sweep went on past a failed job; its exit code still tells CI
+            failed = ", ".join(row["job"] for row in rows if row["status"] != "completed")
+            print(f"error: failed jobs: {failed} (leaderboard.md lists their errors)", file=sys.stderr)
+            sys.exit(1)
