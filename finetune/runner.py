@@ -112,6 +112,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     if stats.get("kind") == "text" and answering:
         raise ConfigError(f"eval.metrics {', '.join(answering)} score answers to prompts, and text samples have "
                           "none; use eval=perplexity")
+    held_out = held_out_samples(cfg, splits, stats)
+    from finetune.eval.suite import check as check_suite, score
+    check_suite(metrics, held_out)  # a gold label or meta key the suite needs: missing stops the run here, not later
     if cfg.dry_run:
         return dry_run(cfg, config, stats, tokenizer, run_dir)
     if cfg.objective.name != "sft":  # checked before any weight loads
@@ -128,11 +131,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     if start is not None:  # a preference stage from an SFT adapter: that model is trained on, and scored as "base"
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, start, is_trainable=True), None
-    held_out = splits["test"][: cfg.eval.max_samples]
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                  generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
-    from finetune.eval.suite import score
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     if main:
         log.info("base: %s", headline(base["metrics"]))
@@ -241,6 +242,16 @@ def build_data(cfg: DictConfig, tokenizer, run_dir: Path, main: bool) -> tuple[d
     log.info("data: %s (%s in %.3f s)", {k: v["count"] for k, v in stats["splits"].items()},
              "from cache" if stats["build"]["from_cache"] else "built", stats["build"]["seconds"])
     return splits, stats
+
+
+def held_out_samples(cfg: DictConfig, splits: dict, stats: dict) -> list[dict]:
+    """The test samples the eval suite scores, the first eval.max_samples; a dry run (splits not loaded) reads
+    just those from the built split."""
+    if splits:
+        return splits["test"][: cfg.eval.max_samples]
+    from itertools import islice
+    with open(Path(stats["build"]["dir"]) / "test.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in islice((line for line in f if line.strip()), cfg.eval.max_samples)]
 
 
 def dry_run(cfg: DictConfig, config: dict, stats: dict, tokenizer, run_dir: Path) -> Run:

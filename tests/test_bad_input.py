@@ -105,3 +105,31 @@ def test_bad_input_is_named_and_nothing_is_written(case, tmp_path):
     for word in words:
         assert word in message, (word, message)
     assert_nothing_written(tmp_path / "run")
+
+
+def sharegpt_file(tmp_path):
+    """A user's own ShareGPT chats: answers, no labels, no meta."""
+    rows = [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                               {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]} for i in range(40)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize("suite, message", [
+    ("demo_signals", r"held-out sample 1: 'label' is None.*use eval=perplexity"),
+    ("signals", r"held-out sample 1: 'label' is None.*use eval=perplexity"),
+])
+def test_the_dry_run_checks_what_the_eval_suite_needs(tmp_path, suite, message):
+    # label-less chats with a classifying suite: the dry run stops (the real run used to stop after the base
+    # model had loaded and generated)
+    path = sharegpt_file(tmp_path)
+    with pytest.raises(DataError, match=message):
+        run(compose("dataset=generic", f"dataset.path={path}", f"eval={suite}", "dry_run=true"), tmp_path / "run")
+    run(compose("dataset=generic", f"dataset.path={path}", "eval=perplexity", "dry_run=true"), tmp_path / "ok")
+
+
+def test_the_dry_run_checks_the_backtests_returns(tmp_path):
+    # labelled signals without realised returns: the backtest's meta key is missing, said before any weight loads
+    with pytest.raises(DataError, match=r"meta 'return_percent' is None.*eval=demo_signals"):
+        run(compose("eval=signals", "dry_run=true"), tmp_path / "run")

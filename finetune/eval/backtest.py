@@ -55,7 +55,8 @@ class Backtest:
                 raise DataError(f"held-out sample {i} (timestamp {sample.get('timestamp')}): meta "
                                 f"'{self.return_key}' is {value!r}, the backtest needs the realised return in "
                                 f"percent (meta keys: {', '.join(meta) or 'none'}); use a dataset with "
-                                f"trade outcomes or set return_key")
+                                f"trade outcomes (dataset=trade_signals), set return_key, or choose an eval "
+                                f"suite without the backtest (eval=demo_signals, eval=perplexity)")
             values.append(value / 100)
         return values
 
@@ -84,9 +85,8 @@ class Backtest:
             "equity_curve": equity,
         }
 
-    def __call__(self, *, samples: list[dict], outputs: list[str], model=None, tokenizer=None) -> dict:
-        if len(samples) != len(outputs):
-            raise ValueError(f"Backtest: {len(samples)} samples but {len(outputs)} outputs")
+    def check(self, samples: list[dict]) -> None:
+        """What the backtest needs from the held-out samples, before any model loads (the dry run calls it too)."""
         if not samples:
             raise DataError("Backtest: the held-out split is empty; enlarge the dataset or the test split")
         stamps = [s.get("timestamp") for s in samples]
@@ -94,6 +94,13 @@ class Backtest:
             missing = next(i for i, t in enumerate(stamps, 1) if t is None)
             raise DataError(f"held-out sample {missing}: 'timestamp' is None while others have one; "
                             f"the backtest orders trades by time")
+        self.returns(samples)
+
+    def __call__(self, *, samples: list[dict], outputs: list[str], model=None, tokenizer=None) -> dict:
+        if len(samples) != len(outputs):
+            raise ValueError(f"Backtest: {len(samples)} samples but {len(outputs)} outputs")
+        self.check(samples)
+        stamps = [s.get("timestamp") for s in samples]
         # ISO 8601 strings of one format sort in time order; without timestamps the given order stands.
         order = sorted(range(len(samples)), key=lambda i: stamps[i] or "")
         returns = self.returns(samples)

@@ -56,16 +56,21 @@ class Classification:
     def parse(self, text: str) -> tuple[str | None, float | None]:
         return self.task.parse(text, self.labels)
 
+    def check(self, samples: list[dict]) -> None:
+        """What scoring needs from the held-out samples, before any model loads (the dry run calls it too)."""
+        if not samples:
+            raise DataError("Classification: the held-out split is empty; enlarge the dataset or the test split")
+        for i, sample in enumerate(samples, 1):
+            if sample.get("label") is None:
+                raise DataError(f"held-out sample {i}: 'label' is None; the eval suite's classification (task "
+                                f"'{self.task.name}') needs a gold label on every sample; for data without "
+                                "labels use eval=perplexity")
+
     def __call__(self, *, samples: list[dict], outputs: list[str], model=None, tokenizer=None) -> dict:
         if len(samples) != len(outputs):
             raise ValueError(f"Classification: {len(samples)} samples but {len(outputs)} outputs")
-        if not samples:
-            raise DataError("Classification: the held-out split is empty; enlarge the dataset or the test split")
-        gold = []
-        for i, sample in enumerate(samples, 1):
-            if sample.get("label") is None:
-                raise DataError(f"held-out sample {i}: 'label' is None; task '{self.task.name}' needs a gold label")
-            gold.append(str(sample["label"]))
+        self.check(samples)
+        gold = [str(sample["label"]) for sample in samples]
         # Gold labels outside the configured list still get a row, so nothing is silently dropped.
         labels = self.labels + sorted(set(gold) - set(self.labels))
         parsed = [self.parse(text) for text in outputs]

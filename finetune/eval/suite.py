@@ -142,11 +142,26 @@ def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: 
     return {"metrics": results, "outputs": outputs}
 
 
+def check(metrics: dict, samples: list[dict]) -> None:
+    """Each metric's requirements on the held-out samples (a gold label, a meta key), before any model loads: a
+    metric with a `check(samples)` raises there the DataError that scoring would raise after generating."""
+    for metric in metrics.values():
+        if hasattr(metric, "check"):
+            metric.check([samples[i] for i in wanted(metric, samples)])
+
+
+def wanted(metric, samples: list[dict]) -> list[int]:
+    """The samples whose answer is wanted: one marked "desirable": false (a decision that went badly) is no gold
+    answer to match, so only a metric that `reads_undesirable` (finetune/eval/outcomes.py) sees it."""
+    if getattr(metric, "reads_undesirable", False):
+        return list(range(len(samples)))
+    return [i for i, s in enumerate(samples) if s.get("desirable", True)]
+
+
 def call(metric, samples: list[dict], outputs: list[str] | None, model, tokenizer) -> dict:
-    """A metric on the samples whose answer is wanted: one marked "desirable": false (a decision that went badly)
-    is no gold answer to match, so only a metric that `reads_undesirable` (finetune/eval/outcomes.py) sees it."""
-    wanted = [i for i, s in enumerate(samples) if s.get("desirable", True)]
-    if len(wanted) < len(samples) and not getattr(metric, "reads_undesirable", False):
-        samples = [samples[i] for i in wanted]
-        outputs = None if outputs is None else [outputs[i] for i in wanted]
+    """A metric on the samples whose answer is wanted (`wanted`)."""
+    keep = wanted(metric, samples)
+    if len(keep) < len(samples):
+        samples = [samples[i] for i in keep]
+        outputs = None if outputs is None else [outputs[i] for i in keep]
     return metric(samples=samples, outputs=outputs, model=model, tokenizer=tokenizer)
