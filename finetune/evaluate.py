@@ -17,12 +17,12 @@ from omegaconf import OmegaConf
 from finetune.errors import ConfigError, DataError
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False) -> dict:
     from hydra.utils import instantiate
     from finetune.data.pipeline import read_jsonl
     from finetune.eval.suite import score
     from finetune.rundir import DATA, adapter_path, load_run, load_run_config, tuned_model
-    cfg = load_run_config(run_dir, list(overrides))  # everything checked before the model loads
+    cfg = load_run_config(run_dir, list(overrides), trust_remote_code)  # everything checked before the model loads
     adapter_path(run_dir)
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
     from finetune.runner import constrained_grammar
@@ -31,7 +31,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
     samples = read_jsonl(test)[: cfg.eval.max_samples]
     if not samples:
         raise DataError(f"{test}: no held-out samples to evaluate")
-    _, tokenizer, model, adapter = load_run(run_dir, overrides)
+    _, tokenizer, model, adapter = load_run(run_dir, overrides, trust_remote_code=trust_remote_code)
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=samples, max_new_tokens=cfg.eval.max_new_tokens,
                  batch_size=cfg.eval.batch_size,
                  generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="eval=NAME and dotted keys, e.g. eval.max_samples=50")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model's own code from its folder (a run dir's setting is never used)")
     args = parser.parse_args(argv)
     from finetune.report import metrics_table
     from finetune.rundir import METRICS, write_json, write_text
     try:
-        result = evaluate_run(args.run_dir, args.overrides)
+        result = evaluate_run(args.run_dir, args.overrides, args.trust_remote_code)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -74,11 +74,12 @@ class SignalProvider:
     # ---- loading
 
     @classmethod
-    def from_run(cls, run_dir, **options) -> "SignalProvider":
-        """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top."""
+    def from_run(cls, run_dir, trust_remote_code: bool = False, **options) -> "SignalProvider":
+        """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top. The run
+        dir is read as data (finetune.rundir.run_values); `trust_remote_code` is the caller's, not the run's."""
         from finetune.rundir import load_run, tuned_model
-        cfg, tokenizer, model, adapter = load_run(Path(run_dir))
-        target = cfg.dataset.builder.get("_target_")
+        cfg, tokenizer, model, adapter = load_run(Path(run_dir), trust_remote_code=trust_remote_code)
+        target = (cfg.dataset.get("builder") or {}).get("_target_")
         if cfg.dataset.task == "signals" and target != SIGNAL_BUILDER:
             log.warning("%s was trained on %s: get_signal builds prompts as %s writes them, which this run's "
                         "data may not; send it messages written as in its training data instead",
@@ -197,9 +198,11 @@ class Ensemble:
 def training_system_prompt(cfg) -> str | None:
     """The system prompt the run's builder wrote: the config's value, else the builder's default."""
     from hydra.utils import get_method
-    builder = cfg.dataset.builder
+    builder = cfg.dataset.get("builder") or {}
     if "system_prompt" in builder:
         return builder.system_prompt
+    if builder.get("_target_") is None:  # a builder the package does not ship, left out of a run dir's config
+        return SYSTEM_PROMPT
     parameter = inspect.signature(get_method(builder._target_)).parameters.get("system_prompt")
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 

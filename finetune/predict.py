@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=TASKS, default="auto")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="weaker BUY / SELL -> HOLD")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model's own code from its folder (a run dir's setting is never used)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         options = {"confidence_threshold": args.confidence_threshold, "batch_size": args.batch_size}
         if args.max_new_tokens:
             options["max_new_tokens"] = args.max_new_tokens
-        provider = SignalProvider.from_run(args.run_dir, **options)
+        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, **options)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

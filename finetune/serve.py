@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the environment variable holding the bearer token clients must send")
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="weaker BUY / SELL -> HOLD")
     parser.add_argument("--free", action="store_true", help="signal routes without the answer grammar")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model's own code from its folder (a run dir's setting is never used)")
     defaults = Limits()
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--batch-window", type=float, default=defaults.batch_window)
@@ -506,7 +508,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     from finetune.inference import SignalProvider
     try:
-        provider = SignalProvider.from_run(args.run_dir, confidence_threshold=args.confidence_threshold)
+        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code,
+                                           confidence_threshold=args.confidence_threshold)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
