@@ -1,9 +1,12 @@
 """Which checkpoint a run continues from, and only ever a complete one.
 
-The Trainer writes a checkpoint's files one after another and trainer_state.json last: a checkpoint is complete
-when its trainer_state.json parses and names the folder's own step, it holds the weights (PEFT's adapter file, or
-FSDP's sharded `pytorch_model_fsdp_*` folder), and every safetensors file in it is whole (its header parses and
-the data it declares is all there). The optimizer is not required: DeepSpeed keeps it in `global_stepN/`, FSDP
+The Trainer writes a checkpoint's files one after another and trainer_state.json last; `durable_checkpoints` makes
+every other file reach the disk (fsync) before trainer_state.json is written, so after a node crash a
+trainer_state.json vouches for the files beside it. A checkpoint is complete when its trainer_state.json parses
+and names the folder's own step, it holds the weights (PEFT's adapter file, or FSDP's sharded
+`pytorch_model_fsdp_*` folder), no file in it is empty, every safetensors file is whole (its header parses and
+the data it declares is all there) and every torch file (optimizer.pt, scheduler.pt, rng_state.pth, *.bin) is a
+whole zip archive (its directory at the end reads and its members lie inside the file). The optimizer is not required: DeepSpeed keeps it in `global_stepN/`, FSDP
 in `optimizer_0/` or `optimizer.bin`, and `save_only_model` writes none. A kill while saving, a crash mid-copy
 or a full disk leaves a checkpoint that fails this: it is deleted (saying why) and the one before it is used
 (the Trainer itself would resume from the highest-numbered folder and die on it). Every rank computes the same
@@ -16,8 +19,10 @@ choice from the same files; only rank 0 deletes. `resume` in the config:
 import json
 import logging
 import re
+import os
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 from finetune.errors import ConfigError
@@ -40,6 +45,20 @@ def safetensors_whole(path: Path) -> bool:
         return False
 
 
+TORCH_FILES = ("*.pt", "*.pth", "*.bin")  # torch.save's zip archives: optimizer, scheduler, rng state, args
+
+
+def torch_file_whole(path: Path) -> bool:
+    """torch.save's zip archive: its central directory (written last) reads and every member lies inside the file.
+    The data is not read: an optimizer of a 7B model is gigabytes."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            return all(i.header_offset + i.compress_size <= size for i in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def problem(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from, or None when it is complete."""
     try:
@@ -51,10 +70,49 @@ def problem(checkpoint: Path) -> str | None:
         return f"trainer_state.json says step {state.get('global_step')}, not {match.group(1)}"
     if not any(next(checkpoint.glob(pattern), None) for pattern in WEIGHTS):
         return f"no weights ({', '.join(WEIGHTS)})"
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    empty = [p.relative_to(checkpoint) for p in files if p.stat().st_size == 0]
+    if empty:
+        return f"{empty[0]} is empty (0 bytes)"
     broken = [p.name for p in sorted(checkpoint.rglob("*.safetensors")) if not safetensors_whole(p)]
+    broken += [p.name for pattern in TORCH_FILES for p in sorted(checkpoint.rglob(pattern)) if not torch_file_whole(p)]
     if broken:
         return f"{broken[0]} is truncated or corrupt"
     return None
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its entries (the files' names) reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_checkpoints(trainer) -> None:
+    """The Trainer's checkpoints, made crash-safe: just before it writes trainer_state.json (the mark of a finished
+    checkpoint) every file it wrote into the folder is fsynced, and trainer_state.json itself after. Without it the
+    page cache may reach the disk in any order, and a node crash can leave a trainer_state.json beside a 0-byte
+    optimizer.pt. Hooked on this trainer's state object only while it saves a checkpoint."""
+    save_checkpoint = trainer._save_checkpoint
+
+    def save_durably(model, trial):
+        state = trainer.state
+        save_state = type(state).save_to_json
+
+        def fsync_then_save(json_path: str) -> None:
+            folder = Path(json_path).parent
+            for path in [*sorted(folder.rglob("*")), folder, folder.parent]:
+                fsync(path)
+            save_state(state, json_path)
+            fsync(Path(json_path))
+            fsync(folder)
+        state.save_to_json = fsync_then_save  # an instance attribute: the dataclass's fields are unchanged
+        try:
+            return save_checkpoint(model, trial)
+        finally:
+            del state.save_to_json
+    trainer._save_checkpoint = save_durably
 
 
 def checkpoints(folder: Path) -> list[Path]:

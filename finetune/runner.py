@@ -27,7 +27,7 @@ from finetune.logs import headline, route_library_logs
 from finetune.paths import CONF_DIR
 from finetune.preemption import Preemption
 from finetune.registration import register
-from finetune.resume import is_final, resume_from
+from finetune.resume import durable_checkpoints, is_final, resume_from
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
                              redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
 
@@ -385,6 +385,7 @@ def objective_name(objective: dict) -> str:
 def train(trainer, checkpoint: str | None):
     """trainer.train(), resuming from `checkpoint`; from a checkpoint of the last step there is nothing left to
     train: its weights (or the best checkpoint's, with load_best_model_at_end) and its state are loaded."""
+    durable_checkpoints(trainer)  # each checkpoint's files on disk before its trainer_state.json
     if not is_final(checkpoint, trainer.args.max_steps):
         return trainer.train(resume_from_checkpoint=checkpoint)
     from transformers.trainer_callback import TrainerState

@@ -200,11 +200,12 @@ def fake_checkpoint(folder: Path, step: int, complete: bool, layout: str = "peft
     else:
         save_file(weights, path / "adapter_model.safetensors")
     if layout == "peft":
-        (path / "optimizer.pt").write_bytes(b"optimizer")
-        (path / "scheduler.pt").write_bytes(b"scheduler")
+        torch.save({"state": {0: {"exp_avg": torch.ones(4, 8)}}}, path / "optimizer.pt")
+        torch.save({"last_epoch": step}, path / "scheduler.pt")
+        torch.save({"cpu": torch.get_rng_state()}, path / "rng_state.pth")
     if layout == "deepspeed":
         (path / f"global_step{step}").mkdir()
-        (path / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"states")
+        torch.save({"module": weights}, path / f"global_step{step}" / "mp_rank_00_model_states.pt")
         (path / "latest").write_text(f"global_step{step}")
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}) if complete
                                              else '{"log_hist')  # killed while writing it
@@ -246,6 +247,51 @@ def test_a_truncated_or_mislabelled_newest_checkpoint_is_skipped_for_the_one_bef
     assert not truncated.exists()
     assert "adapter_model.safetensors is truncated or corrupt" in caplog.text
     assert "says step 25, not 30" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_newest_checkpoint_with_an_empty_or_truncated_torch_file_is_skipped_for_the_one_before(name, tmp_path,
+                                                                                                   caplog):
+    good = fake_checkpoint(tmp_path / "checkpoints", 10, complete=True)
+    empty = fake_checkpoint(tmp_path / "checkpoints", 20, complete=True)
+    truncated = fake_checkpoint(tmp_path / "checkpoints", 30, complete=True)
+    (empty / name).write_bytes(b"")  # a node crash: trainer_state.json reached the disk, this file's data did not
+    (truncated / name).write_bytes((truncated / name).read_bytes()[:-30])
+    assert problem(empty) == f"{name} is empty (0 bytes)"
+    assert problem(truncated) == f"{name} is truncated or corrupt"
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert resume_from("auto", tmp_path) == str(good)
+    assert not empty.exists() and not truncated.exists()
+    assert f"{name} is empty" in caplog.text and f"{name} is truncated" in caplog.text
+
+
+def test_a_rerun_after_a_crash_that_emptied_the_newest_optimizer_resumes_from_the_one_before(tmp_path):
+    import torch
+    from conftest import compose
+    from finetune.runner import run
+    saved = []
+    real_fsync = os.fsync
+
+    def fsync(fd):  # every checkpoint file reaches the disk before trainer_state.json
+        saved.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return real_fsync(fd)
+    cfg = compose("training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
+                  "training.load_best_model_at_end=false")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        run(cfg, tmp_path)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"):
+        assert saved.index(name) < saved.index("trainer_state.json")
+    newest = tmp_path / "checkpoints" / "checkpoint-10"
+    (newest / "optimizer.pt").write_bytes(b"")
+    longer = compose("training.max_steps=15", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
+                     "training.load_best_model_at_end=false")
+    run(longer, tmp_path)  # resumes from checkpoint-5 (the Trainer alone dies on checkpoint-10 with EOFError)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+    assert torch.load(newest / "optimizer.pt", weights_only=False)["state"]  # steps 6-10 trained again and saved
+    steps = [e["step"] for e in json.loads((tmp_path / "checkpoints" / "checkpoint-15" / "trainer_state.json")
+                                           .read_text())["log_history"] if "loss" in e]
+    assert steps[-1] == 15
 
 
 def test_resume_false_starts_over_and_true_needs_a_checkpoint(tmp_path):
