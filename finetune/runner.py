@@ -77,6 +77,11 @@ def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
             set_status(run_dir, "interrupted", str(err))
         raise
     except BaseException as err:
+        from finetune.guards import disk_full, disk_full_advice
+        if disk_full(err, run_dir):  # any write (checkpoint, adapter, report): one line naming the file
+            if isinstance(err, TrainingError):  # told, and status.json written, where training saved
+                raise
+            raise TrainingError(disk_full_advice(err, run_dir / CHECKPOINTS, main)) from err
         if main:
             set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
         raise
@@ -146,7 +151,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
         raise TrainingError(out_of_memory_advice(config["training"])) from err
     except Exception as err:
         from finetune.guards import disk_full, disk_full_advice
-        if not disk_full(err):
+        if not disk_full(err, Path(args.output_dir)):
             raise
         raise TrainingError(disk_full_advice(err, Path(args.output_dir), main)) from err
     preemption.raise_if_stopped()

@@ -426,6 +426,60 @@ def test_a_full_disk_while_saving_fails_the_run_naming_the_path_and_keeps_the_la
     assert not (tmp_path / "adapter").exists() and not (tmp_path / ".lock").exists()
 
 
+def test_torch_saves_full_disk_error_fails_the_run_in_one_line_naming_optimizer_pt(tmp_path, monkeypatch):
+    """torch.save writes through its C++ writer: a full disk comes back as `unexpected pos`, with no errno."""
+    import shutil as shutil_module
+    import torch
+    from collections import namedtuple
+    from conftest import compose
+    from peft import PeftModel
+    from finetune.errors import TrainingError
+    from finetune.model import load_model
+    from finetune.runner import run
+    real_save, real_usage = torch.save, shutil_module.disk_usage
+    full = []
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("checkpoint-10/optimizer.pt"):
+            Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 4096)  # what fitted before the disk filled
+            full.append(True)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+        return real_save(obj, f, *args, **kwargs)
+
+    def usage(path):
+        total, used, free = real_usage(path)
+        return namedtuple("usage", "total used free")(total, used, 1 << 20 if full else free)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil_module, "disk_usage", usage)
+    cfg = compose("training.max_steps=15", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
+                  "training.load_best_model_at_end=false")
+    with pytest.raises(TrainingError) as failed:
+        run(cfg, tmp_path)
+    message = str(failed.value)
+    assert "\n" not in message and re.match(r"no space left on \S*checkpoint-10/optimizer\.pt \(1 MiB free\); the "
+                                            r"last complete checkpoint, checkpoint-5, is intact", message), message
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status == {"status": "failed", "error": message}
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-5"]  # the half one gone
+    assert problem(tmp_path / "checkpoints" / "checkpoint-5") is None
+    PeftModel.from_pretrained(load_model(cfg.model, None, True), tmp_path / "checkpoints" / "checkpoint-5")
+    torch.load(tmp_path / "checkpoints" / "checkpoint-5" / "optimizer.pt", weights_only=False)  # loads
+
+
+def test_a_full_disk_is_found_anywhere_in_the_exception_chain(tmp_path):
+    import errno
+    from finetune.guards import disk_full
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "adapter/adapter_model.safetensors")
+        except OSError as inner:
+            raise RuntimeError("saving the adapter failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer)
+    assert not disk_full(RuntimeError("unexpected pos 10 vs 5"), tmp_path)  # the disk has room: another fault
+    assert not disk_full(ValueError("bad value"))
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/stat").exists(), reason="needs 2 cores and Linux")
 def test_auto_threads_leave_a_core_taken_by_another_process():
     from finetune.cpu import choose_threads
