@@ -49,8 +49,13 @@ def model_shape(model_cfg: DictConfig, method_cfg: DictConfig) -> dict:
         else:
             peft_model = peft.get_peft_model(model, instantiate(method_cfg, _convert_="all"))
             trainable, _ = peft_model.get_nb_trainable_parameters()
+        # input and output embeddings (once when tied): NF4 leaves them in the model dtype (finetune/memory_plan.py)
+        embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(),
+                                                                 model.get_output_embeddings()) if m is not None}
     return {"source": source, "params": int(params), "trainable_params": int(trainable),
-            "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers, "vocab_size": text.vocab_size}
+            "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers, "vocab_size": text.vocab_size,
+            "intermediate_size": getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+            "embedding_params": int(sum(embeddings.values()))}
 
 
 def checkpointing(training: dict) -> bool:
