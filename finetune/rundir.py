@@ -4,7 +4,7 @@ files and folders atomically (temp + rename) so none is ever half-written.
     RUN_DIR/
       .hydra/config.yaml, overrides.yaml   Hydra's composed config and the command line's overrides
       status.json                          running | completed | failed | interrupted | skipped, and why
-      .lock                                the live run's pid and host (a second run on the dir stops)
+      .lock                                flock'ed by the live run, naming its pid and host (a second run stops)
       finetune.log                         every log line of the run, library warnings included
       manifest.json                        versions, git sha, data hash, the config; model, steps, seconds
       data/{train,validation,test}.jsonl   the splits as trained, and stats.json
@@ -15,6 +15,7 @@ files and folders atomically (temp + rename) so none is ever half-written.
       report.md, *.png                     the report
 """
 import atexit
+import fcntl
 import json
 import os
 import platform
@@ -95,7 +96,7 @@ def atomic_dir(out: Path, replace: bool = True):
 @contextmanager
 def run_lock(run_dir: Path):
     """Hold `run_dir` for this run: a second run on it (a retried job, a second terminal) stops before doing
-    anything, naming the owner. The lock file (pid and host) is stale once its process is gone on this host.
+    anything, naming the owner. The lock goes with its process, however that ends (take_lock).
     Re-entrant: a lock this process holds already (taken by `RunDirLock` before Hydra wrote .hydra/) is kept
     and left to its taker to release."""
     if take_lock(run_dir):
@@ -107,39 +108,63 @@ def run_lock(run_dir: Path):
         yield
 
 
+HELD: dict[Path, int] = {}  # lock files this process holds -> their open descriptor (the flock lives with it)
+
+
 def take_lock(run_dir: Path) -> bool:
-    """Create `run_dir`/.lock for this process (True), or find it ours already (False); another live owner
-    is a ConfigError naming its pid and host."""
-    path = run_dir / LOCK
+    """Lock `run_dir`/.lock for this process (True), or find it ours already (False); another live owner is a
+    ConfigError naming its pid and host. The lock is the kernel's (flock): one process gets it however many start
+    together, and it dies with its process (kill -9 included), so no lock is ever stale. The file also names the
+    owner; one naming a live process without holding the flock (a run on another host) is respected too."""
+    path = (run_dir / LOCK).absolute()
+    if path in HELD:
+        return False
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise lock_in_use(run_dir, path) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
             break
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                owner = {}  # being written this instant, or left half-written: judged by its pid below
-            if owner == me:
-                return False
-            if owner.get("host", me["host"]) != me["host"] or pid_alive(owner.get("pid")):
-                raise ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}); wait for it, choose another hydra.run.dir, or delete "
-                                  f"{path} if that run is gone") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+        os.close(fd)  # its owner released and removed it between our open and flock: lock the new file
+    owner = read_owner(path)
+    if owner and owner != me and (owner.get("host") != me["host"] or pid_alive(owner.get("pid"))):
+        os.close(fd)
+        raise lock_in_use(run_dir, path)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(me).encode())
+    HELD[path] = fd
     return True
 
 
-def release_lock(run_dir: Path) -> None:
-    path = run_dir / LOCK
+def read_owner(path: Path) -> dict:
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
+        owner = json.loads(path.read_text())
     except (OSError, ValueError):
-        pass
+        return {}  # empty: being written by its owner this instant, or nobody's
+    return owner if isinstance(owner, dict) else {}
+
+
+def lock_in_use(run_dir: Path, path: Path) -> ConfigError:
+    owner = read_owner(path)
+    return ConfigError(f"{run_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}); wait "
+                       f"for it, choose another hydra.run.dir, or delete {path} if that run is gone")
+
+
+def release_lock(run_dir: Path) -> None:
+    path = (run_dir / LOCK).absolute()
+    fd = HELD.pop(path, None)
+    if fd is None:
+        return
+    path.unlink(missing_ok=True)  # removed while still locked: a process that opened it meanwhile sees it is gone
+    os.close(fd)
 
 
 class RunDirLock(Callback):

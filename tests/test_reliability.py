@@ -379,6 +379,43 @@ def test_a_second_run_on_a_live_run_dir_stops_before_anything_and_a_stale_lock_i
     assert not (tmp_path / ".lock").exists()
 
 
+def race_for_locks(run_dirs, start, results):
+    """One of the racing processes: at each barrier, try the next run dir's lock, say whether it got it, and hold
+    it until every racer has said (so a quick release cannot let a second one in)."""
+    from finetune.rundir import release_lock, take_lock
+    for trial, run_dir in enumerate(run_dirs):
+        start.wait()
+        try:
+            got = take_lock(run_dir)
+        except ConfigError:
+            got = False
+        results.put((trial, got))
+        start.wait()
+        if got:
+            release_lock(run_dir)
+
+
+def test_eight_processes_racing_for_a_run_dir_leave_exactly_one_owner_in_200_trials(tmp_path):
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    racers, trials = 8, 200
+    run_dirs = [tmp_path / str(i) for i in range(trials)]
+    for run_dir in run_dirs:
+        run_dir.mkdir()
+    start, results = context.Barrier(racers), context.Queue()
+    processes = [context.Process(target=race_for_locks, args=(run_dirs, start, results)) for _ in range(racers)]
+    for process in processes:
+        process.start()
+    owners = [0] * trials
+    for _ in range(racers * trials):
+        trial, got = results.get(timeout=30)
+        owners[trial] += got
+    for process in processes:
+        process.join(30)
+    assert owners == [1] * trials
+    assert not any((run_dir / ".lock").exists() for run_dir in run_dirs)  # each released by its owner
+
+
 def test_the_command_on_a_live_run_dir_stops_before_hydra_writes_into_it(tmp_path):
     import socket
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
