@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.errors import ConfigError, DataError
+from finetune.logs import log_to
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False) -> dict:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model's own code from its folder (a run dir's setting is never used)")
     args = parser.parse_args(argv)
+    log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
     from finetune.report import metrics_table
     from finetune.rundir import METRICS, write_json, write_text
     try:

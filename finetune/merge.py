@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from finetune.errors import ConfigError, DataError
+from finetune.logs import log_to
 
 
 def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False) -> Path:
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="default: the preset's model.dtype")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
+    log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
     try:
         out = merge(args.run_dir, args.out_dir, args.dtype, args.force)
     except (ConfigError, DataError) as err:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
+from finetune.logs import log_to
 
 TASKS = ("auto", "signals", "generate")
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
     from finetune.inference import SignalProvider, training_system_prompt
     from finetune.rundir import atomic_file, load_run_config
     try:

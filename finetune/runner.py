@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import incremental
 from finetune.config import check_config, check_training_overrides
 from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
-from finetune.logs import headline, route_library_logs
+from finetune.logs import FILE_ONLY, headline, hold_records, quiet_progress, replay_held_records, route_library_logs
 from finetune.paths import CONF_DIR
 from finetune.preemption import Preemption
 from finetune.registration import register
@@ -142,8 +142,11 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     if main:
         log.info("base: %s", headline(base["metrics"]))
+        log.info("base, every metric: %s", headline(base["metrics"], None), extra=FILE_ONLY)
 
     trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
+    if main:
+        log.info("%s", training_header(trainer, trained_count(cfg, trainer, splits, stats), run_dir))
     try:
         train_output = train(trainer, checkpoint)
     except torch.OutOfMemoryError as err:
@@ -167,6 +170,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
 
     tuned = score(model=trainer.model, **suite)
     log.info("tuned: %s", headline(tuned["metrics"]))
+    log.info("tuned, every metric: %s", headline(tuned["metrics"], None), extra=FILE_ONLY)
     write_answers(run_dir / ANSWERS, held_out, base["outputs"], tuned["outputs"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}
     # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
@@ -219,11 +223,9 @@ def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
 def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
     """The resolved config (a fit's replacements and a preference stage's own values printed) and the trainer's
     arguments (None for a dry run)."""
-    def say(lines):
+    def say(lines):  # on the console once (Hydra's console handler) and in finetune.log
         for line in lines:
             log.info("%s", line)
-            if main:
-                print(line)
     if HydraConfig.initialized():  # the user's recipe and the method's own values outrank a fit
         from finetune.fit import apply_fit_precedence
         say(apply_fit_precedence(cfg, HydraConfig.get()))
@@ -315,12 +317,15 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         import trl
         cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[cfg.objective.name]
         validation = splits["validation"] and preference_rows(cfg.objective.name, splits["validation"], "validation")
-        return cls(model=model, args=args, train_dataset=preference_rows(cfg.objective.name, splits["train"], "train"),
-                   eval_dataset=validation or None, processing_class=tokenizer, peft_config=peft_config,
-                   callbacks=callbacks)
+        trainer = cls(model=model, args=args, train_dataset=preference_rows(cfg.objective.name, splits["train"], "train"),
+                      eval_dataset=validation or None, processing_class=tokenizer, peft_config=peft_config,
+                      callbacks=callbacks)
+        quiet_progress(trainer)
+        return trainer
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
                          eval_dataset=as_dataset("validation") if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    quiet_progress(trainer)  # the bar stays, its loss dicts go to finetune.log
     if len(trainer.train_dataset) == 0:
         raise DataError(f"no training sample is left after tokenization (training.max_length="
                         f"{args.max_length}): every answer starts past it; raise training.max_length")
@@ -413,11 +418,7 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
         write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     recipe = choices.get("recipe") or "none"
-    if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel: adapter + frozen base (4-bit aware)
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-    else:
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in trainer.model.parameters())
+    trainable, total = parameter_counts(trainer.model)
     loaded = {"model_folder": model.name_or_path, "parameters": total - trainable,  # the folder it loaded from
               "trainable_parameters": trainable}
     summary = {"recipe": "default" if recipe == "none" else recipe, "model": cfg.model.name,
@@ -426,7 +427,7 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
                "method": method_name(config["method"], cfg.quantization is not None, choices.get("method")),
                "objective": objective_name(config["objective"]),
                "dataset": str(cfg.dataset.path), "eval suite": ", ".join(cfg.eval.metrics),
-               "train samples": trained_count(len(trainer.train_dataset), len(splits["train"])),
+               "train samples": trained_count(cfg, trainer, splits, stats),
                "held-out samples": len(held_out),
                "steps": trainer.state.global_step, "train loss": train_output.training_loss,
                "seconds": round(seconds, 1)}
@@ -438,9 +439,34 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
                  cfg.leaderboard.mode)
 
 
-def trained_count(trained: int, split: int) -> int | str:
-    """The samples that trained; those of the train split left out (every answer past max_length) said so."""
+def trained_count(cfg: DictConfig, trainer, splits: dict, stats: dict) -> int | str:
+    """The samples that trained; those of the train split left out (every answer past max_length) said so. SFT
+    counts them from the built split's stats: with packing the trainer's rows are packed sequences, not samples."""
+    split = len(splits["train"])
+    if cfg.objective.name == "sft":
+        trained = split - stats["splits"]["train"].get("untrainable", 0)
+    else:  # the preference rows TRL trains on
+        trained = len(trainer.train_dataset)
     return trained if trained == split else f"{trained} (of {split}: {split - trained} answer past training.max_length)"
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameters; a PeftModel counts its adapter and its frozen base (4-bit aware)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
+
+
+def training_header(trainer, samples: int | str, run_dir: Path) -> str:
+    """One line before the progress bar: what trains, how long, and where the run dir is."""
+    import math
+    args = trainer.args
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps) * math.ceil(args.num_train_epochs)
+    trainable, total = parameter_counts(trainer.model)
+    return (f"training: {samples} samples, {steps} steps, {trainable:,} trainable parameters "
+            f"({trainable / max(total, 1):.2%} of {total:,}); run dir {run_dir}")
 
 
 def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned: list[str] | None) -> None:
@@ -477,6 +503,7 @@ def print_dry_run(stats: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    replay_held_records()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run(cfg, run_dir)
@@ -502,6 +529,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """The `finetune` command and `python -m finetune`."""
     register()
+    hold_records()  # library records until Hydra's logging is set up: finetune.log, not the console
     try:
         check_training_overrides(sys.argv[1:])
     except ConfigError as err:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
+from finetune.logs import log_to
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
     parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     args = parser.parse_args(argv)
+    log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     api_key = os.environ.get(args.api_key_env) or None
     if api_key is None and not is_loopback(args.host):
