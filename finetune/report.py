@@ -132,7 +132,7 @@ COUNT_KEYS = {"perplexity_tokens", "answer_tokens_mean", "reference_tokens_mean"
 # Shares in [0, 1]: a verdict states their differences in percentage points.
 PROPORTIONS = {"accuracy", "macro_f1", "parse_rate", "win_rate", "profitable_ratio", "stop_rate"}
 # A trivial strategy's score for a metric, from the same metrics dict: what tuning must beat besides the base.
-BASELINES = {"accuracy": ("majority_baseline", "majority baseline"),
+BASELINES = {"accuracy": ("majority_baseline", "majority baseline"), "macro_f1": ("majority_macro_f1", "majority baseline"),
              "total_return": ("always_long_return", "always-long baseline")}
 PEFT_METHODS = {"LoraConfig": "lora", "PrefixTuningConfig": "prefix", "PromptTuningConfig": "prompt",
                 "IA3Config": "ia3"}
@@ -170,10 +170,15 @@ def change(name: str, base, tuned) -> str:
 
 
 def table(metrics: dict, names: list[str]) -> str:
-    base, tuned = metrics.get("base", {}), metrics.get("tuned", {})
-    rows = ["| metric | base | tuned | change (tuned - base) |", "|---|---|---|---|"]
+    """base | tuned | change, and the simple model's value where metrics.json has one."""
+    base, tuned, simple = metrics.get("base", {}), metrics.get("tuned", {}), metrics.get("simple_model")
+    extra = " simple model |" if simple else ""
+    rows = [f"| metric | base | tuned | change (tuned - base) |{extra}", "|---|---|---|---|" + ("---|" if simple else "")]
     rows += [f"| {n} | {fmt(base.get(n, '–'))} | {fmt(tuned.get(n, '–'))} | {change(n, base.get(n), tuned.get(n))} |"
-             for n in names]
+             + (f" {fmt(simple.get(n, '–'))} |" if simple else "") for n in names]
+    if simple:
+        rows += ["", f"Simple model: {simple['model']}, fitted on {simple['train_samples']} train samples, scored "
+                 "on the same held-out samples (finetune/eval/simple_model.py)."]
     return "\n".join(rows)
 
 
@@ -220,40 +225,61 @@ def difference(name: str, value: float, other: float) -> str:
     return f"{value - other:+.4g}"
 
 
-def comparison(metrics: dict, name: str, mode: str) -> tuple[bool, str]:
-    """(tuned is better than the base and any trivial baseline, 'accuracy 0.804 tuned vs ... (...)')."""
-    base, tuned = metrics.get("base", {}), metrics.get("tuned", {})
-    value = tuned[name]
-    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
-    others = []
-    if number(base.get(name)):
-        others.append(("base", base[name], "base"))
+def rivals(metrics: dict, name: str) -> list[tuple[str, float]]:
+    """What the tuned `name` is compared with: the base, the trivial baseline of the metric (majority, always-long)
+    and the simple model (finetune/eval/simple_model.py), each where measured."""
+    base, tuned, simple = metrics.get("base", {}), metrics.get("tuned", {}), metrics.get("simple_model") or {}
+    found = [("base", base[name])] if number(base.get(name)) else []
     key, label = BASELINES.get(name, (None, None))
     if key and number(tuned.get(key, base.get(key))):
-        others.append((label, tuned.get(key, base.get(key)), "the baseline"))
+        found.append((label, tuned.get(key, base.get(key))))
+    if number(simple.get(name)):
+        found.append(("simple model", simple[name]))
+    return found
+
+
+def comparison(metrics: dict, name: str, mode: str) -> tuple[list[str], str]:
+    """(the rivals the tuned value did not beat, 'accuracy 0.804 tuned vs 0.000 base and ... (+80.4 points over
+    base, ...)')."""
+    value = metrics["tuned"][name]
+    better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
+    others = rivals(metrics, name)
     text = f"{name} {show(name, value)} tuned"
     if others:
-        text += " vs " + " and ".join(f"{show(name, v)} {label}" for label, v, _ in others)
-        text += " (" + ", ".join(f"{difference(name, value, v)} over {short}" for _, v, short in others)
+        listed = [f"{show(name, v)} {label}" for label, v in others]
+        text += " vs " + (", ".join(listed[:-1]) + " and " + listed[-1] if len(listed) > 1 else listed[0])
+        text += " (" + ", ".join(f"{difference(name, value, v)} over {'the ' if label != 'base' else ''}{label}"
+                                 for label, v in others)
         text += ", lower is better)" if mode == "min" else ")"
-    helped = bool(others) and all(better(value, v) for _, v, _ in others)
-    return helped, text
+    return [label for label, v in others if not better(value, v)] or ([] if others else ["nothing measured"]), text
 
 
 def verdict(metrics: dict, metric: str | None = None, mode: str | None = None) -> str:
-    """report.md's first line after the title: did tuning help on the run's main metric (leaderboard.metric,
-    leaderboard.mode), against the base and, where the task has one, a trivial baseline?"""
+    """report.md's first line after the title, and the run's last console line: did tuning help?
+
+    A classification run (the tuned scores have an accuracy) helped only when accuracy and macro-F1 both beat the
+    base, the majority baseline and the simple model; otherwise the line names what it did not beat. A text run
+    is judged on `metric` (leaderboard.metric, `mode` min or max) against the base, else on perplexity."""
+    tuned = metrics.get("tuned", {})
+    if number(tuned.get("accuracy")):
+        names = ["accuracy"] + (["macro_f1"] if number(tuned.get("macro_f1")) else [])
+        judged = [(name, *comparison(metrics, name, "max")) for name in names]
+        missed = [f"{label} on {name}" for name, lost, _ in judged for label in lost]
+        line = (f"**Verdict: tuning {'did not help' if missed else 'helped'}.** "
+                + "; ".join(text for _, _, text in judged) + ".")
+        if missed:
+            line += f" Not beaten: {', '.join(missed)}."
+        if number(tuned.get("total_return")):
+            line += f" Backtest: {comparison(metrics, 'total_return', 'max')[1]}."
+        return line
     name, mode = main_metric(metrics, metric, mode)
     if name is None:
         wanted = f"{metric} nor perplexity" if metric and metric != "perplexity" else "perplexity"
         return f"**Verdict: unknown.** The eval suite reported neither {wanted}; see the tables below."
-    helped, text = comparison(metrics, name, mode)
-    line = f"**Verdict: tuning {'helped' if helped else 'did not help'}.** {text}."
+    missed, text = comparison(metrics, name, mode)
+    line = f"**Verdict: tuning {'did not help' if missed else 'helped'}.** {text}."
     if name != metric and metric:
         line += f" (leaderboard.metric {metric} was not measured; perplexity stands in.)"
-    tuned = metrics.get("tuned", {})
-    if name != "accuracy" and number(tuned.get("accuracy")):  # a classification suite ranked by another metric
-        line += f" Classification: {comparison(metrics, 'accuracy', 'max')[1]}."
     return line
 
 

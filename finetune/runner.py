@@ -4,6 +4,7 @@ One run, top to bottom: `_run` calls one function per step. Hydra composes the c
 picks the run directory; `run()` does the rest and can be called from Python with a composed config (call
 `finetune.registration.register()` before composing).
 """
+import functools
 import hashlib
 import json
 import logging
@@ -124,6 +125,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
         return dry_run(cfg, config, stats, tokenizer, run_dir)
     if cfg.objective.name != "sft":  # checked before any weight loads
         preference_rows(cfg.objective.name, splits["train"], "train", check_only=True)
+    scorer = validation_scorer(cfg, args, metrics, splits, tokenizer)  # macro-F1 picks the checkpoint kept
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
@@ -138,13 +140,16 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
         model, peft_config = PeftModel.from_pretrained(model, start, is_trainable=True), None
     suite = dict(metrics=metrics, tokenizer=tokenizer, samples=held_out,
                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                 generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar)
+                 generation=OmegaConf.to_container(cfg.eval.generation), grammar=grammar,
+                 scoring=cfg.eval.get("scoring", "generate"))
     base = score(model=model, **suite) if main else None  # other ranks wait at the first collective
     if main:
         log.info("base: %s", headline(base["metrics"]))
         log.info("base, every metric: %s", headline(base["metrics"], None), extra=FILE_ONLY)
 
     trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
+    if scorer is not None:
+        trainer.add_callback(scorer)
     if main:
         log.info("%s", training_header(trainer, trained_count(cfg, trainer, splits, stats), run_dir))
     try:
@@ -173,6 +178,9 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     log.info("tuned, every metric: %s", headline(tuned["metrics"], None), extra=FILE_ONLY)
     write_answers(run_dir / ANSWERS, held_out, base["outputs"], tuned["outputs"])
     result = {"base": base["metrics"], "tuned": tuned["metrics"]}
+    baseline = simple_baseline(cfg, splits["train"], held_out, metrics)  # the same numbers, scikit-learn
+    if baseline:
+        result["simple_model"] = baseline
     # the trainer's trackers (report_to: tensorboard, wandb) get the eval metrics beside the losses
     trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -205,6 +213,32 @@ def check_full_fits(cfg: DictConfig, config: dict, args) -> None:
                           f"GiB for weights, gradients and AdamW state, more than {device} ({have:.0f} GiB): shard it "
                           "over several GPUs (training=gpu with accelerate launch --config_file "
                           "conf/accelerate/fsdp.yaml or deepspeed_zero3.yaml), or use method=lora / qlora")
+
+
+def simple_baseline(cfg: DictConfig, train: list[dict], held_out: list[dict], metrics: dict) -> dict | None:
+    """A small scikit-learn classifier's scores on the held-out split (finetune/eval/simple_model.py), for a
+    classification suite on labelled data; None otherwise."""
+    from finetune import tasks
+    from finetune.eval.checkpoint import classifier
+    task = tasks.get(cfg.dataset.task)
+    if not task.labels or classifier(metrics) is None or not any(s.get("label") for s in held_out):
+        return None
+    from finetune.eval.simple_model import simple_model
+    try:
+        return simple_model(train, held_out, task, metrics)
+    except DataError as err:  # one label in train: nothing to fit, and the report says why
+        log.info("no simple-model baseline: %s", err)
+        return None
+
+
+def validation_scorer(cfg: DictConfig, args, metrics: dict, splits: dict, tokenizer):
+    """The callback that scores the validation split at each evaluation when the kept checkpoint follows the
+    task's metric (training.metric_for_best_model: macro_f1); checked before any weight loads."""
+    from finetune.eval import checkpoint
+    if not (args.load_best_model_at_end and checkpoint.wanted(args.metric_for_best_model)):
+        return None
+    samples = checkpoint.check(args.metric_for_best_model, metrics, splits["validation"])
+    return checkpoint.ValidationScore(checkpoint.classifier(metrics), samples, tokenizer, cfg.eval.batch_size)
 
 
 def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
@@ -322,6 +356,10 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
                       callbacks=callbacks)
         quiet_progress(trainer)
         return trainer
+    weights = decision_weights(cfg, splits["train"], tokenizer)
+    if weights:  # the tokens that state the label weigh more than the layout's (finetune/decision_loss.py)
+        from finetune.decision_loss import DecisionWeightedSFTTrainer
+        SFTTrainer = functools.partial(DecisionWeightedSFTTrainer, token_weights=weights)  # noqa: N806
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
                          eval_dataset=as_dataset("validation") if splits["validation"] else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
@@ -334,6 +372,20 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
         log.info("rank %d of %d: first batch digest %s", args.process_index, args.world_size,
                  hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest()[:12])
     return trainer
+
+
+def decision_weights(cfg: DictConfig, train: list[dict], tokenizer) -> dict[int, float]:
+    """decision.weight / decision.balance as {token id: weight}; empty for plain SFT or a task without labels."""
+    from finetune import tasks
+    decision = cfg.get("decision") or {}
+    weight, balance = float(decision.get("weight", 1.0)), bool(decision.get("balance", False))
+    task = tasks.get(cfg.dataset.task)
+    if (weight == 1.0 and not balance) or not task.labels:
+        return {}
+    from finetune.decision_loss import token_weights
+    weights = token_weights(tokenizer, train, task, weight, balance)
+    log.info("decision tokens weighted: %s", {tokenizer.decode([t]): round(w, 2) for t, w in weights.items()})
+    return weights
 
 
 def preference_rows(objective: str, samples: list[dict], split: str, check_only: bool = False):
@@ -520,8 +572,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
-    if is_main_process():
-        print(f"run dir: {run_dir}")
+    if is_main_process():  # the last console line: the verdict of report.md, and where the run is
+        from finetune.report import verdict
+        said = verdict(result.metrics, cfg.leaderboard.metric, cfg.leaderboard.mode).replace("**", "") \
+            if result.metrics.get("tuned") else None
+        print(f"{said} Run dir: {run_dir}" if said else f"run dir: {run_dir}")
     # what a sweeper (Optuna) optimises: the leaderboard's metric
     return result.metrics.get("tuned", {}).get(cfg.leaderboard.metric)
 

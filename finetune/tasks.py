@@ -11,9 +11,16 @@ instead of choosing by name themselves:
     first_line  free text whose first line is the label (the finance-news builder: up / down / flat, ...)
     text        free text, no label (style, news): scored by perplexity and style metrics
 
+`span` finds where a gold answer states its label and `render` writes a label as an answer: likelihood scoring
+(finetune/eval/likelihood.py) swaps each candidate label into the gold answer's layout, and answers chosen that way
+(or by the simple-model baseline) are read back by the same metrics as generated ones.
+
 A new classification task is one entry in TASKS (e.g. `Label("spam", ("spam", "ham"))`), a builder that
 writes samples with that `label`, and the YAML that names them.
 """
+import json
+import re
+
 from finetune.errors import ConfigError
 from finetune.eval.answers import SIGNALS, parse_action, parse_label, parse_signal, to_confidence
 
@@ -37,6 +44,15 @@ class Task:
     def fields(self, text) -> dict:
         """What `finetune.predict` writes beside an answer."""
         return {}
+
+    def span(self, answer: str, label: str) -> tuple[int, int] | None:
+        """Where `answer` states `label` (the first whole-word match, any case), as (start, end), or None."""
+        match = re.search(rf"(?<![A-Za-z0-9_]){re.escape(label)}(?![A-Za-z0-9_])", answer, re.IGNORECASE)
+        return match.span() if match else None
+
+    def render(self, label: str, confidence: float | None = None) -> str:
+        """`label` written as an answer this task's metrics read back."""
+        return label
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.labels})"
@@ -75,6 +91,9 @@ class Signals(Label):
     def check(self, answer):
         return None if parse_signal(answer)[0] is not None else f"answer is not a signal: {answer!r:.60}"
 
+    def render(self, label, confidence=None):
+        return json.dumps({"signal": label, "confidence": None if confidence is None else round(confidence, 2)})
+
 
 class Action(Label):
     """A JSON decision; its "action" is the label, its "confidence" the confidence."""
@@ -88,6 +107,9 @@ class Action(Label):
 
     def fields(self, text) -> dict:
         return {"action": parse_action(text)}
+
+    def render(self, label, confidence=None):
+        return json.dumps({"action": label, "confidence": None if confidence is None else round(confidence, 2)})
 
 
 TASKS = {task.name: task for task in (

@@ -21,7 +21,9 @@ def test_default_command_writes_hydra_config_and_report(tmp_path):
     assert metrics["tuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert "| perplexity |" in (tmp_path / "report.md").read_text()
     report = (tmp_path / "report.md").read_text().splitlines()  # the verdict first, then what ran
-    assert report[2].startswith("**Verdict: tuning helped.**") and "majority baseline" in report[2], report[:3]
+    # the rule-made demo data is easy for a classifier on its fields: the verdict weighs that simple model too
+    assert report[2].startswith("**Verdict: tuning") and "majority baseline" in report[2], report[:3]
+    assert "simple model" in report[2] and metrics["simple_model"]["accuracy"] > 0.9
     assert "| recipe | default |" in report and "| method | lora |" in report
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["parameters"] > manifest["trainable_parameters"] > 0 and manifest["model_folder"]

@@ -16,7 +16,7 @@ def sides(base: dict, tuned: dict) -> dict:
 def test_verdict_max_metric_helped_states_base_and_majority_baseline():
     line = verdict(CLASSIFICATION, "accuracy", "max")
     assert line == ("**Verdict: tuning helped.** accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline "
-                    "(+80.4 points over base, +44.7 points over the baseline).")
+                    "(+80.4 points over base, +44.7 points over the majority baseline).")
 
 
 @pytest.mark.parametrize("tuned", [0.3, 0.0])  # beats the base but not the majority baseline; ties the base
@@ -42,10 +42,38 @@ def test_verdict_falls_back_to_perplexity_when_the_metric_is_missing():
     assert verdict(sides({}, {"n_answers": 3}), "accuracy", "max").startswith("**Verdict: unknown.**")
 
 
-def test_verdict_on_perplexity_also_states_the_classification():
+def test_a_classification_run_is_judged_on_its_answers_not_on_perplexity():
     line = verdict(CLASSIFICATION, "perplexity", "min")
-    assert line.startswith("**Verdict: tuning helped.** perplexity 3.1 tuned vs 25 base (-87.6% over base")
-    assert "Classification: accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline" in line
+    assert line.startswith("**Verdict: tuning helped.** accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline")
+
+
+@pytest.mark.parametrize("tuned, base, majority, majority_f1, f1, missed", [
+    # a news run that answered "flat" to all 50 held-out items: above the base, below the majority baseline
+    (0.300, 0.04, 0.320, 0.17, 0.077, "majority baseline on accuracy, majority baseline on macro_f1"),
+    # a run that answered nothing right: no better than the base or the majority
+    (0.000, 0.000, 0.333, 0.167, 0.0, "base on accuracy, majority baseline on accuracy"),
+])
+def test_a_run_below_a_baseline_did_not_help_and_says_which(tuned, base, majority, majority_f1, f1, missed):
+    sides_ = sides({"accuracy": base, "macro_f1": base, "majority_baseline": majority, "majority_macro_f1": majority_f1},
+                   {"accuracy": tuned, "macro_f1": f1, "majority_baseline": majority, "majority_macro_f1": majority_f1,
+                    "perplexity": 1.5})
+    line = verdict({**sides_, "base": {**sides_["base"], "perplexity": 900.0}}, "accuracy", "max")
+    assert line.startswith("**Verdict: tuning did not help.** accuracy ")
+    assert f"Not beaten: {missed}" in line
+
+
+def test_a_run_must_beat_the_simple_model_on_accuracy_and_macro_f1():
+    metrics = {"base": {"accuracy": 0.1, "macro_f1": 0.1}, "tuned": {"accuracy": 0.75, "macro_f1": 0.6,
+               "majority_baseline": 0.645, "majority_macro_f1": 0.26, "total_return": 4.0, "always_long_return": 1.0},
+               "simple_model": {"model": "gradient boosting on 7 fields", "accuracy": 0.71, "macro_f1": 0.65,
+                                "total_return": 2.0}}
+    line = verdict(metrics, "accuracy", "max")
+    assert line.startswith("**Verdict: tuning did not help.** accuracy 0.750 tuned vs 0.100 base, 0.645 majority "
+                           "baseline and 0.710 simple model (")
+    assert line.endswith("Not beaten: simple model on macro_f1. Backtest: total_return 4 tuned vs 1 always-long "
+                         "baseline and 2 simple model (+3 over the always-long baseline, +2 over the simple model).")
+    metrics["tuned"]["macro_f1"] = 0.66
+    assert verdict(metrics, "accuracy", "max").startswith("**Verdict: tuning helped.**")
 
 
 def test_tables_split_quality_from_counts_with_a_change_column():

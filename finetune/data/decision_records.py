@@ -152,7 +152,25 @@ def _sample(item, *, train, avoid, history_items, max_reasoning_chars, system_pr
             **({"desirable": outcome in train} if avoid else {}),
             "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
                      "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
-                     "pnl": _number(result.get("pnl"))}}
+                     "pnl": _number(result.get("pnl")), "features": _features(fields)}}
+
+
+def _features(fields: dict) -> dict:
+    """The record's plain fields, for the simple-model baseline (finetune/eval/simple_model.py): each symbol's
+    market data under `market` (one symbol a record, as the collector writes), the other market keys, the account's
+    scalars, and the side of its first open position."""
+    market, account = fields["input.market_data"], fields["input.account_state"]
+    found = {}
+    for key, value in market.items():
+        if isinstance(value, dict):
+            found.update({f"market.{k}": _scalar(v) for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif not isinstance(value, list):
+            found[key] = _scalar(value)
+    found.update({f"account.{k}": _scalar(v) for k, v in account.items() if not isinstance(v, (dict, list))})
+    positions = account.get("positions") if isinstance(account.get("positions"), list) else []
+    found["positions"] = len(positions)
+    found["position_side"] = str(positions[0].get("side")) if positions and isinstance(positions[0], dict) else "none"
+    return found
 
 
 def _train_outcome(line, record, train) -> str:

@@ -12,7 +12,7 @@ Result (task="signals"; sentiment and first_line have no confidence, so those ke
 `profitable_ratio`):
 
     {"accuracy": 0.667, "macro_f1": 0.711, "parse_rate": 0.833, "majority_baseline": 0.5,
-     "majority_label": "BUY", "n_answers": 6,
+     "majority_macro_f1": 0.222, "majority_label": "BUY", "n_answers": 6,
      "per_class": {"BUY": {"precision": 1.0, "recall": 0.667, "f1": 0.8, "support": 3}, ...},
      "confusion_matrix": {"labels": ["BUY", "SELL", "HOLD"],               # rows: gold
                           "columns": ["BUY", "SELL", "HOLD", "unparsed"],  # predicted
@@ -26,7 +26,7 @@ Result (task="signals"; sentiment and first_line have no confidence, so those ke
 - confidence_mean / confidence_std (population std) over parsed answers that carry a confidence.
 - ece (expected calibration error): answers with a prediction and a confidence go into `bins` equal-width
   bins over [0, 1] (the last one closed); ECE = sum over bins of count/N * |accuracy - mean confidence|.
-- majority_baseline: accuracy of always answering the most common gold label.
+- majority_baseline: accuracy of always answering the most common gold label; majority_macro_f1 its macro-F1.
 - profitable_ratio (signals): among answers predicting BUY or SELL on samples whose meta has a realised
   return (`return_key`, percent), the share that agrees with it: BUY if return > 0, SELL if return < 0
   (a flat 0 is not profitable). None when there is no such answer (e.g. data without returns).
@@ -103,6 +103,8 @@ class Classification:
             "macro_f1": sum(f1s) / len(f1s),
             "parse_rate": sum(p is not None for p in predicted) / n,
             "majority_baseline": majority_count / n,
+            # macro-F1 of always answering the majority label: its F1 over the classes in the gold labels
+            "majority_macro_f1": 2 * majority_count / (n + majority_count) / len(set(gold)),
             "majority_label": majority_label,
             "n_answers": n,
             "per_class": per_class,

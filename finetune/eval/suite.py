@@ -10,6 +10,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from finetune.errors import ConfigError
+
 
 def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int, progress: bool = True,
              **generation) -> list[str]:
@@ -117,15 +119,28 @@ def answer_lengths(tokenizer, samples: list[dict], answers: dict) -> dict:
 
 
 def score(metrics: dict, model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int,
-          generation: dict | None = None, grammar: str | None = None) -> dict:
+          generation: dict | None = None, grammar: str | None = None, scoring: str = "generate") -> dict:
     """The eval suite's metrics for one model (base or tuned) on the held-out samples: the answers are generated
     once, for every metric that reads them. With a `grammar` (eval.constrained) the answering metrics are scored
     a second time on constrained answers, as `constrained_<metric>` beside the free-running ones.
-    (`python -m finetune.evaluate` is the command that re-scores a run.)"""
+    `scoring="likelihood"`: the answers are the labels the model finds likeliest (finetune/eval/likelihood.py),
+    no generation. (`python -m finetune.evaluate` is the command that re-scores a run.)"""
     results, outputs = {}, None
     answering = {name: m for name, m in metrics.items() if m.needs_generation}
     chats = [s["messages"][:-1] for s in samples] if answering else []  # text samples have no prompts
-    if answering:
+    if answering and scoring == "likelihood":
+        from finetune.eval.checkpoint import classifier
+        from finetune.eval.likelihood import likelihood_answers
+        labelled = classifier(metrics)
+        if labelled is None:
+            raise ConfigError("eval.scoring=likelihood scores a classification suite's labels; this suite has no "
+                              "classification metric: use eval.scoring=generate")
+        start = time.perf_counter()
+        outputs = likelihood_answers(model, tokenizer, samples, labelled.task, labelled.labels, batch_size)
+        results["scoring_seconds"] = time.perf_counter() - start
+    elif scoring != "generate":
+        raise ConfigError(f"eval.scoring={scoring}: choose generate or likelihood")
+    elif answering:
         start = time.perf_counter()
         answers = generate_answers(model, tokenizer, chats, max_new_tokens, batch_size, **(generation or {}))
         results["generation_seconds"] = time.perf_counter() - start

@@ -1,0 +1,93 @@
+"""Learning the decision, not just the answer's layout: the kept checkpoint follows validation macro-F1, scoring
+by likelihood agrees with greedy answers, the decision tokens weigh more, and a simple model is the baseline."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, compose
+from finetune import tasks
+
+
+@pytest.fixture(scope="module")
+def weighted_run(tmp_path_factory) -> Path:
+    """The default run (tiny model, demo signals) with the decision tokens weighted and balanced."""
+    run_dir = tmp_path_factory.mktemp("weighted")
+    out = cli(f"hydra.run.dir={run_dir}", "decision.weight=5", "decision.balance=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def last_state(run_dir: Path) -> dict:
+    states = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]))
+    return json.loads(states[-1].read_text())
+
+
+def test_the_kept_checkpoint_is_the_one_with_the_best_validation_macro_f1_not_eval_loss(weighted_run):
+    evals = [e for e in last_state(weighted_run)["log_history"] if "eval_loss" in e]
+    assert all("eval_macro_f1" in e and "eval_accuracy" in e for e in evals)
+    by_f1 = max(evals, key=lambda e: (e["eval_macro_f1"], -e["step"]))["step"]  # the Trainer keeps the first best
+    by_loss = min(evals, key=lambda e: e["eval_loss"])["step"]
+    assert by_f1 != by_loss, "this run no longer tells the two apart; pick settings where they differ"
+    state = last_state(weighted_run)
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{by_f1}")
+    kept = load_file(weighted_run / "adapter" / "adapter_model.safetensors")
+    best = load_file(weighted_run / "checkpoints" / f"checkpoint-{by_f1}" / "adapter_model.safetensors")
+    assert kept.keys() == best.keys() and all(torch.equal(kept[k], best[k]) for k in kept)
+
+
+def test_the_run_reports_the_simple_model_and_the_verdict_weighs_it(weighted_run):
+    metrics = json.loads((weighted_run / "metrics.json").read_text())
+    simple = metrics["simple_model"]
+    assert simple["model"].startswith("gradient boosting on") and simple["train_samples"] == 480
+    assert 0 <= simple["macro_f1"] <= 1 and simple["n_answers"] == metrics["tuned"]["n_answers"]
+    report = (weighted_run / "report.md").read_text()
+    assert "| metric | base | tuned | change (tuned - base) | simple model |" in report
+    verdict = report.splitlines()[2]
+    assert f"{simple['accuracy']:.3f} simple model" in verdict
+    helped = all(metrics["tuned"][k] > simple[k] for k in ("accuracy", "macro_f1"))
+    assert verdict.startswith("**Verdict: tuning helped.**" if helped else "**Verdict: tuning did not help.**")
+
+
+def test_likelihood_scoring_agrees_with_greedy_answers(weighted_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from finetune.eval.likelihood import label_scores, likelihood_answers
+    from finetune.eval.suite import generate_answers
+    base = json.loads((weighted_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), weighted_run / "adapter")
+    samples = [json.loads(line) for line in (weighted_run / "data" / "test.jsonl").open()]
+    task = tasks.get("signals")
+    greedy = generate_answers(model, tokenizer, [s["messages"][:-1] for s in samples], 24, 16, progress=False)
+    by_generation = [task.parse(text)[0] for text in greedy["texts"]]
+    by_likelihood = [task.parse(text)[0] for text in likelihood_answers(model, tokenizer, samples, task,
+                                                                        list(task.labels))]
+    agree = sum(a == b for a, b in zip(by_generation, by_likelihood)) / len(samples)
+    assert agree >= 0.95, list(zip(by_generation, by_likelihood))
+    # the cached path (shared prompt once, labels on copies of its cache) scores as running each candidate whole
+    from finetune.eval import likelihood
+    rows = [likelihood._rows(tokenizer, s, task, list(task.labels)) for s in samples[:4]]
+    cached = likelihood._batch_cached(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
+    whole = likelihood._batch_whole(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
+    assert cached == pytest.approx(whole, abs=1e-3)
+    assert len(label_scores(model, tokenizer, samples[:3], task, list(task.labels))) == 3
+
+
+def test_decision_tokens_are_the_label_tokens_and_balance_follows_the_label_shares():
+    from finetune.decision_loss import token_weights
+    from finetune.model import load_tokenizer
+    tokenizer = load_tokenizer(compose().model)
+    answer = '{"signal": "%s", "confidence": 0.7}'
+    samples = [{"messages": [{"role": "user", "content": f"RSI: {i}"}, {"role": "assistant", "content": answer % label}],
+                "label": label} for i, label in enumerate(["HOLD"] * 6 + ["BUY"] * 3 + ["SELL"])]
+    plain = token_weights(tokenizer, samples, tasks.get("signals"), 4.0, balance=False)
+    assert {tokenizer.decode([t]).strip(' "') for t in plain} >= {"BUY", "SELL", "HOLD"}
+    assert set(plain.values()) == {4.0} and "confidence" not in tokenizer.decode(list(plain))
+    balanced = token_weights(tokenizer, samples, tasks.get("signals"), 4.0, balance=True)
+    weight = {tokenizer.decode([t]).strip(' "'): w for t, w in balanced.items()}
+    assert weight["SELL"] > weight["BUY"] > weight["HOLD"]  # rarer labels weigh more, their mean stays 4
+    assert sum(weight[k] for k in ("SELL", "BUY", "HOLD")) / 3 == pytest.approx(4.0)
