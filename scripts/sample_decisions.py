@@ -15,7 +15,15 @@ action and end bad or acceptable_loss, so `train_outcomes: [excellent, good]` ke
 decisions. A few records are still "pending". About a third of the reasonings are in Chinese, as in the design note.
 
     python scripts/sample_decisions.py
+    python scripts/sample_decisions.py --out /tmp/rsi.jsonl --rule rsi --shares BUY=0.2,SELL=0.1,HOLD=0.6,CLOSE=0.1 \
+        --lucky 0.1 --seed 5
+
+Other logs for checking that a tuned model learns the decision (docs/results.md): `--rule rsi` decides by RSI
+alone (no position: BUY below 35, SELL above 65; a position: CLOSE when RSI has run its way, long above 60,
+short below 40), `--shares` sets the wanted actions' shares (default: in turn), `--lucky` the share of records
+that broke the rule and still ended good (so the good records, which train, do not follow one clean rule), `--seed` the draw.
 """
+import argparse
 import json
 import random
 from datetime import datetime, timedelta
@@ -35,6 +43,13 @@ REASONS = {  # short: the tiny test model trains on 256-token samples
 }
 
 
+def rsi_action(trend, macd, rsi, position):
+    if position:
+        ran = (position["side"] == "long" and rsi > 60) or (position["side"] == "short" and rsi < 40)
+        return "CLOSE" if ran else "HOLD"
+    return "BUY" if rsi < 35 else "SELL" if rsi > 65 else "HOLD"
+
+
 def good_action(trend, macd, rsi, position):
     if position:
         against = (position["side"] == "long" and trend == "bearish") or \
@@ -47,7 +62,8 @@ def good_action(trend, macd, rsi, position):
     return "HOLD"
 
 
-def scenario(rng, want):
+def scenario(rng, want, rule=None):
+    rule = rule or good_action
     while True:  # draw until the rule gives the wanted action, so the actions come out balanced
         symbol = rng.choice(list(SYMBOLS))
         trend = rng.choice(["bullish", "bearish", "neutral"])
@@ -57,7 +73,7 @@ def scenario(rng, want):
         if rng.random() < (0.7 if want in ("CLOSE", "HOLD") else 0.2):
             position = {"symbol": symbol, "side": rng.choice(["long", "short"]),
                         "size_usd": rng.choice([40, 60, 90])}
-        if good_action(trend, macd, rsi, position) == want:
+        if rule(trend, macd, rsi, position) == want:
             return symbol, trend, macd, rsi, position
 
 
@@ -92,14 +108,19 @@ def result(rng, label, size):
             "exit_reason": "take_profit" if share > 0.05 else "stop_loss" if share < -0.02 else "signal"}
 
 
-def main():
-    rng = random.Random(2)
+RULES = {"trend": good_action, "rsi": rsi_action}
+
+
+def write_decisions(path: Path = OUT, n: int = N_RECORDS, rule: str = "trend", shares: dict | None = None,
+                    lucky: float = 0.0, seed: int = 2) -> str:
+    rng = random.Random(seed)
     t = datetime(2025, 6, 1, 0, 0)
     lines = []
-    for i in range(N_RECORDS):
+    for i in range(n):
         t += timedelta(hours=rng.randint(2, 9))
-        want = ("BUY", "SELL", "HOLD", "CLOSE")[i % 4]
-        symbol, trend, macd, rsi, position = scenario(rng, want)
+        want = ("BUY", "SELL", "HOLD", "CLOSE")[i % 4] if shares is None else \
+            rng.choices(list(shares), list(shares.values()))[0]
+        symbol, trend, macd, rsi, position = scenario(rng, want, RULES[rule])
         follows = rng.random() < 0.8
         action = want if follows else rng.choice([a for a in ("BUY", "SELL", "HOLD", "CLOSE") if a != want])
         if action == "CLOSE" and position is None:
@@ -110,7 +131,7 @@ def main():
         price = round(SYMBOLS[symbol] * rng.uniform(0.9, 1.1), 1 if symbol == "SOL" else 0)
         if rng.random() < 0.03:
             label = "pending"
-        elif follows:
+        elif follows or (lucky and rng.random() < lucky):
             label = rng.choices(["excellent", "good", "acceptable_loss"], [45, 40, 15])[0]
         else:
             label = rng.choices(["bad", "acceptable_loss"], [70, 30])[0]
@@ -128,10 +149,19 @@ def main():
             "label": f"{label}_decision" if label in ("excellent", "good", "bad") else label,
         }
         lines.append(json.dumps(record, ensure_ascii=False))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(lines)} decision records to {OUT}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return f"wrote {len(lines)} decision records to {path}"
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--records", type=int, default=N_RECORDS)
+    parser.add_argument("--rule", choices=list(RULES), default="trend")
+    parser.add_argument("--shares", help="action shares, e.g. BUY=0.4,SELL=0.4,CLOSE=0.1,HOLD=0.1 (default: in turn)")
+    parser.add_argument("--lucky", type=float, default=0.0, help="share of rule-breaking records that ended good")
+    parser.add_argument("--seed", type=int, default=2)
+    a = parser.parse_args()
+    shares = None if not a.shares else {k: float(v) for k, v in (p.split("=") for p in a.shares.split(","))}
+    print(write_decisions(a.out, a.records, a.rule, shares, a.lucky, a.seed))
