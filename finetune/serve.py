@@ -2,7 +2,8 @@
 
     python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY]
 
-    GET  /v1/models                     the run's adapter (model id: the run dir's name) and its base ("base")
+    GET  /v1/models                     the run's adapter (model id: the run dir's name; "base-run" for a run dir
+                                        named base) and its base ("base")
     POST /v1/chat/completions           {"model", "messages", "max_tokens", "stream", "response_format"}
     POST /v1/completions                {"model", "prompt", "max_tokens"}
     GET  /health                        {"status": "ok", "run", "task", "fallbacks", "held", "queued"}
@@ -27,7 +28,10 @@ chat completions take OpenAI's `response_format` ({"type": "json_schema", "json_
 Limits, each answered with a 4xx / 503 and the server goes on: a body over `--max-body` bytes (413), a body
 that does not arrive within `--body-timeout` (408, connection closed), malformed JSON or wrong types (400 /
 422), an unknown model (404), max_tokens over `--max-tokens` (400), a full queue (503), a request that waited
-longer than `--request-timeout` (504). A connection idle after an answer closes after 5 s, one that sends no
+longer than `--request-timeout` (504), more than `--max-prompts` prompts in one request (400), a prompt over
+`--max-prompt-tokens` or past the model's positions with its max_tokens (400), a request whose answers do not all
+fit the queue (503, none of them queued). A request that times out or whose client hangs up is abandoned: its
+queued answers are dropped and its rows stop generating at the next token. A connection idle after an answer closes after 5 s, one that sends no
 whole request head within `--body-timeout` is closed; more than `--max-connections` at once get 503. Binding to anything but loopback needs an API key: the bearer token in
 the environment variable `--api-key-env` names; without it the server refuses to start.
 """
@@ -66,6 +70,8 @@ class Limits:
     batch_size: int = 16           # answers per generate() call
     batch_window: float = 0.01     # seconds the worker waits for more requests to batch with the first
     max_connections: int = 512     # open connections and requests at once (uvicorn's limit_concurrency)
+    max_prompts: int = 64          # prompts in one request (/v1/completions' list, /signals' snapshots)
+    max_prompt_tokens: int = 4096  # tokens of one prompt (chat template included); the model's positions cap it too
 
 
 class ApiError(Exception):
@@ -85,6 +91,11 @@ class Job:
     stream: "queue.Queue | None" = None   # text pieces as they are generated, then None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # its client timed out or went away: the worker drops it, or stops its generation
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.future.cancel()  # not yet running: never generated (running: the worker's Abandoned stops its row)
 
 
 class Batcher:
@@ -95,16 +106,23 @@ class Batcher:
         self.provider, self.limits = provider, limits
         self.jobs: queue.Queue = queue.Queue(limits.max_queue)
         self.batches: list[int] = []  # the size of each generate() call (health, tests)
+        self.steps = 0  # decoding steps taken, all generate() calls together (tests count them)
+        self.submitting = threading.Lock()
         self.thread = threading.Thread(target=self.loop, name="finetune-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> Job:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, f"the server is busy ({self.limits.max_queue} requests waiting); retry later",
-                           "server_busy") from None
+        self.submit_all([job])
         return job
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none: a request that does not fit gets 503 and leaves nothing queued."""
+        with self.submitting:  # only submitters fill the queue, so the room seen here is there for the puts
+            if self.jobs.qsize() + len(jobs) > self.limits.max_queue:
+                raise ApiError(503, f"the server is busy ({self.jobs.qsize()} of {self.limits.max_queue} answers "
+                                    f"waiting, this request needs {len(jobs)}); retry later", "server_busy")
+            for job in jobs:
+                self.jobs.put_nowait(job)
 
     def loop(self) -> None:
         while True:
@@ -130,7 +148,7 @@ class Batcher:
 
     def answer(self, jobs: list[Job]) -> None:
         from finetune.eval.suite import generate_answers
-        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a client that gave up is dropped
+        jobs = [j for j in jobs if not j.abandoned and j.future.set_running_or_notify_cancel()]  # gave up: dropped
         if not jobs:
             return
         provider, first = self.provider, jobs[0]
@@ -139,7 +157,7 @@ class Batcher:
             with provider.model.disable_adapter() if first.model == BASE else nullcontext():
                 out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs], first.max_tokens,
                                        len(jobs), progress=False, grammar=first.grammar, streamer=streamer,
-                                       **provider.generation)
+                                       **provider.generation, stopping_criteria=[Abandoned(jobs, self)])
             self.batches.append(len(jobs))
             for i, job in enumerate(jobs):
                 job.future.set_result({k: out[k][i] for k in ("texts", "tokens", "stopped", "prompt_tokens")})
@@ -154,6 +172,19 @@ class Batcher:
 
     def close(self) -> None:
         self.jobs.put(None)
+
+
+class Abandoned:
+    """A generate() stopping criterion: the rows of jobs whose client gave up are finished at the next token (a
+    timed-out or disconnected request stops costing the model), and each decoding step is counted."""
+
+    def __init__(self, jobs: list[Job], batcher: Batcher):
+        self.jobs, self.batcher = jobs, batcher
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        self.batcher.steps += 1
+        return torch.tensor([job.abandoned for job in self.jobs], device=input_ids.device)
 
 
 class Pieces:
@@ -239,6 +270,9 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     limits = limits or Limits(batch_size=provider.batch_size)
     batcher = Batcher(provider, limits)
     task_grammar = grammar_for(provider.task) if constrained else None
+    if run_name == BASE:  # the adapter's id would be the base model's, and every request would go to the base
+        log.warning("the run dir is named %r, the base model's id: its adapter is served as %r", BASE, f"{BASE}-run")
+        run_name = f"{BASE}-run"
     models = [run_name] + ([BASE] if hasattr(provider.model, "disable_adapter") else [])  # method=full: no base
     app = FastAPI(title="finetune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
@@ -274,16 +308,56 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
             except ApiError as err:
                 return error(err.status, str(err))
             request.state.json = body
+            # the client hanging up while its answer is generated: seen here, on the connection's own receive
+            request.state.gone = gone = asyncio.Event()
+            watcher = asyncio.create_task(watch_disconnect(request, gone))
+            try:
+                return await call_next(request)
+            finally:
+                watcher.cancel()
         return await call_next(request)
 
-    async def answer(job: Job) -> dict:
-        batcher.submit(job)
-        left = limits.request_timeout - (time.monotonic() - job.queued)
+    positions = getattr(getattr(provider.model, "config", None), "max_position_embeddings", None)
+
+    def check_prompts(jobs: list[Job]) -> None:
+        """Each prompt within --max-prompt-tokens, and prompt + answer within the model's positions."""
+        if len(jobs) > limits.max_prompts:
+            raise ApiError(400, f"{len(jobs)} prompts in one request; at most {limits.max_prompts} (--max-prompts)")
+        tokenizer = provider.tokenizer
+        for i, job in enumerate(jobs):
+            text = tokenizer.apply_chat_template(job.chat, tokenize=False, add_generation_prompt=True)
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            most = limits.max_prompt_tokens if positions is None else min(limits.max_prompt_tokens,
+                                                                            positions - job.max_tokens)
+            if length > most:
+                raise ApiError(400, f"prompt {i}: {length} tokens, over the {most} this server takes (--max-prompt-"
+                                    f"tokens {limits.max_prompt_tokens}; the model has {positions} positions for "
+                                    f"prompt and max_tokens {job.max_tokens} together)")
+
+    async def answer_all(jobs: list[Job], request) -> list[dict]:
+        """The answers to one request's jobs. Checked, then queued all or none; when the request times out (504)
+        or its client goes away, its jobs are abandoned: dropped from the queue, their generation stopped."""
+        await asyncio.to_thread(check_prompts, jobs)  # a long prompt's tokenization does not hold the event loop
+        batcher.submit_all(jobs)
+        waiting = [asyncio.wrap_future(job.future) for job in jobs]
+        deadline = jobs[0].queued + limits.request_timeout
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), left)
-        except TimeoutError:
-            raise ApiError(504, f"no answer within {limits.request_timeout:g} s (the queue is long); retry",
-                           "timeout") from None
+            while True:
+                _, pending = await asyncio.wait(waiting, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+                if not pending:
+                    return [w.result() for w in waiting]
+                if time.monotonic() >= deadline:
+                    raise ApiError(504, f"no answer within {limits.request_timeout:g} s (the queue is long); retry",
+                                   "timeout")
+                if request is not None and getattr(request.state, "gone", asyncio.Event()).is_set():
+                    raise ApiError(499, "the client closed the request")
+        finally:
+            for job in jobs:
+                if not job.future.done():
+                    job.abandon()
+
+    async def answer(job: Job, request=None) -> dict:
+        return (await answer_all([job], request))[0]
 
     def model_of(body: dict) -> str:
         name = body.get("model") or run_name
@@ -325,15 +399,25 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         chat = messages_of(body.get("messages"))
         grammar = response_grammar(body.get("response_format"))
         if body.get("stream"):
-            return StreamingResponse(stream_chat(Job(chat, model, tokens, grammar, stream=queue.Queue())),
-                                     media_type="text/event-stream")
-        out = await answer(Job(chat, model, tokens, grammar))
+            job = Job(chat, model, tokens, grammar, stream=queue.Queue())
+            await asyncio.to_thread(check_prompts, [job])
+            batcher.submit(job)
+            return StreamingResponse(stream_chat(job), media_type="text/event-stream")
+        out = await answer(Job(chat, model, tokens, grammar), request)
         choice = {"index": 0, "message": {"role": "assistant", "content": out["texts"]},
                   "finish_reason": "stop" if out["stopped"] else "length"}
         return completion("chat.completion", model, [choice], usage([out]))
 
     async def stream_chat(job: Job):
-        batcher.submit(job)
+        """The events of a streamed answer, `job` checked and queued already (so a refusal is a plain 4xx / 503)."""
+        try:
+            async for event in stream_events(job):
+                yield event
+        finally:  # the client went away mid-stream (Starlette cancels this generator): stop generating for it
+            if not job.future.done():
+                job.abandon()
+
+    async def stream_events(job: Job):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": job.model}
 
@@ -361,7 +445,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError(400, "prompt: a non-empty string or list of strings")
-        outs = await asyncio.gather(*(answer(Job(prompt_chat(p), model, tokens)) for p in prompts))
+        outs = await answer_all([Job(prompt_chat(p), model, tokens) for p in prompts], request)
         choices = [{"index": i, "text": o["texts"], "finish_reason": "stop" if o["stopped"] else "length",
                     "logprobs": None} for i, o in enumerate(outs)]
         return completion("text_completion", model, choices, usage(list(outs)))
@@ -370,7 +454,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     async def signal(request: Request):
         body = json_object(request)
         chat = signal_chat(body, body_field(body, "market_data", dict))
-        out = await answer(Job(chat, run_name, provider.max_new_tokens, task_grammar))
+        out = await answer(Job(chat, run_name, provider.max_new_tokens, task_grammar), request)
         value, confidence = provider.read_signal(out["texts"])
         return {"signal": value, "confidence": confidence}
 
@@ -379,8 +463,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         body = json_object(request)
         chats = [signal_chat(body, m, f"market_data[{i}]")
                  for i, m in enumerate(body_field(body, "market_data", list))]
-        outs = await asyncio.gather(*(answer(Job(c, run_name, provider.max_new_tokens, task_grammar))
-                                      for c in chats))
+        outs = await answer_all([Job(c, run_name, provider.max_new_tokens, task_grammar) for c in chats], request)
         return {"signals": [dict(zip(("signal", "confidence"), provider.read_signal(o["texts"]))) for o in outs]}
 
     @app.post("/generate")
@@ -393,7 +476,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         tokens = body.get("max_new_tokens")
         if tokens is not None and (type(tokens) is not int or not 1 <= tokens <= limits.max_tokens):
             raise ApiError(400, f"max_new_tokens: an integer from 1 to {limits.max_tokens}")
-        out = await answer(Job(chat, run_name, tokens or provider.max_new_tokens))
+        out = await answer(Job(chat, run_name, tokens or provider.max_new_tokens), request)
         return {"text": out["texts"]}
 
     def prompt_chat(prompt: str) -> list[dict]:
@@ -408,6 +491,15 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
             raise ApiError(400, f"{where}: {e}") from None
 
     return app
+
+
+async def watch_disconnect(request, gone: asyncio.Event) -> None:
+    """Set `gone` when the client closes the connection before its answer was sent."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
 
 
 async def read_body(request, max_body: int):
@@ -498,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body", type=int, default=defaults.max_body)
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue)
     parser.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    parser.add_argument("--max-prompts", type=int, default=defaults.max_prompts)
+    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
     parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout)
     args = parser.parse_args(argv)
@@ -518,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(max_body=args.max_body, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
                     body_timeout=args.body_timeout, max_queue=args.max_queue,
                     batch_size=args.batch_size or provider.batch_size, batch_window=args.batch_window,
-                    max_connections=args.max_connections)
+                    max_connections=args.max_connections, max_prompts=args.max_prompts,
+                    max_prompt_tokens=args.max_prompt_tokens)
     app = make_app(provider, Path(args.run_dir).resolve().name, api_key, limits, constrained=not args.free)
     import uvicorn
     print(f"serving {args.run_dir} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/completions, "
