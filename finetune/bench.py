@@ -304,16 +304,20 @@ def real_tokens(batch: dict):
 # --- the three setups; each returns a trainer that has not trained yet
 
 def ours(cfg: DictConfig, out_dir: Path, samples: list[dict]):
+    """The trainer, and the memory plan training=gpu made for it (config["plan"], as manifest.json keeps it)."""
     from trl import SFTTrainer
     from finetune.guards import StopOnNonFiniteLoss
-    _, args = check_config(cfg, out_dir)
+    config, args = check_config(cfg, out_dir)
+    for line in config.get("plan", {}).get("lines", []):
+        print(f"bench: {line}", flush=True)
     if args.pad_to_multiple_of is not None:
         raise ConfigError("training.pad_to_multiple_of: the bench counts a padding-free row as all real tokens; "
                           "leave it unset")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
-    return SFTTrainer(model=model, args=args, train_dataset=as_dataset(samples), processing_class=tokenizer,
-                      peft_config=instantiate(cfg.method, _convert_="all"), callbacks=[StopOnNonFiniteLoss()])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset(samples), processing_class=tokenizer,
+                         peft_config=instantiate(cfg.method, _convert_="all"), callbacks=[StopOnNonFiniteLoss()])
+    return trainer, config.get("plan")
 
 
 def base_model(cfg: DictConfig, cpu: bool):
@@ -451,10 +455,15 @@ def measure(name: str, trainer, probe: list[dict], warmup: int, cuda: bool) -> d
 
 
 def free_memory() -> None:
-    """Give the last setup's GPU memory back before the next one's peak is measured (on a CPU nothing is measured,
-    and a full collection costs ~0.4 s)."""
+    """Give the last setup's memory back before the next one's peak is measured: every setup starts from zero.
+
+    The Trainer registers each nn.Embedding with bitsandbytes' process-wide GlobalOptimManager when the optimizer
+    is 8-bit (their state stays 32-bit), and the manager kept them: ~1 GiB a setup on the 7B shape, inside every
+    later setup's peak. Its registry is emptied here (the next optimizer registers its own)."""
+    if "bitsandbytes" in sys.modules:
+        sys.modules["bitsandbytes"].optim.GlobalOptimManager.get_instance().initialize()
+    gc.collect()  # trainer <-> callbacks and the counted training_step are reference cycles
     if torch.cuda.is_available():
-        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -487,9 +496,13 @@ def planned(args) -> list[tuple[str, list[str]]]:
     for text in args.variant:
         levers = lever_parser().parse_args([f"--{word}" for word in shlex.split(text)])
         plan.append((f"ours[{text.strip()}]", base + lever_overrides(levers)))
-    def uses_liger(item: tuple[str, list[str]]) -> bool:
-        peer_liger = item[0] == "trl_peer" and args.device == "cuda" and find_spec("liger_kernel") is not None
-        return peer_liger or "++training.use_liger_kernel=true" in item[1]
+    liger_here = args.device == "cuda" and find_spec("liger_kernel") is not None
+
+    def uses_liger(item: tuple[str, list[str]]) -> bool:  # trl_peer's, ours' `auto` (training=gpu), or a lever
+        name, overrides = item
+        if name == "plain" or "++training.use_liger_kernel=false" in overrides:
+            return False
+        return liger_here or "++training.use_liger_kernel=true" in overrides
 
     return sorted(plan, key=uses_liger)
 
@@ -500,6 +513,9 @@ def run(args, save=lambda report: None) -> dict:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ConfigError("--device cuda but this machine has no CUDA GPU; --device cpu runs the smoke test")
+    if cuda:  # before the random model is built on the GPU: as the runner's memory plan sets it
+        from finetune.memory_plan import use_cuda_allocator_for_packing
+        use_cuda_allocator_for_packing()
     common = [f"model={args.model}", f"method={args.method}", "training=gpu", f"seed={args.seed}",
               f"training.max_steps={args.steps}", "training.logging_steps=1", "training.eval_strategy=no",
               "training.save_strategy=no", "training.load_best_model_at_end=false"]
@@ -525,17 +541,18 @@ def run(args, save=lambda report: None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         started, leftover = time.perf_counter(), torch.cuda.memory_allocated() / 2**30 if cuda else None
-        trainer = None
+        trainer, plan = None, None
         with tempfile.TemporaryDirectory(prefix="bench-") as out_dir:
             try:
                 if name.startswith("ours"):
-                    trainer = ours(compose(common + path + overrides), Path(out_dir), samples)
+                    trainer, plan = ours(compose(common + path + overrides), Path(out_dir), samples)
                 elif name == "plain":
                     trainer = plain(cfg, Path(out_dir), samples, args.steps, args.seed, not cuda, args.plain_batch)
                 else:
                     trainer = trl_peer(cfg, Path(out_dir), samples, args.steps, args.seed, not cuda,
                                        args.peer_max_length)
                 result = measure(name, trainer, probe, args.warmup_steps, cuda)
+                result["plan"] = plan
                 result["mfu"] = round(6 * params * result["tokens_per_s"] / flops, 4) if flops else None
                 if args.latency and report["latency"] is None and name.startswith("ours"):
                     report["latency"] = {"setup": name, **latency(trainer, trainer.processing_class, args)}
