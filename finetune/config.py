@@ -67,6 +67,23 @@ def check_training_overrides(overrides: list[str]) -> None:
             check_training_key(key, fields)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.pth")
+
+
+def folder_gaps(folder: Path) -> list[str]:
+    """What a model folder lacks before transformers can load it, each named: checked here, the empty folder
+    would fail deep in transformers (a 30-line traceback about sentencepiece / tiktoken)."""
+    gaps = []
+    if not (folder / "config.json").is_file():
+        gaps.append("no config.json")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        gaps.append(f"no tokenizer ({' / '.join(TOKENIZER_FILES)})")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        gaps.append(f"no weights ({' / '.join(WEIGHT_PATTERNS)})")
+    return gaps
+
+
 def check_model(model: dict) -> None:
     if model.get("path") == "???":  # OmegaConf's mandatory marker, left as is by resolve()
         raise ConfigError(f"model.path: missing; model={model.get('name')} needs model.path=/dir, a local Hugging "
@@ -74,6 +91,10 @@ def check_model(model: dict) -> None:
     if model.get("path") is not None and not Path(model["path"]).is_dir():
         raise ConfigError(f"model.path={model['path']}: no such folder; point it at a local Hugging Face folder "
                           f"(config.json, tokenizer files, *.safetensors)")
+    if model.get("path") is not None and folder_gaps(Path(model["path"])):
+        raise ConfigError(f"model.path={model['path']}: {', '.join(folder_gaps(Path(model['path'])))} in that "
+                          "folder; point it at a local Hugging Face folder (config.json, tokenizer files, "
+                          "*.safetensors)")
     if model["dtype"] not in DTYPES:
         raise ConfigError(f"model.dtype={model['dtype']}: choose one of {', '.join(DTYPES)}")
     if model["attn_implementation"] not in ATTENTION:

@@ -6,7 +6,9 @@ the repo in `recipes/`. A config source with its own scheme, `recipes://DIR`, ma
 shipped folder; a user adds a flat folder of their own with `hydra.searchpath=[recipes:///abs/dir]`, or keeps
 Hydra's usual layout (`DIR/recipe/NAME.yaml`) with `--config-dir DIR`.
 """
+import difflib
 import os
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
@@ -17,6 +19,7 @@ from hydra._internal.sources_registry import SourcesRegistry
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from finetune.errors import ConfigError
 from finetune.paths import RECIPES_DIR
 
 GROUP = "recipe"
@@ -67,3 +70,28 @@ class RecipesSearchPath(SearchPathPlugin):
 def register() -> None:
     SourcesRegistry.instance().register(RecipesConfigSource)
     Plugins.instance().register(RecipesSearchPath)
+
+
+def shipped() -> list[str]:
+    """Every shipped recipe's name, nested ones included (`examples/dora_demo`), and `none`."""
+    return ["none"] + sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def check_recipe_overrides(argv: list[str]) -> None:
+    """`recipe=NAME` that no shipped recipe has: one line with the near names and every recipe, before Hydra's
+    error (which lists the top folder only and suggests nothing). A user's folder (--config-dir, -cd,
+    hydra.searchpath) is Hydra's to search."""
+    if any(arg.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath")) for arg in argv):
+        return
+    names = shipped()
+    for arg in argv:
+        if not arg.startswith("recipe=") or "(" in arg:  # a sweep's choice(...) / glob(...) is Hydra's
+            continue
+        for name in arg.split("=", 1)[1].split(","):
+            if name in names:
+                continue
+            near = [n for n in names if Path(n).name == Path(name).name]
+            near += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.6) if n not in near]
+            hint = f" (did you mean {' or '.join(f'recipe={n}' for n in near)}?)" if near else ""
+            raise ConfigError(f"recipe={name}: no such recipe in {RECIPES_DIR}{hint}; recipes: {', '.join(names)}; "
+                              "a folder of your own: --config-dir DIR, before the overrides")

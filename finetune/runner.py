@@ -27,6 +27,7 @@ from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
 from finetune.logs import FILE_ONLY, headline, hold_records, quiet_progress, replay_held_records, route_library_logs
 from finetune.paths import CONF_DIR
 from finetune.preemption import Preemption
+from finetune.recipes import check_recipe_overrides
 from finetune.registration import register
 from finetune.resume import durable_checkpoints, is_final, resume_from
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
@@ -586,6 +587,7 @@ def main() -> None:
     register()
     hold_records()  # library records until Hydra's logging is set up: finetune.log, not the console
     try:
+        check_recipe_overrides(sys.argv[1:])
         check_training_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

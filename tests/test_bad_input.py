@@ -133,3 +133,30 @@ def test_the_dry_run_checks_the_backtests_returns(tmp_path):
     # labelled signals without realised returns: the backtest's meta key is missing, said before any weight loads
     with pytest.raises(DataError, match=r"meta 'return_percent' is None.*eval=demo_signals"):
         run(compose("eval=signals", "dry_run=true"), tmp_path / "run")
+
+
+def test_model_path_at_an_empty_folder_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = cli("model=local", f"model.path={empty}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    [line] = [line for line in out.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"error: model.path={empty}: no config.json, no tokenizer (") and "no weights (" in line
+
+
+def test_the_columns_error_shows_an_override_that_works(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\n" + "".join(f"What is {i} + {i}?,{2 * i}\n" for i in range(30)))
+    with pytest.raises(DataError, match="cannot tell the format") as err:
+        run(compose("dataset=generic", f"dataset.path={path}", "eval=perplexity", "dry_run=true"), tmp_path / "a")
+    said = str(err.value).split("e.g. ")[1].replace("<column>", "question", 1).replace("<column>", "answer", 1)
+    run(compose("dataset=generic", f"dataset.path={path}", "eval=perplexity", "dry_run=true", *said.split()),
+        tmp_path / "b")  # as the message says it, the file builds
+
+
+def test_an_unknown_recipe_gets_the_near_names_and_every_recipe(tmp_path):
+    out = cli("recipe=dora_demo", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "did you mean recipe=examples/dora_demo?" in out.stderr
+    assert "examples/dora_demo, lora_qwen_decisions" in out.stderr and "sweeps/optuna_tiny" in out.stderr
+    assert "did you mean recipe=lora_qwen_signals" in cli("recipe=lora_qwen_signal").stderr

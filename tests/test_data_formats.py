@@ -193,8 +193,8 @@ def test_format_chosen_trains_on_prompt_plus_chosen(caplog, tmp_path):
         ["green.", "It is green.", "It is green.", "Charles Dickens."]
     texts = jsonl(tmp_path / "hh.jsonl", {"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go"})
     with pytest.raises(DataError, match=r"hh\.jsonl: line 1, field 'chosen' is text and there is no prompt column: "
-                                        r"to train on it as plain text set dataset\.builder\.format=text and "
-                                        r"dataset\.builder\.columns\.text=chosen"):
+                                        r"to train on it as plain text set dataset\.builder\.format=text "
+                                        r"\+dataset\.builder\.columns\.text=chosen"):
         build(texts, format="chosen")
     [text] = build(texts, format="text", columns={"text": "chosen"}).samples
     assert text["segments"] == [{"text": "Human: hi Assistant: hello", "train": True}]

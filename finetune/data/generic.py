@@ -80,7 +80,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from finetune.data import Built, files, llamafactory, safe_json
-from finetune.data.rows import BadRow, BadRows, SkipRow
+from finetune.data.rows import BadRow, BadRows, SkipRow, sized
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -146,6 +146,7 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
                 record, had = _without_media(record, plan.columns)
                 with_media += had
             try:
+                record = sized(record, None)  # over conf/dataset/_pipeline.yaml's caps: a bad row, or cut
                 samples.append(_sample(record, plan, {k: f for k, f in fields.items() if f in present},
                                        meta_fields, system_prompt))
             except SkipRow as skip:
@@ -250,7 +251,7 @@ def _plan(format, hint, present, records, name, columns, tags, label_field) -> P
                         f"completion rows with a true/false label; found {_found(present)}")
     if format == "kto" and (not label or label not in present):
         raise DataError(f"{name}: format=kto needs a true/false column '{label}' (desirable or not); set "
-                        "dataset.builder.columns.label to the file's column")
+                        "+dataset.builder.columns.label=<the file's column>")
     if format == "text":
         shape = None
         plan_columns = _columns(None, columns, label_field)
@@ -294,8 +295,10 @@ def _unknown(present, records, name, columns, label_field):
     hint = "; prompt-only rows have no answer to train on" if only_prompt else ""
     raise DataError(f"{name}: cannot tell the format from its columns (found: {_found(present)}){hint}; "
                     "expected messages (chat), conversations (sharegpt), instruction + output (alpaca), prompt + "
-                    "completion, chosen + rejected (preference pairs) or text / segments; or set "
-                    "dataset.builder.format and dataset.builder.columns")
+                    "completion, chosen + rejected (preference pairs) or text / segments; or map your columns, e.g. "
+                    # `+`: dataset.builder.columns is empty in the config, and Hydra adds a new key only with it
+                    "dataset.builder.format=prompt_completion +dataset.builder.columns.prompt=<column> "
+                    "+dataset.builder.columns.completion=<column>")
 
 
 # ---- one record -> one sample
@@ -404,8 +407,8 @@ def _chosen(record, plan) -> list[dict]:
         return _turns(chosen, field, tags)
     if plan.shape is None:
         raise BadRow("missing_field", f"field '{field}' is text and there is no prompt column: to train on it as "
-                                      f"plain text set dataset.builder.format=text and dataset.builder.columns.text="
-                                      f"{field}, or name the prompt with dataset.builder.columns.prompt")
+                                      f"plain text set dataset.builder.format=text +dataset.builder.columns.text="
+                                      f"{field}, or name the prompt with +dataset.builder.columns.prompt=<column>")
     return [{"role": "assistant", "content": _text(record, field)}]
 
 
