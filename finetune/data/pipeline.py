@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import data
 from finetune.data import Built, tokens
 from finetune.data.augment import augment, rebalance
+from finetune.data.rows import size_limits
 from finetune.errors import DataError
 from finetune.model import cache_root
 from finetune.rundir import atomic_dir, write_json
@@ -502,10 +503,11 @@ def build_into(tmp: Path, cfg: DictConfig, tokenizer, seed: int, source: Path, d
         raise DataError(f"dataset.undesirable={cfg.undesirable!r}: choose drop (out of train and validation) or keep")
     # a partial, called here: instantiate() itself would wrap the builder's DataError in its own exception
     build = instantiate(cfg.builder, _partial_=True, _convert_="all")
-    built: Built = build(skip_bad_rows=cfg.skip_bad_rows)
-    batches = Batches(tmp / "shards", tokenizer, cfg.train_turns, cfg.num_proc, str(source), task=cfg.task,
-                      skip_bad_rows=cfg.skip_bad_rows, dedupe=cfg.dedupe)
-    rows, tokenized, results = write_batches(jobs_of(built), batches)
+    with size_limits(cfg.get("max_field_chars"), cfg.get("max_row_chars"), cfg.get("oversize", "refuse")):
+        built: Built = build(skip_bad_rows=cfg.skip_bad_rows)  # its rows are read in here, or in the workers
+        batches = Batches(tmp / "shards", tokenizer, cfg.train_turns, cfg.num_proc, str(source), task=cfg.task,
+                          skip_bad_rows=cfg.skip_bad_rows, dedupe=cfg.dedupe)
+        rows, tokenized, results = write_batches(jobs_of(built), batches)
     dropped = built.dropped
     for result in results:
         dropped.update(result["dropped"])

@@ -5,9 +5,14 @@ A builder's `row -> sample` function raises BadRow(reason, message) for a row th
 whatever skip_bad_rows says (a trade not yet closed, an outcome that does not train). BadRows.each runs
 it over the rows. A bad row is counted in `dropped` under its reason with skip_bad_rows=True; without,
 it stops the build with one line: "<file>: <message>; <what to do>".
+
+Every row is also held to the size caps of conf/dataset/_pipeline.yaml (`sized`): one 50 MB cell, split into words
+and tokens, would cost gigabytes, so a field over `max_field_chars` is refused as a bad row (or cut, with
+oversize=cut) and a row over `max_row_chars` refused, before the builder turns it into a sample.
 """
 import json
 from collections import Counter
+from contextlib import contextmanager
 
 from finetune.data import safe_json
 from finetune.errors import DataError
@@ -27,6 +32,62 @@ class SkipRow(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+LIMITS = {"field": None, "row": None, "oversize": "refuse"}  # the build's caps, set by `size_limits`
+
+
+@contextmanager
+def size_limits(field: int | None, row: int | None, oversize: str):
+    """The caps for the rows read inside the block (the pipeline's build; worker processes forked in it too)."""
+    if oversize not in ("refuse", "cut"):
+        raise DataError(f"dataset.oversize={oversize!r}: choose refuse (a bad row) or cut (to max_field_chars)")
+    saved = dict(LIMITS)
+    LIMITS.update(field=field, row=row, oversize=oversize)
+    try:
+        yield
+    finally:
+        LIMITS.update(saved)
+
+
+def sized(record, where: str | None):
+    """`record` (a JSON object, a row tuple, a text) within the caps, its over-long fields cut under oversize=cut;
+    otherwise BadRow naming `where` (the row; None: the caller's message names it) and the field."""
+    field, most, cut = LIMITS["field"], LIMITS["row"], LIMITS["oversize"] == "cut"
+    if field is None and most is None:
+        return record
+    size = 0
+
+    def walk(node, path: str):
+        nonlocal size
+        if isinstance(node, (str, bytes)):
+            if field is not None and len(node) > field:
+                if not cut:
+                    raise BadRow("field_too_large", f"{where + ', ' if where else ''}field {path or 'text'}: "
+                                                    f"{len(node):,} characters, "
+                                                    f"over dataset.max_field_chars={field:,} (dataset.oversize=cut "
+                                                    f"cuts it instead)")
+                node = node[:field]
+            size += len(node)
+            return node
+        if isinstance(node, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if type(node) in (list, tuple):
+            return type(node)(walk(v, f"{path}[{i}]" if path else f"column {i + 1}") for i, v in enumerate(node))
+        return node
+    record = walk(record, "")
+    if most is not None and size > most:
+        raise BadRow("row_too_large", f"{where + ': ' if where else ''}{size:,} characters in all, over "
+                                      f"dataset.max_row_chars={most:,}")
+    return record
+
+
+def sized_row(row, position: int):
+    """A row as the builders pass them to BadRows: (number, record), (place, record) or a bare record."""
+    if type(row) is tuple and len(row) == 2 and isinstance(row[0], (int, str)) and not isinstance(row[0], bool):
+        where = f"row {row[0]}" if isinstance(row[0], int) else row[0]
+        return row[0], sized(row[1], where)
+    return sized(row, f"row {position}")
 
 
 class BadRows:
@@ -51,9 +112,9 @@ class BadRows:
 
     def stream(self, rows, convert):
         """each() as a generator: a row is read, converted and handed on one at a time."""
-        for row in rows:
+        for position, row in enumerate(rows, 1):
             try:
-                sample = convert(row)
+                sample = convert(sized_row(row, position))
             except SkipRow as skip:
                 self.dropped[skip.reason] += 1
                 continue

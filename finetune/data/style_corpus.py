@@ -65,7 +65,7 @@ from pathlib import Path
 import yaml
 
 from finetune.data import Built, safe_json
-from finetune.data.rows import BadRow, BadRows
+from finetune.data.rows import BadRow, BadRows, sized
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
 
@@ -184,7 +184,7 @@ def _read_post(root, folder, title_field, date_field) -> dict:
     if not meta_file.is_file():
         raise BadRow("missing_meta", f"{where}/meta.json: missing; add one with at least "
                                      f'{{"{title_field}": ..., "{date_field}": ...}}')
-    markdown, meta_text = _read_text(index, where), _read_text(meta_file, where)
+    markdown, meta_text = sized(_read_text(index, where), f"{where}/index.md"), _read_text(meta_file, where)
     try:
         meta = safe_json.loads(meta_text)
     except json.JSONDecodeError as e:
