@@ -4,8 +4,10 @@
 
     GET  /v1/models                     the run's adapter (model id: the run dir's name; "base-run" for a run dir
                                         named base) and its base ("base")
-    POST /v1/chat/completions           {"model", "messages", "max_tokens", "stream", "response_format"}
-    POST /v1/completions                {"model", "prompt", "max_tokens"}
+    POST /v1/chat/completions           {"model", "messages", "max_tokens", "stream", "stream_options",
+                                         "response_format", "temperature", "top_p", "seed", "n", "stop"}
+    POST /v1/completions                {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop"}
+    (any other field that asks for something, e.g. tools or logprobs, gets a 400 naming it)
     GET  /health                        {"status": "ok", "run", "task", "fallbacks", "held", "queued"}
     POST /signal   {"market_data": {...}}       -> {"signal": "BUY", "confidence": 0.72}
     POST /signals  {"market_data": [{...}]}     -> {"signals": [{"signal": ..., "confidence": ...}, ...]}
@@ -89,6 +91,10 @@ class Job:
     max_tokens: int
     grammar: str | None = None
     stream: "queue.Queue | None" = None   # text pieces as they are generated, then None
+    sampling: tuple = ()                  # generate() keywords (do_sample, temperature, top_p) as sorted pairs
+    seed: int | None = None               # a seeded request's answers are generated alone, after torch.manual_seed
+    stop: tuple = ()                      # the answer ends before the first of these strings
+    group: int | None = None              # a seeded request's jobs: generated together and with no other
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # its client timed out or went away: the worker drops it, or stops its generation
@@ -141,7 +147,8 @@ class Batcher:
                     break
             groups: dict = {}
             for job in batch:
-                key = (job.model, job.max_tokens, job.grammar, id(job) if job.stream else None)
+                key = (job.model, job.max_tokens, job.grammar, job.sampling, job.group,
+                       id(job) if job.stream else None)
                 groups.setdefault(key, []).append(job)
             for jobs in groups.values():
                 self.answer(jobs)
@@ -154,13 +161,18 @@ class Batcher:
         provider, first = self.provider, jobs[0]
         streamer = Pieces(provider.tokenizer, first.stream) if first.stream is not None else None
         try:
+            if first.seed is not None:  # its group is generated alone: the same seed, the same answers
+                import torch
+                torch.manual_seed(first.seed)
             with provider.model.disable_adapter() if first.model == BASE else nullcontext():
                 out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs], first.max_tokens,
                                        len(jobs), progress=False, grammar=first.grammar, streamer=streamer,
-                                       **provider.generation, stopping_criteria=[Abandoned(jobs, self)])
+                                       **{**provider.generation, **dict(first.sampling)},
+                                       stopping_criteria=[Abandoned(jobs, self)])
             self.batches.append(len(jobs))
             for i, job in enumerate(jobs):
-                job.future.set_result({k: out[k][i] for k in ("texts", "tokens", "stopped", "prompt_tokens")})
+                job.future.set_result(cut_at_stop({k: out[k][i] for k in ("texts", "tokens", "stopped",
+                                                                          "prompt_tokens")}, job.stop))
         except Exception as err:  # every waiting request gets the error, and the worker lives on
             log.exception("generation failed")
             for job in jobs:
@@ -378,8 +390,9 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         return {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
-    def usage(outs: list[dict]) -> dict:
-        prompt, done = sum(o["prompt_tokens"] for o in outs), sum(o["tokens"] for o in outs)
+    def usage(outs: list[dict], n: int = 1) -> dict:
+        """Token counts; with `n` answers a prompt, each prompt is counted once (as OpenAI counts it)."""
+        prompt, done = sum(o["prompt_tokens"] for o in outs[::n]), sum(o["tokens"] for o in outs)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     @app.get("/health")
@@ -395,29 +408,34 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = json_object(request)
+        n, options = request_options(body, CHAT_FIELDS)
         model, tokens = model_of(body), budget(body)
         chat = messages_of(body.get("messages"))
-        grammar = response_grammar(body.get("response_format"))
+        grammar = response_grammar(body.get("response_format"), provider.task)
         if body.get("stream"):
-            job = Job(chat, model, tokens, grammar, stream=queue.Queue())
+            if n > 1 or options["stop"]:
+                raise ApiError(400, f"{'n' if n > 1 else 'stop'}: not with stream=true here (a stream is one "
+                                    "answer, sent as it is generated); leave it out, or stream=false")
+            job = Job(chat, model, tokens, grammar, stream=queue.Queue(), **options)
             await asyncio.to_thread(check_prompts, [job])
             batcher.submit(job)
-            return StreamingResponse(stream_chat(job), media_type="text/event-stream")
-        out = await answer(Job(chat, model, tokens, grammar), request)
-        choice = {"index": 0, "message": {"role": "assistant", "content": out["texts"]},
-                  "finish_reason": "stop" if out["stopped"] else "length"}
-        return completion("chat.completion", model, [choice], usage([out]))
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(stream_chat(job, include_usage), media_type="text/event-stream")
+        outs = await answer_all([Job(chat, model, tokens, grammar, **options) for _ in range(n)], request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": out["texts"]},
+                    "finish_reason": "stop" if out["stopped"] else "length"} for i, out in enumerate(outs)]
+        return completion("chat.completion", model, choices, usage(outs, n))
 
-    async def stream_chat(job: Job):
+    async def stream_chat(job: Job, include_usage: bool = False):
         """The events of a streamed answer, `job` checked and queued already (so a refusal is a plain 4xx / 503)."""
         try:
-            async for event in stream_events(job):
+            async for event in stream_events(job, include_usage):
                 yield event
         finally:  # the client went away mid-stream (Starlette cancels this generator): stop generating for it
             if not job.future.done():
                 job.abandon()
 
-    async def stream_events(job: Job):
+    async def stream_events(job: Job, include_usage: bool):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": job.model}
 
@@ -433,6 +451,8 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         try:
             out = job.future.result(timeout=limits.request_timeout)
             yield event({}, "stop" if out["stopped"] else "length")
+            if include_usage:  # stream_options.include_usage: OpenAI's last chunk, no choices, the usage
+                yield "data: " + json.dumps({**head, "choices": [], "usage": usage([out])}) + "\n\n"
         except Exception as err:
             yield "data: " + json.dumps({"error": {"message": f"{type(err).__name__}: {err}"}}) + "\n\n"
         yield "data: [DONE]\n\n"
@@ -440,15 +460,17 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = json_object(request)
+        n, options = request_options(body, COMPLETION_FIELDS)
         model, tokens = model_of(body), budget(body)
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ApiError(400, "prompt: a non-empty string or list of strings")
-        outs = await answer_all([Job(prompt_chat(p), model, tokens) for p in prompts], request)
+        jobs = [Job(prompt_chat(p), model, tokens, **options) for p in prompts for _ in range(n)]
+        outs = await answer_all(jobs, request)
         choices = [{"index": i, "text": o["texts"], "finish_reason": "stop" if o["stopped"] else "length",
                     "logprobs": None} for i, o in enumerate(outs)]
-        return completion("text_completion", model, choices, usage(list(outs)))
+        return completion("text_completion", model, choices, usage(list(outs), n))
 
     @app.post("/signal")
     async def signal(request: Request):
@@ -550,8 +572,51 @@ def messages_of(messages) -> list[dict]:
     return chat
 
 
-def response_grammar(response_format) -> str | None:
-    """OpenAI's response_format as a llguidance grammar: a JSON schema, any JSON object, or None (free text)."""
+CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options",
+               "response_format", "temperature", "top_p", "seed", "n", "stop", "user", "metadata", "store"}
+COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "user"}
+
+
+def request_options(body: dict, fields: set) -> tuple[int, dict]:
+    """(n, the Job keywords) from OpenAI's sampling fields; a field this server does not honour (tools, logprobs,
+    penalties, ...) is refused with a 400 naming it, unless it asks for nothing (null, false, 0, empty)."""
+    for key, value in body.items():
+        if key not in fields and value not in (None, False, 0, [], {}, ""):
+            raise ApiError(400, f"{key}: not supported by this server (it honours {', '.join(sorted(fields))})")
+    temperature, top_p, seed, n, stop = (body.get(k) for k in ("temperature", "top_p", "seed", "n", "stop"))
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if temperature is not None and not (number(temperature) and 0 <= temperature <= 2):
+        raise ApiError(400, f"temperature: a number from 0 to 2, got {temperature!r}")
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+        raise ApiError(400, f"top_p: a number above 0 and at most 1, got {top_p!r}")
+    if seed is not None and type(seed) is not int:
+        raise ApiError(400, f"seed: an integer, got {seed!r}")
+    n = 1 if n is None else n
+    if type(n) is not int or not 1 <= n <= 16:
+        raise ApiError(400, f"n: an integer from 1 to 16, got {n!r}")
+    stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop: a non-empty string or a list of at most 4")
+    sampling = {}  # greedy, as without these fields, unless a temperature above 0 or a top_p below 1 asks
+    if temperature != 0 and (temperature is not None or (top_p is not None and top_p < 1)):
+        sampling = {"do_sample": True, "temperature": float(1.0 if temperature is None else temperature),
+                    "top_p": float(1.0 if top_p is None else top_p)}
+    return n, {"sampling": tuple(sorted(sampling.items())), "seed": seed, "stop": tuple(stop),
+               "group": uuid.uuid4().int if seed is not None else None}
+
+
+def cut_at_stop(out: dict, stop: tuple) -> dict:
+    """An answer ended before the first stop string in it (the string left out, as OpenAI does)."""
+    ends = [i for i in (out["texts"].find(s) for s in stop) if i >= 0]
+    if ends:
+        out = {**out, "texts": out["texts"][:min(ends)], "stopped": True}
+    return out
+
+
+def response_grammar(response_format, task: str = "text") -> str | None:
+    """OpenAI's response_format as a llguidance grammar: a JSON schema, any JSON object, or None (free text). The
+    JSON is laid out as the task's training answers are (finetune/eval/constrained.py: JSON_LAYOUT), so the model
+    writes what it learnt instead of a layout it never saw."""
     if response_format is None or response_format == {"type": "text"}:
         return None
     import llguidance
@@ -563,7 +628,10 @@ def response_grammar(response_format) -> str | None:
     else:
         raise ApiError(400, "response_format: {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}")
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        from finetune.eval.constrained import json_layout
+        items, keys = json_layout(task)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={
+            "whitespace_flexible": False, "item_separator": items, "key_separator": keys})
         problem = llguidance.LLMatcher.validate_grammar(grammar)  # "" when usable
     except (TypeError, ValueError) as err:
         problem = str(err)

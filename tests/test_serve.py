@@ -228,3 +228,46 @@ def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         serve_main([str(tmp_path), "--port", "0"])
     assert exit_.value.code == 1 and "not a run directory" in capsys.readouterr().err
+
+
+def test_openai_sampling_fields_are_honoured(client):
+    messages = chat(3)
+    two = client.chat.completions.create(model="base", messages=messages, max_tokens=12, n=2, temperature=1.5,
+                                         seed=7)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].message.content != two.choices[1].message.content
+    again = client.chat.completions.create(model="base", messages=messages, max_tokens=12, n=2, temperature=1.5,
+                                           seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]  # seed reproduces
+    greedy = client.chat.completions.create(model="base", messages=messages, max_tokens=12).choices[0].message.content
+    assert client.chat.completions.create(model="base", messages=messages, max_tokens=12, temperature=0
+                                          ).choices[0].message.content == greedy
+    stop = greedy.split()[1]  # the tiny base babbles: stop at its second word
+    cut = client.chat.completions.create(model="base", messages=messages, max_tokens=12, stop=[stop]).choices[0]
+    assert cut.message.content == greedy[:greedy.index(stop)] and cut.finish_reason == "stop"
+    texts = client.completions.create(model="base", prompt=["a", "b"], max_tokens=4, n=2, temperature=1.0, seed=1)
+    assert len(texts.choices) == 4
+    chunks = list(client.chat.completions.create(model="base", messages=messages, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"), ({"n": 0}, "n"),
+    ({"temperature": 3}, "temperature"), ({"stream": True, "n": 2}, "n"),
+])
+def test_a_field_the_server_cannot_honour_gets_a_400_naming_it(server, extra, field):
+    out = post(server[0] + "/v1/chat/completions", {"model": "base", "messages": chat(0), "max_tokens": 2, **extra})
+    assert out.status_code == 400 and out.json()["error"]["message"].startswith(f"{field}: "), out.text
+
+
+def test_a_json_response_format_is_laid_out_as_the_task_trained(client, provider):
+    # the signals task trains on json.dumps's layout: {"signal": "BUY", "confidence": 0.7}, spaces after , and :
+    schema = {"type": "object", "properties": {"signal": {"enum": ["BUY", "SELL", "HOLD"]},
+                                               "confidence": {"type": "number"}},
+              "required": ["signal", "confidence"], "additionalProperties": False}
+    answer = client.chat.completions.create(model="tiny-run", messages=chat(4), max_tokens=24,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "s", "schema": schema}})
+    text = answer.choices[0].message.content
+    assert provider.task == "signals" and text.startswith('{"signal": "') and '", "confidence": ' in text, text

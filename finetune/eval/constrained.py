@@ -19,6 +19,14 @@ from transformers import LogitsProcessor
 CONFIDENCE = r"(0(\.[0-9]{1,4})?|1(\.0{1,4})?)"
 SIGNAL = r'\{"signal": "(BUY|SELL|HOLD)", "confidence": ' + CONFIDENCE + r"\}"
 GRAMMARS = {"signals": SIGNAL}
+# How each task's training answers lay out JSON (item separator, key separator): trade signals as json.dumps
+# writes them, decision records' actions compact. A constrained JSON answer (the server's response_format) keeps
+# the layout the model learnt; a task not listed gets json.dumps's.
+JSON_LAYOUT = {"signals": (", ", ": "), "action": (",", ":")}
+
+
+def json_layout(task: str) -> tuple[str, str]:
+    return JSON_LAYOUT.get(task, (", ", ": "))
 
 _tokenizers: dict = {}  # id(tokenizer) -> (tokenizer, llguidance tokenizer): building one takes ~1 s
 
