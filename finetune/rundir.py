@@ -357,6 +357,23 @@ def versions() -> dict:
     return found
 
 
+def hide_secret_overrides(argv: list[str]) -> list[str]:
+    """argv with each secret-named override's value (`+training.hub_token=...`) moved into the environment and
+    read back as `${oc.env:FINETUNE_SECRET_N,null}`: Hydra (its saved overrides, its "Error executing job with
+    overrides" on a crash) and wandb (its record of argv) see the interpolation, never the secret. null where the
+    variable is not set: a run dir opened later (serve, evaluate) needs no secret."""
+    out, count = [], 0
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and value and not value.startswith("${") and SECRET_NAME.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+            variable = f"FINETUNE_SECRET_{count}"  # a secret-named variable: its value is redacted from saved files
+            count += 1
+            os.environ[variable] = value
+            arg = f"{key}=${{oc.env:{variable},null}}"
+        out.append(arg)
+    return out
+
+
 def secret_values(config: dict | None = None) -> set[str]:
     """Values to keep out of every saved file: secret-named environment variables and config keys."""
     found = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6}

@@ -30,7 +30,8 @@ from finetune.preemption import Preemption
 from finetune.recipes import check_recipe_overrides
 from finetune.registration import register
 from finetune.resume import durable_checkpoints, is_final, resume_from
-from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
+from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir,
+                             hide_secret_overrides, manifest,
                              redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
 
 log = logging.getLogger("finetune")
@@ -585,6 +586,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """The `finetune` command and `python -m finetune`."""
     register()
+    sys.argv[1:] = hide_secret_overrides(sys.argv[1:])  # before Hydra and wandb read argv
     hold_records()  # library records until Hydra's logging is set up: finetune.log, not the console
     try:
         check_recipe_overrides(sys.argv[1:])

@@ -329,6 +329,24 @@ def test_secrets_appear_in_no_saved_file_checkpoints_included(tmp_path):
     assert manifest["config"]["api_key"] == "<redacted>" and manifest["config"]["training"]["hub_token"] == "<redacted>"
 
 
+def test_a_secret_override_reaches_no_file_and_no_console_when_the_run_crashes_under_wandb(tmp_path):
+    secret = "hf_argv_secret_0c1d2e"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "finetune", f"+training.hub_token={secret}", "cpu_threads=1",
+                          "+training.report_to=[wandb]", "training.max_steps=2", "training.save_steps=1",
+                          "training.eval_steps=1", "eval.max_samples=4",
+                          "++training.metric_for_best_model=eval_no_such_metric",  # crashes at the first save
+                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "eval_no_such_metric" in out.stderr, out.stderr[-2000:]
+    assert "Error executing job with overrides" in out.stderr  # Hydra's crash line, which lists the overrides
+    wandb_files = [p for p in tmp_path.rglob("*") if p.is_file() and "wandb" in p.parts]
+    assert any(p.name.endswith(".wandb") for p in wandb_files)  # the offline run, which records argv
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert secret.encode() not in path.read_bytes(), f"the secret is in {path}"
+    assert secret not in out.stdout and secret not in out.stderr
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+
+
 def test_vocabulary_tokens_are_not_secrets():
     from finetune.rundir import redact, secret_values
     config = {"training": {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "include_num_input_tokens_seen": "all",
