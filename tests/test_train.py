@@ -204,3 +204,20 @@ def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, monkeyp
 def test_a_bad_walk_forward_setting_is_named(tmp_path, overrides, message):
     with pytest.raises((ConfigError, DataError), match=message):
         run(compose(*overrides), tmp_path)
+
+
+def test_packed_training_counts_samples_not_packed_rows(tmp_path):
+    # training=gpu packs; the count of trained samples must be the samples', not the packed sequences'
+    count = run(compose("training.packing=true", "training.max_steps=2", "training.per_device_train_batch_size=2",
+                        "training.eval_steps=2", "training.save_steps=2", "eval.max_samples=8"),
+                tmp_path).stats["splits"]["train"]["count"]
+    report = (tmp_path / "report.md").read_text()
+    assert f"| train samples | {count} |" in report, [line for line in report.splitlines() if "train samples" in line]
+
+
+def test_the_tiny_model_on_a_gpu_gets_the_cpu_schedule():
+    # conf/fit/tiny_gpu.yaml: the GPU preset's 7B schedule would leave the random-init tiny model at chance
+    gpu, cpu = compose("training=gpu").training, compose("training=cpu").training
+    for key in ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "max_length"):
+        assert gpu[key] == cpu[key], key
