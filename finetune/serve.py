@@ -40,6 +40,7 @@ the environment variable `--api-key-env` names; without it the server refuses to
 import argparse
 import asyncio
 import concurrent.futures
+import hmac
 import ipaddress
 import json
 import logging
@@ -305,7 +306,10 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            # the scheme is case-insensitive (RFC 7235); the key compared in constant time, so the time an answer
+            # takes tells nothing of how much of a guess was right
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
                 return error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error")
         if request.method == "POST":
             declared = request.headers.get("content-length")

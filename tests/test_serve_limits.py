@@ -111,3 +111,11 @@ def test_a_request_its_client_abandons_or_that_times_out_stops_generating(provid
         assert timed_out < full / 2, (timed_out, full)
     finally:
         server.should_exit = True
+
+
+def test_the_api_key_scheme_is_case_insensitive_and_a_wrong_key_is_refused(provider):
+    from fastapi.testclient import TestClient
+    client = TestClient(make_app(provider, "tiny-run", api_key="key-5e6f7a8b"))
+    for header, status in (("Bearer key-5e6f7a8b", 200), ("bearer key-5e6f7a8b", 200), ("BEARER  key-5e6f7a8b", 200),
+                           ("Bearer key-5e6f7a8c", 401), ("Basic key-5e6f7a8b", 401), ("", 401)):
+        assert client.get("/v1/models", headers={"Authorization": header}).status_code == status, header

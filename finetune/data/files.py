@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from finetune.data import safe_json
+from finetune.data.rows import jsonl_records
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def read(source: Path, name: str, encoding: str, known: set[str]) -> list[tuple[
     try:
         text = source.read_text(encoding=encoding)
     except UnicodeDecodeError as e:
+        if suffix == ".jsonl":  # one bad byte spoils its line, a bad row like any other, not the whole file
+            try:
+                return [(f"line {line}", record) for line, record in jsonl_records(source, encoding)]
+            except UnicodeDecodeError:
+                pass  # no line decodes: the file is in another encoding
         raise DataError(f"{name}: not {encoding} text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
     parsed, whole = False, None
     if suffix == ".json" or text.lstrip()[:1] in ("[", "{"):

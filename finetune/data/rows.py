@@ -10,7 +10,9 @@ Every row is also held to the size caps of conf/dataset/_pipeline.yaml (`sized`)
 and tokens, would cost gigabytes, so a field over `max_field_chars` is refused as a bad row (or cut, with
 oversize=cut) and a row over `max_row_chars` refused, before the builder turns it into a sample.
 """
+import codecs
 import json
+import re
 from collections import Counter
 from contextlib import contextmanager
 
@@ -35,6 +37,7 @@ class SkipRow(Exception):
 
 
 LIMITS = {"field": None, "row": None, "oversize": "refuse"}  # the build's caps, set by `size_limits`
+UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (finetune/data/sqlite.py keeps it so)
 
 
 @contextmanager
@@ -54,12 +57,14 @@ def sized(record, where: str | None):
     """`record` (a JSON object, a row tuple, a text) within the caps, its over-long fields cut under oversize=cut;
     otherwise BadRow naming `where` (the row; None: the caller's message names it) and the field."""
     field, most, cut = LIMITS["field"], LIMITS["row"], LIMITS["oversize"] == "cut"
-    if field is None and most is None:
-        return record
     size = 0
 
     def walk(node, path: str):
         nonlocal size
+        if isinstance(node, str) and (bad := UNDECODED.search(node)):
+            raise BadRow("bad_text", f"{where + ', ' if where else ''}field {path or 'text'}: not UTF-8 text (byte "
+                                     f"0x{ord(bad.group()) - 0xdc00:02x} at character {bad.start()}); re-save it as "
+                                     "UTF-8")
         if isinstance(node, (str, bytes)):
             if field is not None and len(node) > field:
                 if not cut:
@@ -83,10 +88,11 @@ def sized(record, where: str | None):
 
 
 def sized_row(row, position: int):
-    """A row as the builders pass them to BadRows: (number, record), (place, record) or a bare record."""
-    if type(row) is tuple and len(row) == 2 and isinstance(row[0], (int, str)) and not isinstance(row[0], bool):
+    """A row as the builders pass them to BadRows: (number, record), (place, record), a tuple of columns whose
+    first is the row id (SQLite), or a bare record (named by its position)."""
+    if type(row) is tuple and row and isinstance(row[0], (int, str)) and not isinstance(row[0], bool):
         where = f"row {row[0]}" if isinstance(row[0], int) else row[0]
-        return row[0], sized(row[1], where)
+        return (row[0], sized(row[1], where)) if len(row) == 2 else sized(row, where)
     return sized(row, f"row {position}")
 
 
@@ -125,15 +131,30 @@ class BadRows:
 
 
 def jsonl_records(path, encoding):
-    """(line number, object) for each non-blank line of a JSONL file; for a line that is no JSON object,
-    (line number, why) as a str, so that the builder decides what a bad line is."""
-    with open(path, encoding=encoding) as f:
-        for line, text in enumerate(f, 1):
+    """(line number, object) for each non-blank line of a JSONL file; for a line that is no JSON object (or not
+    `encoding` text: one bad byte spoils its line, not the file), (line number, why) as a str, so that the builder
+    decides what a bad line is. UnicodeDecodeError when no line decodes: the file is in another encoding."""
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # their newline is not one byte
+    undecoded, decoded = [], False  # lines that did not decode before the first one that did
+    with open(path, "r" if wide else "rb", encoding=encoding if wide else None) as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                text = raw if wide else raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                undecoded.append((line, f"not {encoding} text ({e.reason} at byte {e.start} of the line)", e))
+                if decoded:
+                    yield undecoded.pop()[:2]
+                continue
             if not text.strip():
                 continue
+            decoded = True
+            while undecoded:
+                yield undecoded.pop(0)[:2]
             try:
                 record = safe_json.loads(text)
             except json.JSONDecodeError as e:
                 yield line, f"malformed JSON ({e.msg} at column {e.colno})"
                 continue
             yield line, record if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+    if undecoded:  # not one line decoded
+        raise undecoded[0][2]

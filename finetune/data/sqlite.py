@@ -27,7 +27,11 @@ def connect(path) -> sqlite3.Connection:
     if not path.is_file():
         raise DataError(f"{path.name}: file not found ({path}); set dataset.path to the SQLite database")
     # as_uri() percent-escapes the path, so a '?' or '#' in a file name cannot end it early
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    # a cell that is not UTF-8 would fail the whole query ("Could not decode to UTF-8 column ..."): its bytes are
+    # kept as surrogates, and the row check (finetune/data/rows.py) names the row as a bad one
+    con.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+    return con
 
 
 def check_columns(con: sqlite3.Connection, name: str, table: str, columns, hint: str = "") -> None:

@@ -184,6 +184,10 @@ def _read_post(root, folder, title_field, date_field) -> dict:
     if not meta_file.is_file():
         raise BadRow("missing_meta", f"{where}/meta.json: missing; add one with at least "
                                      f'{{"{title_field}": ..., "{date_field}": ...}}')
+    for file in (index, meta_file):  # a link out of the corpus (index.md -> /etc/passwd) is not the author's text
+        if not file.resolve().is_relative_to(root.resolve()):
+            raise BadRow("outside_corpus", f"{where}/{file.name}: a link to {file.resolve()}, outside {root.name}/; "
+                                           "copy the file into the corpus folder")
     markdown, meta_text = sized(_read_text(index, where), f"{where}/index.md"), _read_text(meta_file, where)
     try:
         meta = safe_json.loads(meta_text)

@@ -45,8 +45,8 @@ Skipped and counted in `dropped` whatever skip_bad_rows says (normal in a live t
 timestamp, or NULL market_data: there is nothing to prompt with, and a label without its market data
 teaches nothing). Several signal rows at one timestamp: the first (lowest rowid) is used.
 Bad rows (raise DataError naming the file, table, row id and column, or skip and count with
-skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number), "bad_market_data" (not a JSON object),
-"bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
+skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number, or beyond ±10,000 %), "bad_market_data" (not a
+JSON object), "bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
 "unknown_direction". The samples come in time order (timestamp, then trade id); `limit` keeps the most
 recent ones, like the design note's ORDER BY timestamp DESC LIMIT. With `stream=True` (what the pipeline asks
 for, conf/dataset/trade_signals.yaml) the rows are read in batches of 10,000, in the log's row order, and
@@ -107,6 +107,7 @@ COLUMNS = {"timestamp": "timestamp", "symbol": "symbol", "entry_price": "entry_p
            "pnl_percent": "pnl_percent", "action_taken": "action_taken", "status": "status",
            "signal_timestamp": "timestamp", "market_data": "market_data", "ai_signal": "ai_signal",
            "signal_confidence": "signal_confidence"}
+MAX_PNL_PERCENT = 10_000.0  # a trade's return in percent beyond which the cell is taken for corrupt
 TRADE_COLUMNS = ("timestamp", "symbol", "entry_price", "exit_price", "pnl_percent", "action_taken", "status")
 SIGNAL_COLUMNS = ("signal_timestamp", "market_data", "ai_signal", "signal_confidence")
 OPTIONAL = {"entry_price", "exit_price", "action_taken", "ai_signal", "signal_confidence"}  # may be null
@@ -293,6 +294,9 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     pnl_value = finite_number(raw_pnl)
     if pnl_value is None:  # SQLite's loose typing lets text into a REAL column
         raise BadRow("bad_pnl", f"{at}, column '{cols['pnl_percent']}': {raw_pnl!r} is not a number")
+    if abs(pnl_value) > MAX_PNL_PERCENT:  # a corrupt cell (9.2e18) would rule every backtest and threshold
+        raise BadRow("bad_pnl", f"{at}, column '{cols['pnl_percent']}': {raw_pnl!r} is no return in percent "
+                                f"(over {MAX_PNL_PERCENT:,.0f} %, a 100x move)")
     timestamp = parse_timestamp(ts)
     if timestamp is None:
         raise BadRow("bad_timestamp", f"{at}, column '{cols['timestamp']}': {ts!r} is not a date-time")
