@@ -180,3 +180,16 @@ def test_checkpointing_every_2nd_layer_trains_and_recomputes_those_layers(tmp_pa
     assert calls[0] > 0 and calls[2] > 0 and calls[1] == calls[3] == 0, calls
     assert math.isfinite(result.training_loss)
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+
+
+def test_manifest_records_what_the_plan_chose(caplog, tmp_path, monkeypatch):
+    """.hydra/config.yaml keeps `auto` (what was asked); manifest.json's config says what trained, with the plan."""
+    from finetune import runner
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # record() points wandb at the run dir: undone after the test
+    config, _ = planned(caplog, *QWEN_QLORA, "plan.device_memory=24GiB")
+    runner.record(compose(*QWEN_QLORA), config, {"source": {"sha256": "0" * 64}}, tmp_path)
+    written = json.loads((tmp_path / "manifest.json").read_text())["config"]
+    assert written["training"]["activation_checkpointing"] is True
+    assert written["training"]["per_device_train_batch_size"] == config["training"]["per_device_train_batch_size"]
+    assert written["plan"]["device_memory_gib"] == 24 and written["plan"]["reason"].startswith("predicted peak")
+    assert written["plan"]["chosen"]["training.activation_checkpointing"] is True
