@@ -22,6 +22,7 @@ import re
 import os
 import shutil
 import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -161,6 +162,55 @@ def resume_from(resume, run_dir: Path, main: bool = True) -> str | None:
     if required:
         raise ConfigError(f"resume={resume}: no complete checkpoint in {folder}")
     return None
+
+
+class RunClock:
+    """The seconds a run took over all its segments: a resumed run adds those of the runs before it, up to the
+    checkpoint it resumed from. `callback()` writes the count into each checkpoint's trainer_state.json (the
+    Trainer keeps an ExportableState callback's state there, as `stateful_callbacks`)."""
+
+    def __init__(self, started: float, checkpoint: str | None):
+        self.started = started  # time.perf_counter() when this segment started
+        self.before = 0.0
+        if checkpoint is not None:
+            state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+            self.before = float(state.get("stateful_callbacks", {}).get("RunClock", {}).get("attributes", {})
+                                .get("seconds", 0.0))
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def callback(self):
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import ExportableState
+        clock = self
+
+        class RunClock(TrainerCallback, ExportableState):
+            def state(self) -> dict:
+                return {"args": {}, "attributes": {"seconds": clock.seconds()}}
+        return RunClock()
+
+
+def step_of(checkpoint: str | None) -> int | None:
+    """The step a checkpoint holds (read before training: save_total_limit may delete it meanwhile)."""
+    if checkpoint is None:
+        return None
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+
+
+def whole_run(output, state, resumed: int | None):
+    """trainer.train()'s TrainOutput with the mean loss over every step of the run. The Trainer's covers the steps
+    of its own segment only; a run resumed at step `resumed` adds the logged losses of the steps before it (each
+    log is the mean since the one before)."""
+    if resumed is None:
+        return output
+    total, steps, last = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= resumed:
+            total += entry["loss"] * (entry["step"] - last)
+            steps, last = steps + entry["step"] - last, entry["step"]
+    segment = state.global_step - resumed
+    return output._replace(training_loss=(total + output.training_loss * segment) / max(steps + segment, 1))
 
 
 def is_final(checkpoint: str | None, max_steps: int) -> bool:

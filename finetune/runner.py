@@ -29,7 +29,7 @@ from finetune.paths import CONF_DIR
 from finetune.preemption import Preemption
 from finetune.recipes import check_recipe_overrides
 from finetune.registration import register
-from finetune.resume import durable_checkpoints, is_final, resume_from
+from finetune.resume import RunClock, durable_checkpoints, is_final, resume_from, step_of, whole_run
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir,
                              hide_secret_overrides, manifest,
                              redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
@@ -150,6 +150,8 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
         log.info("base, every metric: %s", headline(base["metrics"], None), extra=FILE_ONLY)
 
     trainer = make_trainer(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
+    clock = RunClock(started, checkpoint)  # report.md's seconds: those of the runs this one resumed too
+    trainer.add_callback(clock.callback())
     if scorer is not None:
         trainer.add_callback(scorer)
     if main:
@@ -187,7 +189,7 @@ def _run(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) -> 
     trainer.log({f"{side}_{k}": v for side in ("base", "tuned") for k, v in result[side].items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
     report(cfg, config, run_dir, run_manifest, model, trainer, train_output, splits, held_out, stats,
-           base, tuned, result, time.perf_counter() - started)
+           base, tuned, result, clock.seconds())
     write_json(run_dir / METRICS, result)
     return Run(metrics=result, stats=stats, model=trainer.model, tokenizer=tokenizer)
 
@@ -451,7 +453,8 @@ def train(trainer, checkpoint: str | None):
     train: its weights (or the best checkpoint's, with load_best_model_at_end) and its state are loaded."""
     durable_checkpoints(trainer)  # each checkpoint's files on disk before its trainer_state.json
     if not is_final(checkpoint, trainer.args.max_steps):
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        resumed = step_of(checkpoint)
+        return whole_run(trainer.train(resume_from_checkpoint=checkpoint), trainer.state, resumed)
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
     log.info("%s is the last step's: loading it, no step left to train", checkpoint)

@@ -276,7 +276,7 @@ def test_a_rerun_after_a_crash_that_emptied_the_newest_optimizer_resumes_from_th
         saved.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         return real_fsync(fd)
     cfg = compose("training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                  "training.load_best_model_at_end=false")
+                  "training.load_best_model_at_end=false", "eval=perplexity")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "fsync", fsync)
         run(cfg, tmp_path)
@@ -285,13 +285,36 @@ def test_a_rerun_after_a_crash_that_emptied_the_newest_optimizer_resumes_from_th
     newest = tmp_path / "checkpoints" / "checkpoint-10"
     (newest / "optimizer.pt").write_bytes(b"")
     longer = compose("training.max_steps=15", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                     "training.load_best_model_at_end=false")
+                     "training.load_best_model_at_end=false", "eval=perplexity")
     run(longer, tmp_path)  # resumes from checkpoint-5 (the Trainer alone dies on checkpoint-10 with EOFError)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
     assert torch.load(newest / "optimizer.pt", weights_only=False)["state"]  # steps 6-10 trained again and saved
     steps = [e["step"] for e in json.loads((tmp_path / "checkpoints" / "checkpoint-15" / "trainer_state.json")
                                            .read_text())["log_history"] if "loss" in e]
     assert steps[-1] == 15
+
+
+def test_after_a_resume_the_report_counts_the_loss_and_seconds_of_every_segment(tmp_path):
+    import shutil as shutil_module
+    from conftest import compose
+    from finetune.runner import run
+    cfg = compose("training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
+                  "training.logging_steps=1", "training.load_best_model_at_end=false", "eval=perplexity")
+    run(cfg, tmp_path)
+    # a kill after the first checkpoint: what the second run finds
+    shutil_module.rmtree(tmp_path / "checkpoints" / "checkpoint-10")
+    shutil_module.rmtree(tmp_path / "adapter")
+    began = time.perf_counter()
+    run(cfg, tmp_path)
+    second = time.perf_counter() - began
+    history = json.loads((tmp_path / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 10  # steps 1-5 from the first run, 6-10 from the second
+    report = (tmp_path / "report.md").read_text()
+    loss = float(re.search(r"\| train loss \| ([0-9.]+) \|", report).group(1))
+    assert abs(loss - sum(losses) / 10) < 1e-3, (loss, losses)
+    seconds = json.loads((tmp_path / "manifest.json").read_text())["seconds"]
+    assert seconds > second  # the first run's seconds up to checkpoint-5 are counted too
 
 
 def test_resume_false_starts_over_and_true_needs_a_checkpoint(tmp_path):
@@ -507,7 +530,7 @@ def test_torch_saves_full_disk_error_fails_the_run_in_one_line_naming_optimizer_
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(shutil_module, "disk_usage", usage)
     cfg = compose("training.max_steps=15", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                  "training.load_best_model_at_end=false")
+                  "training.load_best_model_at_end=false", "eval=perplexity")
     with pytest.raises(TrainingError) as failed:
         run(cfg, tmp_path)
     message = str(failed.value)
