@@ -587,6 +587,8 @@ def request_options(body: dict, fields: set) -> tuple[int, dict]:
     for key, value in body.items():
         if key not in fields and value not in (None, False, 0, [], {}, ""):
             raise ApiError(400, f"{key}: not supported by this server (it honours {', '.join(sorted(fields))})")
+    if body.get("stream") is not None and type(body["stream"]) is not bool:  # "yes" would stream, "false" too
+        raise ApiError(400, f"stream: true or false, got {body['stream']!r}")
     temperature, top_p, seed, n, stop = (body.get(k) for k in ("temperature", "top_p", "seed", "n", "stop"))
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if temperature is not None and not (number(temperature) and 0 <= temperature <= 2):

@@ -119,3 +119,13 @@ def test_the_api_key_scheme_is_case_insensitive_and_a_wrong_key_is_refused(provi
     for header, status in (("Bearer key-5e6f7a8b", 200), ("bearer key-5e6f7a8b", 200), ("BEARER  key-5e6f7a8b", 200),
                            ("Bearer key-5e6f7a8c", 401), ("Basic key-5e6f7a8b", 401), ("", 401)):
         assert client.get("/v1/models", headers={"Authorization": header}).status_code == status, header
+
+
+def test_stream_must_be_a_boolean(provider):
+    from fastapi.testclient import TestClient
+    client = TestClient(make_app(provider, "tiny-run"))
+    for value in ("yes", "false", 1):
+        answer = client.post("/v1/chat/completions", json={"messages": chat(5), "stream": value, "max_tokens": 4})
+        assert answer.status_code == 400 and "stream: true or false" in answer.json()["error"]["message"], value
+    answer = client.post("/v1/chat/completions", json={"messages": chat(5), "stream": False, "max_tokens": 4})
+    assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
