@@ -365,7 +365,8 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     out, count = [], 0
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and value and not value.startswith("${") and SECRET_NAME.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+        plain = value.lower() not in ("null", "none", "~") and not value.startswith(("${", "[", "{"))  # a text
+        if sep and value and plain and SECRET_NAME.search(key.lstrip("+~").rsplit(".", 1)[-1]):
             variable = f"FINETUNE_SECRET_{count}"  # a secret-named variable: its value is redacted from saved files
             count += 1
             os.environ[variable] = value

@@ -370,6 +370,19 @@ def test_a_secret_override_reaches_no_file_and_no_console_when_the_run_crashes_u
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
 
 
+def test_only_secret_named_overrides_with_a_text_value_leave_argv(monkeypatch):
+    from finetune.rundir import hide_secret_overrides
+    argv = ["+training.hub_token=hf_abc123456", "training.learning_rate=1e-4", "++api_key=sk-99887766",
+            "training.hub_token=null", "+training.pad_token=<pad>", "model.path=/models/x"]
+    hidden = hide_secret_overrides(argv)
+    assert hidden == ["+training.hub_token=${oc.env:FINETUNE_SECRET_0,null}", "training.learning_rate=1e-4",
+                      "++api_key=${oc.env:FINETUNE_SECRET_1,null}", "training.hub_token=null",
+                      "+training.pad_token=<pad>", "model.path=/models/x"]
+    assert os.environ["FINETUNE_SECRET_0"] == "hf_abc123456" and os.environ["FINETUNE_SECRET_1"] == "sk-99887766"
+    monkeypatch.delenv("FINETUNE_SECRET_0")
+    monkeypatch.delenv("FINETUNE_SECRET_1")
+
+
 def test_vocabulary_tokens_are_not_secrets():
     from finetune.rundir import redact, secret_values
     config = {"training": {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "include_num_input_tokens_seen": "all",
