@@ -18,24 +18,40 @@ def save(fig, path: Path) -> None:
 
 
 def plot_loss(log_history: list[dict], path: Path) -> bool:
+    """The loss curves; for a preference objective (DPO / KTO: TRL logs rewards/chosen, rewards/rejected) a second
+    panel with the implicit rewards, where the chosen answers should rise above the rejected ones."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     if not train and not evals:
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rewards = {f"{prefix}{key}": [(e["step"], e[f"{prefix}rewards/{key}"]) for e in log_history
+                                  if f"{prefix}rewards/{key}" in e]
+               for prefix in ("", "eval_") for key in ("chosen", "rejected")}
+    rewards = {name: points for name, points in rewards.items() if points}
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(11 if rewards else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
     for points, name in ((train, "train"), (evals, "eval")):
         if points:
             ax.plot(*zip(*points), marker="." if name == "eval" else None, label=name)
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    if rewards:
+        ax = axes[0][1]
+        for name, points in rewards.items():
+            ax.plot(*zip(*points), marker="." if name.startswith("eval") else None, label=name.replace("_", " "))
+        ax.set(xlabel="step", ylabel="implicit reward", title="Rewards (chosen should rise above rejected)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     save(fig, path)
     return True
 
 
-def plot_labels(stats: dict, path: Path) -> bool:
+def plot_labels(stats: dict, path: Path, order: list[str] | None = None) -> bool:
+    """Samples per label and split, labels in `order` (the confusion matrix's rows) and any others after them."""
     splits = {name: s["labels"] for name, s in stats["splits"].items() if s["count"]}
-    labels = sorted({label for counts in splits.values() for label in counts})
+    found = {label for counts in splits.values() for label in counts}
+    labels = [label for label in order or [] if label in found] + sorted(found - set(order or []))
     if len(labels) < 2 or len(labels) > 30:  # free text (label None) or an id-like column: nothing to show
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -45,7 +61,7 @@ def plot_labels(stats: dict, path: Path) -> bool:
                width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=30, ha="right")
     ax.set(ylabel="samples", title="Label balance")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over one
     save(fig, path)
     return True
 
@@ -92,16 +108,20 @@ def plot_equity(metrics: dict, path: Path) -> bool:
     for side, curve in curves.items():
         ax.plot(curve, label=side)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xlabel="held-out trade", ylabel="equity", title="Backtest equity (after costs)")
+    ax.set(xlabel="held-out trade (in time order)", ylabel="equity (1 = start; 1.1 = +10 %)",
+           title="Backtest equity (after costs)")
     ax.legend()
     save(fig, path)
     return True
 
 
-def write_ab_sheet(run_dir: Path, samples: list[dict], base: list[str], tuned: list[str], seed: int) -> None:
-    """Blind test (writing-style note): each prompt's answers A and B in random order; the key is a separate file."""
+def write_ab_sheet(run_dir: Path, samples: list[dict], base: list[str], tuned: list[str], seed: int,
+                   question: str = "which answer reads more like the author?") -> None:
+    """Blind test (writing-style note): each prompt's answers A and B in random order; the key is a separate file.
+    `question`: what the judge decides (the style corpus asks for the author's voice, other text tasks for the
+    better answer)."""
     rng = random.Random(seed)
-    lines, key = ["# Blind A/B sheet", "", "For each prompt, which answer reads more like the author? "
+    lines, key = ["# Blind A/B sheet", "", f"For each prompt, {question} "
                   "The key is in ab_key.json: do not open it before judging.", ""], {}
     for i, (sample, b, t) in enumerate(zip(samples, base, tuned), 1):
         tuned_first = rng.random() < 0.5
@@ -299,11 +319,14 @@ def write_report(run_dir: Path, summary: dict, metrics: dict, stats: dict, log_h
     lines += [f"### {title}\n\n![{title}]({name})\n" for made, title, name in plots if made]
     lines += ["## Data", "", "| split | samples | labels | tokens p50 / p99 |", "|---|---|---|---|"]
     for name, s in stats["splits"].items():
-        labels = ", ".join(f"{k}: {v}" for k, v in s["labels"].items())
+        unlabelled = (None, "None", "null")  # the key of label-less samples, in memory / read back from JSON
+        labels = ", ".join(f"{k}: {v}" if k not in unlabelled else f"no label: {v}" for k, v in s["labels"].items())
+        labels = "–" if all(k in unlabelled for k in s["labels"]) else labels  # free text: nothing to count
         lines.append(f"| {name} | {s['count']} | {labels} | {s['tokens']['p50']:.0f} / {s['tokens']['p99']:.0f} |")
     if stats.get("dropped"):
         lines += ["", "Dropped rows: " + ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items())]
-    if plot_labels(stats, run_dir / "labels.png"):
+    order = metrics.get("tuned", {}).get("confusion_matrix", {}).get("labels")  # labels.png as confusion.png
+    if plot_labels(stats, run_dir / "labels.png", order):
         lines += ["", "![label balance](labels.png)"]
     if plot_loss(log_history, run_dir / "loss.png"):
         lines += ["", "## Training", "", "![loss curves](loss.png)"]

@@ -471,8 +471,11 @@ def report(cfg: DictConfig, config: dict, run_dir: Path, run_manifest: dict, mod
            seconds: float) -> None:
     """report.md (and the A/B sheet for free text) and the manifest completed with the model and the time."""
     from finetune.report import method_name, write_ab_sheet, write_report
-    if cfg.dataset.task == "text" and tuned["outputs"] is not None:
-        write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed)
+    if cfg.dataset.task == "text" and tuned["outputs"] is not None:  # a style corpus is judged on the author's voice
+        style = cfg.dataset.builder.get("_target_") == "finetune.data.style_corpus.build"
+        write_ab_sheet(run_dir, held_out, base["outputs"], tuned["outputs"], cfg.seed,
+                       "which answer reads more like the author?" if style else
+                       "which answer is the better answer to the prompt (closer to what a correct one says)?")
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     recipe = choices.get("recipe") or "none"
     trainable, total = parameter_counts(trainer.model)

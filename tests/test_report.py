@@ -123,3 +123,50 @@ def test_results_table_bolds_the_tuned_value_only_where_it_is_better(tmp_path):
     assert "0.500 → 0.400 (majority" in line       # worse accuracy: not bold
     assert "3.00 → **2.00**" in line               # lower perplexity: bold
     assert "0.200 → 0.300 |" in line               # a larger style distance is worse: not bold
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, kept instead of saved."""
+    from finetune import report
+    made = []
+    monkeypatch.setattr(report, "save", lambda fig, path: made.append(fig))
+    return made
+
+
+def test_label_balance_follows_the_confusion_matrix_order_with_the_legend_beside_the_bars(figures, tmp_path):
+    from finetune.report import plot_labels
+    stats = {"splits": {"train": {"count": 9, "labels": {"BUY": 3, "HOLD": 3, "SELL": 3}},
+                        "test": {"count": 3, "labels": {"BUY": 1, "HOLD": 1, "SELL": 1}}}}
+    assert plot_labels(stats, tmp_path / "labels.png", ["BUY", "SELL", "HOLD"])
+    [fig] = figures
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["BUY", "SELL", "HOLD"]
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # covers no bar
+
+
+def test_equity_has_a_unit_and_a_preference_run_plots_its_rewards(figures, tmp_path):
+    from finetune.report import plot_equity, plot_loss
+    plot_equity({"tuned": {"equity_curve": [1.0, 1.05, 1.1]}}, tmp_path / "equity.png")
+    assert "1.1 = +10 %" in figures[0].axes[0].get_ylabel()
+    history = [{"step": s, "loss": 0.7 - s / 100, "rewards/chosen": s / 10, "rewards/rejected": -s / 10}
+               for s in (1, 2, 3)]
+    plot_loss(history, tmp_path / "loss.png")
+    rewards = figures[1].axes[1]
+    assert [line.get_label() for line in rewards.get_lines()] == ["chosen", "rejected"]
+
+
+def test_unlabelled_data_shows_no_label_counts(tmp_path):
+    stats = {"splits": {"train": {"count": 68, "labels": {"null": 68}, "tokens": {"p50": 40, "p99": 60}}}}
+    write_report(tmp_path, {"recipe": "default"}, {"base": {"perplexity": 3.0}, "tuned": {"perplexity": 2.0}},
+                 stats, [], "perplexity", "min")
+    assert "| train | 68 | – | 40 / 60 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_ab_sheet_asks_the_question_it_is_given(tmp_path):
+    from finetune.report import write_ab_sheet
+    samples = [{"messages": [{"role": "user", "content": "News: X"}, {"role": "assistant", "content": "up"}]}]
+    write_ab_sheet(tmp_path, samples, ["down"], ["up"], 0, "which answer is the better answer to the prompt?")
+    sheet = (tmp_path / "ab_sheet.md").read_text()
+    assert "which answer is the better answer to the prompt?" in sheet and "author" not in sheet
