@@ -504,7 +504,7 @@ def test_a_full_disk_while_saving_fails_the_run_naming_the_path_and_keeps_the_la
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", save)
     cfg = compose("training.max_steps=20", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=8",
-                  "training.load_best_model_at_end=false")
+                  "training.load_best_model_at_end=false", "eval=perplexity")
     with pytest.raises(TrainingError, match=r"no space left on \S*checkpoint-10/\S+ .*checkpoint-5, is "
                                             r"intact"):
         run(cfg, tmp_path)

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 HUGE = 50 * 2**20
+NEWS = "股价 " * (HUGE // len("股价 ".encode()))  # 50 MB of UTF-8
 # the command as a user types it, run in a process that reports its own peak memory when it exits
 MEASURED = """
 import atexit, resource, sys
@@ -61,8 +62,8 @@ def test_a_50_mb_news_content_is_refused_naming_its_row_in_little_memory(tmp_pat
     db = tmp_path / "news.db"
     shutil.copy(ROOT / "data" / "finance_analysis.db", db)
     with sqlite3.connect(db) as con:
-        con.execute("UPDATE events SET content = ? WHERE rowid = (SELECT min(rowid) FROM events)", ("股价 " * (HUGE // 3),))
+        con.execute("UPDATE events SET content = ? WHERE rowid = (SELECT min(rowid) FROM events)", (NEWS,))
     out, peak = dry_run(tmp_path, "dataset=finance_news", f"dataset.path={db}", "eval=news")
     assert out.returncode == 1
-    assert f"news.db: row 1, field column 2: {len('股价 ' * (HUGE // 3)):,} characters" in out.stderr, out.stderr[-2000:]
+    assert f"news.db: row 1, field column 2: {len(NEWS):,} characters" in out.stderr, out.stderr[-2000:]
     assert peak < 1024, peak

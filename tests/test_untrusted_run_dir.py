@@ -72,10 +72,18 @@ def test_serve_starts_and_answers_without_calling_it(hostile_run, monkeypatch):
     import uvicorn
     from fastapi.testclient import TestClient
     from finetune.serve import main as serve_main
+    import finetune.model
     run_dir, root = hostile_run
-    apps = []
+    apps, trusted, load_model = [], [], finetune.model.load_model
+
+    def spy(cfg, *args):  # what the base model is loaded with
+        trusted.append(cfg.trust_remote_code)
+        return load_model(cfg, *args)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(finetune.model, "load_model", spy)
     serve_main([str(run_dir), "--port", "0"])
     answer = TestClient(apps[0]).post("/signal", json={"market_data": SNAPSHOTS[0]})
     assert answer.status_code == 200 and answer.json()["signal"] in ("BUY", "SELL", "HOLD")
     assert no_hits(root) == []
+    serve_main([str(run_dir), "--port", "0", "--trust-remote-code"])
+    assert trusted == [False, True]  # the run dir's true counts only when the command line says so
