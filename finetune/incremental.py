@@ -30,8 +30,7 @@ def plan(cfg, config: dict, args, train: list[dict]) -> tuple[Path | None, str |
     if fresh < cfg.incremental.min_new_samples:
         message = (f"incremental: only {fresh} new train samples since {cfg.incremental.adapter} "
                    f"(incremental.min_new_samples={cfg.incremental.min_new_samples}); not training")
-        log.warning(message)
-        print(message)
+        log.warning(message)  # on the console once (Hydra's console handler), and in finetune.log
         return adapter, message
     config["training"]["learning_rate"] *= cfg.incremental.learning_rate_scale
     args.learning_rate = config["training"]["learning_rate"]

@@ -34,10 +34,10 @@ def test_incremental_run_continues_the_adapter_at_a_lower_rate(first_run, tmp_pa
     assert adapter["peft_type"] == "LORA"
 
 
-def test_gate_skips_when_too_few_samples_are_new(first_run, tmp_path, capsys):
+def test_gate_skips_when_too_few_samples_are_new(first_run, tmp_path, caplog):
     result = run(compose(*STEPS, f"incremental.adapter={first_run}", "incremental.min_new_samples=500"), tmp_path)
     assert result.skipped and "only 0 new train samples" in result.skipped
-    assert "not training" in capsys.readouterr().out
+    assert "not training" in caplog.text
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "skipped" and "min_new_samples=500" in status["error"]
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
