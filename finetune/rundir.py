@@ -288,6 +288,8 @@ def run_values(saved, where: Path) -> dict:
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+    from transformers import GenerationConfig
+    from finetune.config import check_model
     from finetune.paths import CONF_DIR
     try:
         values = OmegaConf.to_container(saved, resolve=True)
@@ -315,6 +317,12 @@ def run_values(saved, where: Path) -> dict:
     if values["model"].get("gguf") is not None and values["model"]["gguf"] not in presets:
         log.warning("%s: model.gguf=%s is no shipped preset's; left out", where, values["model"]["gguf"])
         values["model"]["gguf"] = None
+    check_model(values["model"])  # dtype and attention from the known lists (an attention name can be a hub kernel)
+    generation = (values.get("eval") or {}).get("generation") or {}
+    fields = GenerationConfig().to_dict()
+    for key in [k for k in generation if k not in fields]:  # custom_generate + trust_remote_code would run code
+        log.warning("%s: eval.generation.%s is no transformers.GenerationConfig field; left out", where, key)
+        del generation[key]
     return values
 
 

@@ -31,6 +31,11 @@ def hostile_run(cache_dir, tmp_path_factory):
     cfg.eval.metrics.perplexity.nested = copy("nested")
     cfg.dataset.builder._target_ = "antigravity.fly"  # importing it would open a browser
     cfg.model.trust_remote_code = True
+    code = root / "custom_generate"  # what transformers' generate(custom_generate=DIR, trust_remote_code=True) runs
+    code.mkdir()
+    (code / "generate.py").write_text(f"open({str(root / 'generate.hit')!r}, 'w')\ndef generate(model, **kw):\n"
+                                      f"    return model.generate(**kw)\n")
+    cfg.eval.generation = {"custom_generate": str(root), "trust_remote_code": True}
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     return run_dir, root
 
@@ -46,6 +51,7 @@ def test_the_run_config_keeps_shipped_targets_and_drops_others(hostile_run):
     assert cfg.eval.metrics.perplexity._target_ == "finetune.eval.perplexity.Perplexity"
     assert "nested" not in cfg.eval.metrics.perplexity and "builder" not in cfg.dataset
     assert cfg.model.trust_remote_code is False  # the run dir's true is not honoured
+    assert dict(cfg.eval.generation) == {}  # custom_generate and trust_remote_code are not generation settings
     assert load_run_config(run_dir, trust_remote_code=True).model.trust_remote_code is True  # the command line's is
 
 
