@@ -69,10 +69,10 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
 
 
 def _locked_run(cfg: DictConfig, run_dir: Path, main: bool) -> Run:
-    if main:  # Hydra saved the command line into .hydra/ already: scrub it before anything can fail
-        redact_hydra_dir(run_dir, secret_values(OmegaConf.to_container(cfg)))
-        set_status(run_dir, "running")
     try:
+        if main:  # Hydra saved the command line into .hydra/ already: scrub it before anything can fail
+            redact_hydra_dir(run_dir, secret_values(OmegaConf.to_container(cfg)))
+            set_status(run_dir, "running")  # a full disk here too is told in one line
         with Preemption().installed() as preemption:  # SIGTERM / SIGINT: stop at a step with a checkpoint
             result = _run(cfg, run_dir, main, preemption)
     except Interrupted as err:

@@ -557,6 +557,26 @@ def test_torch_saves_full_disk_error_fails_the_run_in_one_line_naming_optimizer_
     torch.load(tmp_path / "checkpoints" / "checkpoint-5" / "optimizer.pt", weights_only=False)  # loads
 
 
+def test_a_full_disk_at_the_first_status_write_is_told_in_one_line(tmp_path, monkeypatch):
+    import errno
+    from conftest import FAST, compose
+    from finetune import rundir
+    from finetune.errors import TrainingError
+    from finetune.runner import run
+    real = rundir.write_json
+    calls = []
+
+    def write_json(path, data):
+        calls.append(data)
+        if len(calls) == 1:  # "running": the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+    monkeypatch.setattr(rundir, "write_json", write_json)
+    with pytest.raises(TrainingError, match=r"^no space left on \S*status.json \(\d+ MiB free\); the same command"):
+        run(compose("dry_run=true", *FAST), tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+
+
 def test_a_full_disk_is_found_anywhere_in_the_exception_chain(tmp_path):
     import errno
     from finetune.guards import disk_full
