@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    from finetune.guards import told_if_disk_full
     out = args.run_dir / "evals" / time.strftime("%Y%m%d-%H%M%S")  # beside the run's own metrics
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / METRICS, result)
-    write_text(out / "report.md", f"# Re-evaluation of {args.run_dir}\n\n{metrics_table(result)}\n")
+    with told_if_disk_full(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / METRICS, result)
+        write_text(out / "report.md", f"# Re-evaluation of {args.run_dir}\n\n{metrics_table(result)}\n")
     print(metrics_table(result))
     print(f"written to {out}")
 

@@ -3,6 +3,8 @@ disk."""
 import errno
 import math
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -88,6 +90,21 @@ def disk_full_advice(err: BaseException, checkpoints: Path, main: bool) -> str:
     if main:
         status_failed(checkpoints.parent, message)
     return message
+
+
+@contextmanager
+def told_if_disk_full(where: Path):
+    """A command's writes (evaluate, predict, merge): a full disk is one line naming the file (or `where`) and exit
+    status 1, not a traceback."""
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        target = next((e.filename for e in chain(err) if isinstance(e, OSError) and e.filename), None) or where
+        print(f"error: no space left on {target} ({shutil.disk_usage(Path(where).parent).free / 2**20:.0f} MiB "
+              f"free); free some space and run the same command again", file=sys.stderr)
+        sys.exit(1)
 
 
 def status_failed(run_dir: Path, message: str) -> None:

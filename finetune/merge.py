@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
+    from finetune.guards import told_if_disk_full
     try:
-        out = merge(args.run_dir, args.out_dir, args.dtype, args.force)
+        with told_if_disk_full(args.out_dir):
+            out = merge(args.run_dir, args.out_dir, args.dtype, args.force)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

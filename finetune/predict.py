@@ -142,10 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.output) as out:  # whole or absent
-        for row in predict(provider, records, args.task, args.batch_size):
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    from finetune.guards import told_if_disk_full
+    with told_if_disk_full(args.output):
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(args.output) as out:  # whole or absent
+            for row in predict(provider, records, args.task, args.batch_size):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"{len(records)} answers written to {args.output}"
           + (f" ({provider.fallbacks} unparsable -> HOLD 0.0)" if provider.fallbacks else ""))
 

@@ -577,6 +577,30 @@ def test_a_full_disk_at_the_first_status_write_is_told_in_one_line(tmp_path, mon
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
 
 
+def test_predict_on_a_full_disk_says_so_in_one_line(cache_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    from contextlib import contextmanager
+    from finetune import rundir
+    from finetune.predict import main as predict_main
+    from test_inference import SNAPSHOTS, tiny_signal_run
+    run_dir = tiny_signal_run(cache_dir)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"id": "a", "market_data": SNAPSHOTS[0]}) + "\n")
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    @contextmanager
+    def atomic_file(path):
+        yield Full()
+    monkeypatch.setattr(rundir, "atomic_file", atomic_file)
+    with pytest.raises(SystemExit) as exited:
+        predict_main([str(run_dir), "--input", str(inputs), "--output", str(tmp_path / "out.jsonl")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 1 and error.startswith(f"error: no space left on {tmp_path / 'out.jsonl'} (")
+
+
 def test_a_full_disk_is_found_anywhere_in_the_exception_chain(tmp_path):
     import errno
     from finetune.guards import disk_full
