@@ -93,4 +93,3 @@ def test_serve_starts_and_answers_without_calling_it(hostile_run, monkeypatch):
     assert no_hits(root) == []
     serve_main([str(run_dir), "--port", "0", "--trust-remote-code"])
     assert trusted == [False, True]  # the run dir's true counts only when the command line says so
-
