@@ -6,8 +6,9 @@ trainer_state.json vouches for the files beside it. A checkpoint is complete whe
 and names the folder's own step, it holds the weights (PEFT's adapter file, or FSDP's sharded
 `pytorch_model_fsdp_*` folder), no file in it is empty, every safetensors file is whole (its header parses and
 the data it declares is all there) and every torch file (optimizer.pt, scheduler.pt, rng_state.pth, *.bin) is a
-whole zip archive (its directory at the end reads and its members lie inside the file). The optimizer is not required: DeepSpeed keeps it in `global_stepN/`, FSDP
-in `optimizer_0/` or `optimizer.bin`, and `save_only_model` writes none. A kill while saving, a crash mid-copy
+whole zip archive (its directory at the end reads and its members lie inside the file). The optimizer is not
+required: DeepSpeed keeps it in `global_stepN/`, FSDP in `optimizer_0/` or `optimizer.bin`, and `save_only_model`
+writes none. A kill while saving, a crash mid-copy
 or a full disk leaves a checkpoint that fails this: it is deleted (saying why) and the one before it is used
 (the Trainer itself would resume from the highest-numbered folder and die on it). Every rank computes the same
 choice from the same files; only rank 0 deletes. `resume` in the config:
