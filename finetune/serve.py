@@ -34,8 +34,10 @@ longer than `--request-timeout` (504), more than `--max-prompts` prompts in one 
 `--max-prompt-tokens` or past the model's positions with its max_tokens (400), a request whose answers do not all
 fit the queue (503, none of them queued). A request that times out or whose client hangs up is abandoned: its
 queued answers are dropped and its rows stop generating at the next token. A connection idle after an answer
-closes after 5 s, one that sends no whole request head within `--body-timeout` is closed; more than `--max-connections` at once get 503. Binding to anything but loopback needs an API key: the bearer token in
-the environment variable `--api-key-env` names; without it the server refuses to start.
+closes after 5 s, one that sends no whole request head within `--body-timeout` is closed; more than
+`--max-connections` at once get 503. Binding to anything but loopback needs an API key: the bearer token in the
+environment variable `--api-key-env` names (the scheme in any case, the key compared in constant time); without it
+the server refuses to start.
 """
 import argparse
 import asyncio
