@@ -208,3 +208,19 @@ def test_demo_signals_build_with_the_shipped_config():
     assert len(built.samples) == 600 and not built.dropped
     assert Counter(s["label"] for s in built.samples) == {"BUY": 200, "SELL": 200, "HOLD": 200}
     assert all(s["timestamp"] for s in built.samples)
+
+
+def test_text_prompt_completion_as_a_continuation_keeps_every_character(tmp_path):
+    rows = [{"prompt": f"{i} x 3 =", "completion": f" {3 * i}"} for i in range(30)]
+    path = jsonl(tmp_path / "pc.jsonl", *rows)
+    chat = build(path).samples[0]["messages"]
+    assert chat[-1] == {"role": "assistant", "content": "0"}  # chat turns: the answer, stripped
+    first = build(path, completion="continuation").samples[0]
+    assert first["segments"] == [{"text": "0 x 3 =", "train": False}, {"text": " 0", "train": True}]
+    with pytest.raises(ConfigError, match="completion=prose: choose chat .* or continuation"):
+        build(path, completion="prose")
+    from conftest import compose
+    from finetune.runner import run
+    result = run(compose("dataset=generic", f"dataset.path={path}", "dataset.builder.completion=continuation",
+                         "eval=perplexity", "dry_run=true"), tmp_path / "run")
+    assert result.stats["kind"] == "text"

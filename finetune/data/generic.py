@@ -114,9 +114,12 @@ class Plan:
 
 def build(path, *, skip_bad_rows=False, format="auto", label_field="label", timestamp_field="timestamp",
           meta_fields=(), system_prompt=None, encoding="utf-8-sig", columns=None, tags=None, dataset_name=None,
-          drop_media=False) -> Built:
+          drop_media=False, completion="chat") -> Built:
     columns, tags = dict(columns or {}), dict(tags or {})
     _check_options(format, columns, tags)
+    if completion not in ("chat", "continuation"):
+        raise ConfigError(f"dataset.builder.completion={completion}: choose chat (a text prompt is a user turn, its "
+                          "completion the answer) or continuation (prompt + completion one text, as TRL trains them)")
     path = Path(path)
     root, hint = path.parent, None
     entry = llamafactory.entry(path, dataset_name)
@@ -148,7 +151,7 @@ def build(path, *, skip_bad_rows=False, format="auto", label_field="label", time
             try:
                 record = sized(record, None)  # over conf/dataset/_pipeline.yaml's caps: a bad row, or cut
                 samples.append(_sample(record, plan, {k: f for k, f in fields.items() if f in present},
-                                       meta_fields, system_prompt))
+                                       meta_fields, system_prompt, completion == "continuation"))
             except SkipRow as skip:
                 dropped[skip.reason] += 1
             except BadRow as err:
@@ -303,7 +306,7 @@ def _unknown(present, records, name, columns, label_field):
 
 # ---- one record -> one sample
 
-def _sample(record, plan, fields, meta_fields, system_prompt) -> dict:
+def _sample(record, plan, fields, meta_fields, system_prompt, continuation=False) -> dict:
     if isinstance(record, str):  # a line the json module could not parse: record holds why
         raise BadRow("malformed_json", record)
     if not isinstance(record, dict):
@@ -327,6 +330,8 @@ def _sample(record, plan, fields, meta_fields, system_prompt) -> dict:
 
     if plan.format == "text":
         sample = {"segments": _segments(record, col)}
+    elif continuation and plan.format == "prompt_completion":
+        sample = {"segments": _continuation(record, col)}
     else:
         if plan.format == "chosen":
             messages = _prompt(record, plan) + _chosen(record, plan)
@@ -582,6 +587,16 @@ def _history(value, field) -> list[dict]:
             raise BadRow("bad_messages", f"field '{field}[{i}]': expected [instruction, response], two non-empty texts")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages
+
+
+def _continuation(record, col) -> list[dict]:
+    """A text prompt / completion pair as one text, the completion trained, each character kept (TRL's reading of a
+    string pair: " 66" continues "2 x 33 =" with its space; as chat turns it would become the answer "66")."""
+    for ours in ("prompt", "completion"):
+        if not isinstance(record[col[ours]], str):
+            raise BadRow("bad_segments", f"field '{col[ours]}' is not text; dataset.builder.completion=continuation "
+                                         "takes text prompts and completions (message lists: completion=chat)")
+    return [{"text": record[col["prompt"]], "train": False}, {"text": record[col["completion"]], "train": True}]
 
 
 def _segments(record, col) -> list[dict]:
