@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import logging.handlers
+import sys
 from pathlib import Path
 
 log = logging.getLogger("finetune")
@@ -56,7 +57,7 @@ def log_to(run_dir: Path) -> None:
     bitsandbytes are imported, so their import-time warnings land in the file too."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    console = logging.StreamHandler()
+    console = Stderr()
     console.addFilter(ConsoleFilter())
     console.setFormatter(logging.Formatter(CONSOLE_FORMAT))
     handlers = [console]
@@ -66,8 +67,23 @@ def log_to(run_dir: Path) -> None:
         handlers.append(file)
     except OSError:
         handlers.append(logging.NullHandler())  # no file: the library lines are dropped, not printed
-    root.handlers = handlers
+    for handler in handlers:
+        handler.from_log_to = True
+    # a second call (one process, several commands: the tests) replaces its own handlers and keeps the others'
+    root.handlers = [h for h in root.handlers if not getattr(h, "from_log_to", False)] + handlers
     route_library_logs()
+
+
+class Stderr(logging.StreamHandler):
+    """sys.stderr as it is when a record comes, not when the handler was made (pytest swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def route_library_logs() -> None:
