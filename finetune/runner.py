@@ -239,7 +239,7 @@ def validation_scorer(cfg: DictConfig, args, metrics: dict, splits: dict, tokeni
     """The callback that scores the validation split at each evaluation when the kept checkpoint follows the
     task's metric (training.metric_for_best_model: macro_f1); checked before any weight loads."""
     from finetune.eval import checkpoint
-    if not (args.load_best_model_at_end and checkpoint.wanted(args.metric_for_best_model)):
+    if not checkpoint.wanted(args.metric_for_best_model):  # the Trainer reads it at every save, best kept or not
         return None
     samples = checkpoint.check(args.metric_for_best_model, metrics, splits["validation"])
     return checkpoint.ValidationScore(checkpoint.classifier(metrics), samples, tokenizer, cfg.eval.batch_size)

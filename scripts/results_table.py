@@ -1,6 +1,8 @@
 """Print the Markdown table of docs/results.md from finished run dirs: each row read from the run's own files.
 
     python scripts/results_table.py outputs/<run> [outputs/<run> ...]
+    python scripts/results_table.py --decision outputs/<run> ...   # the decision table: label shares, answers,
+                                                                   # macro-F1 against the simple model
 
 Columns: the command (manifest argv), wall minutes (manifest seconds), the main metric base -> tuned with its
 baseline, parse rate, answer length against the reference (length_ratio) and perplexity base -> tuned; a tuned
@@ -37,7 +39,36 @@ def row(run_dir: Path) -> str:
             f"{fmt(base.get('length_ratio'), 2)} → {fmt(tuned.get('length_ratio'), 2)} |")
 
 
+def answered(metrics: dict) -> str:
+    """How often each label was answered, from the tuned confusion matrix's columns."""
+    cm = metrics["confusion_matrix"]
+    counts = [sum(row[i] for row in cm["matrix"]) for i in range(len(cm["columns"]))]
+    return " / ".join(f"{c} {n}" for c, n in zip(cm["columns"], counts) if n)
+
+
+def decision_row(run_dir: Path) -> str:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    base, tuned, simple = metrics["base"], metrics["tuned"], metrics.get("simple_model") or {}
+    train = stats["splits"]["train"]["labels"]
+    path = next((a.split("=", 1)[1] for a in manifest["argv"] if a.startswith("dataset.path=")), "data/")
+    gap = tuned["macro_f1"] - simple["macro_f1"] if simple else None
+    return (f"| {Path(path).name} | {' / '.join(f'{k} {v}' for k, v in train.items())} | {answered(tuned)} | "
+            f"{change(base['accuracy'], tuned['accuracy'])} ({fmt(tuned['majority_baseline'])}) | "
+            f"{change(base['macro_f1'], tuned['macro_f1'])} ({fmt(tuned.get('majority_macro_f1'))}) | "
+            f"{fmt(simple.get('accuracy'))} / {fmt(simple.get('macro_f1'))} | {fmt(gap)} | "
+            f"{manifest['seconds'] / 60:.1f} |")
+
+
 def main(paths: list[str]) -> None:
+    if paths and paths[0] == "--decision":
+        print("| log | train labels | tuned answers (test) | accuracy base → tuned (majority) | macro-F1 base → tuned "
+              "(majority) | simple model accuracy / macro-F1 | macro-F1 tuned - simple | minutes |")
+        print("|---|---|---|---|---|---|---|---|")
+        for path in paths[1:]:
+            print(decision_row(Path(path)))
+        return
     print("| command | minutes | accuracy base → tuned | parse rate | perplexity | style distance | "
           "answer length / reference |")
     print("|---|---|---|---|---|---|---|")

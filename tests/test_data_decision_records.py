@@ -51,8 +51,13 @@ def test_seed_record_becomes_one_sample(tmp_path):
                                          '"stop_loss":0.02,"take_profit":0.05,"confidence":0.75,'
                                          '"reasoning":"上涨趋势，RSI健康"}'}]
     assert sample["label"] == "BUY" and sample["timestamp"] == "2025-10-31T10:00:00"
+    features = sample["meta"].pop("features")  # the record's plain fields, for the simple-model baseline
     assert sample["meta"] == {"line": 1, "conversation_id": "d-1", "symbol": "BTC", "outcome": "excellent",
                               "pnl": 2.5}
+    assert features == {"market.price": 68500, "market.change_24h": 0.025, "market.trend": "bullish",
+                        "market.rsi": 62.5, "market.macd_signal": "positive", "market_regime": "normal",
+                        "account.balance": 600, "account.permission_level": "L2", "positions": 1,
+                        "position_side": "short"}
     assert built.dropped == {}
 
 

@@ -73,7 +73,7 @@ def test_likelihood_scoring_agrees_with_greedy_answers(weighted_run):
     rows = [likelihood._rows(tokenizer, s, task, list(task.labels)) for s in samples[:4]]
     cached = likelihood._batch_cached(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
     whole = likelihood._batch_whole(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
-    assert cached == pytest.approx(whole, abs=1e-3)
+    assert sum(cached, []) == pytest.approx(sum(whole, []), abs=1e-3)
     assert len(label_scores(model, tokenizer, samples[:3], task, list(task.labels))) == 3
 
 
@@ -91,3 +91,26 @@ def test_decision_tokens_are_the_label_tokens_and_balance_follows_the_label_shar
     weight = {tokenizer.decode([t]).strip(' "'): w for t, w in balanced.items()}
     assert weight["SELL"] > weight["BUY"] > weight["HOLD"]  # rarer labels weigh more, their mean stays 4
     assert sum(weight[k] for k in ("SELL", "BUY", "HOLD")) / 3 == pytest.approx(4.0)
+
+
+def test_the_weighted_loss_is_trls_loss_when_every_weight_is_one(tmp_path):
+    from hydra.utils import instantiate
+    from finetune.config import check_config
+    from finetune.decision_loss import DecisionWeightedSFTTrainer, token_weights
+    from finetune.model import load_tokenizer
+    from finetune.runner import build_data, load_base, make_trainer
+    cfg = compose("training.max_steps=2")
+    _, args = check_config(cfg, tmp_path / "checkpoints")
+    tokenizer = load_tokenizer(cfg.model)
+    splits, stats = build_data(cfg, tokenizer, tmp_path, True)
+    trainer = make_trainer(cfg, args, load_base(cfg, args), None, instantiate(cfg.method, _convert_="all"), splits,
+                           stats, tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    plain = trainer.compute_loss(trainer.model, dict(batch)).item()
+    weights = token_weights(tokenizer, splits["train"], tasks.get("signals"), 1.0, balance=False)
+    assert weights
+    trainer.token_weights = weights
+    assert DecisionWeightedSFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() == pytest.approx(plain)
+    trainer.token_weights = {t: 5.0 for t in weights}
+    assert DecisionWeightedSFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() != pytest.approx(plain)

@@ -119,7 +119,9 @@ def check_contract(build, path: Path, task: str, **options) -> None:
             assert check_sample(sample, task) is None, (check_sample(sample, task), sample)
             # what pipeline.write_jsonl does, strictly: NaN, Infinity or a lone surrogate would break it
             json.dumps(sample, ensure_ascii=False, allow_nan=False).encode("utf-8")
-            assert all(v is None or isinstance(v, (str, int, float, bool)) for v in sample["meta"].values())
+            meta = {**sample["meta"], **sample["meta"].get("features", {})}  # the simple model's fields: flat too
+            meta.pop("features", None)
+            assert all(v is None or isinstance(v, (str, int, float, bool)) for v in meta.values())
             assert sample["timestamp"] is None or datetime.fromisoformat(sample["timestamp"])
             assert sample["label"] is None or isinstance(sample["label"], str)
 
