@@ -41,6 +41,7 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
+from finetune.logs import log_to
 
 ARMS = ("a", "b")
 
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(result, indent=2) if args.json else format_report(result))
         else:
             from finetune.inference import SignalProvider
+            log_to(args.run_a)  # library lines and warnings into run A's finetune.log, not the console
             rows = read_snapshots(args.input)
             router = ABRouter(SignalProvider.from_run(args.run_a), SignalProvider.from_run(args.run_b),
                               split=args.split, seed=args.seed, log_path=args.log)

@@ -19,6 +19,13 @@ def console(*args: str) -> str:
     return out.stdout.decode()
 
 
+def quiet(output: str) -> None:
+    """No escape sequence (the bars move with \\r only) and no line of a library's logger or `warnings`."""
+    assert "\x1b" not in output, repr(output[output.index("\x1b") - 80:][:160])
+    lines = text_lines(output)
+    assert not [line for line in lines if any(mark in line for mark in LIBRARY_MARKS)], lines
+
+
 def text_lines(output: str) -> list[str]:
     """The lines that are not progress bars (a bar redraws itself with \\r)."""
     return [line for line in output.split("\n") if line.strip() and "\r" not in line]
@@ -30,18 +37,12 @@ def default_run(tmp_path_factory):
     return run_dir, console("-m", "finetune", f"hydra.run.dir={run_dir}", *FAST)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "merge"])
-def test_the_console_has_no_library_line_no_escape_and_nothing_twice(default_run, tmp_path, command):
+def test_the_console_has_no_library_line_no_escape_and_nothing_twice(default_run):
+    # evaluate, predict, merge and ab: the same checks in tests/test_readme.py, on the README's commands
     run_dir, output = default_run
-    if command == "evaluate":
-        output = console("-m", "finetune.evaluate", str(run_dir), "eval.max_samples=8")
-    elif command == "merge":
-        output = console("-m", "finetune.merge", str(run_dir), str(tmp_path / "merged"))
-    assert "\x1b" not in output, repr(output[output.index("\x1b") - 80:][:160])  # bars move with \r only
+    quiet(output)
     lines = text_lines(output)
-    assert not [line for line in lines if any(mark in line for mark in LIBRARY_MARKS)], lines
-    said = [line for line in lines if not line.startswith("|---")]  # evaluate prints two tables, each with a rule
-    assert len(said) == len(set(said)), said
+    assert len(lines) == len(set(lines)), lines
     summaries = [line for line in lines if line.startswith(("base:", "tuned:", "data:"))]  # metrics.json has all
     assert all(len(line) <= 160 for line in summaries), summaries
     log = (run_dir / "finetune.log").read_text()

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from test_console import quiet
 
 LIMIT = ["training.max_steps=1", "eval.max_samples=2", "eval.batch_size=2"]
 SKIP = {"pip install": "the set-up: this environment is it", "pytest": "the suite this test is part of"}
@@ -113,6 +114,8 @@ def test_the_readme_command_runs_as_written(work, command, comment):
         return
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Traceback" not in out.stdout, out.stdout[-3000:]
+    if argv[:3] != ["python", "-m", "finetune"]:  # evaluate, predict, ab, merge: the console as a run's
+        quiet(out.stdout)
 
 
 def serve(work: dict, argv: list[str]) -> None:
