@@ -56,3 +56,11 @@ def test_a_header_says_what_trains_before_training(default_run):
                         rf"run dir {re.escape(str(run_dir))}", header), header
     assert output.index(header) < output.index("12/12")  # before the training bar ends
     assert output.index("base: ") < output.index(header) < output.index("tuned: ")
+
+
+def test_the_last_console_line_is_the_verdict_of_report_md_with_the_run_dir(default_run):
+    run_dir, output = default_run
+    last = text_lines(output)[-1]
+    verdict = (run_dir / "report.md").read_text().splitlines()[2].replace("**", "")
+    assert last == f"{verdict} Run dir: {run_dir}", (last, verdict)
+    assert last.startswith(("Verdict: tuning helped.", "Verdict: tuning did not help."))
