@@ -43,7 +43,7 @@ def test_defaults_compose_to_the_documented_run():
     ("method=lorra", ["method/lorra", "lora", "qlora", "prefix", "dora"]),
     ("training.learning_rate=abc", ["training.learning_rate", "expected float"]),
     ("model.dtype=float33", ["model.dtype=float33", "bfloat16"]),
-    ("recipe=no_such_recipe", ["recipe/no_such_recipe", "lora_qwen_signals"]),
+    ("recipe=no_such_recipe", ["recipe=no_such_recipe", "lora_qwen_signals"]),
 ])
 def test_typo_fails_before_model_loads(override, says, tmp_path):
     start = time.perf_counter()

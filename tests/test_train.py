@@ -167,7 +167,8 @@ def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path,
     only_good.write_text("".join(json.dumps({"prompt": f"{i} + {i}?", "completion": str(2 * i), "label": True}) + "\n"
                                  for i in range(30)))
     with pytest.raises(DataError, match=r"objective=kto: every train sample is desirable; KTO learns from both"):
-        run(compose("objective=kto", "dataset=generic", f"dataset.path={only_good}"), tmp_path / "good")
+        run(compose("objective=kto", "dataset=generic", f"dataset.path={only_good}", "eval=perplexity"),
+            tmp_path / "good")
 
 
 @pytest.mark.parametrize("overrides, message", [
