@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 from trl import SFTTrainer
 
-from finetune.eval.likelihood import _rows
+from finetune.eval.likelihood import label_tails
 
 
 def token_weights(tokenizer, samples: list[dict], task, weight: float, balance: bool) -> dict[int, float]:
@@ -32,7 +32,7 @@ def token_weights(tokenizer, samples: list[dict], task, weight: float, balance: 
         factor = {label: inverse.get(label, 1.0) / mean for label in labels}
     owners: dict[int, set[str]] = {}
     for sample in [s for s in samples if s.get("label") in labels][:32]:  # one layout per builder: a few suffice
-        _, tails = _rows(tokenizer, sample, task, labels)
+        _, tails = label_tails(tokenizer, sample, task, labels)
         common = set.intersection(*(set(t) for t in tails))
         for label, tail in zip(labels, tails):
             for token in set(tail) - common:

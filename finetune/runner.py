@@ -381,8 +381,7 @@ def make_trainer(cfg: DictConfig, args, model, earlier_adapter: Path | None, pef
 def decision_weights(cfg: DictConfig, train: list[dict], tokenizer) -> dict[int, float]:
     """decision.weight / decision.balance as {token id: weight}; empty for plain SFT or a task without labels."""
     from finetune import tasks
-    decision = cfg.get("decision") or {}
-    weight, balance = float(decision.get("weight", 1.0)), bool(decision.get("balance", False))
+    weight, balance = float(cfg.decision.weight), bool(cfg.decision.balance)
     task = tasks.get(cfg.dataset.task)
     if (weight == 1.0 and not balance) or not task.labels:
         return {}

@@ -70,7 +70,7 @@ def test_likelihood_scoring_agrees_with_greedy_answers(weighted_run):
     assert agree >= 0.95, list(zip(by_generation, by_likelihood))
     # the cached path (shared prompt once, labels on copies of its cache) scores as running each candidate whole
     from finetune.eval import likelihood
-    rows = [likelihood._rows(tokenizer, s, task, list(task.labels)) for s in samples[:4]]
+    rows = [likelihood.label_tails(tokenizer, s, task, list(task.labels)) for s in samples[:4]]
     cached = likelihood._batch_cached(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
     whole = likelihood._batch_whole(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
     assert sum(cached, []) == pytest.approx(sum(whole, []), abs=1e-3)

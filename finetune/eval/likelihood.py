@@ -33,7 +33,7 @@ def _surface(label: str, gold_text: str) -> str:
     return label
 
 
-def candidates(sample: dict, task, labels: list[str]) -> list[str]:
+def candidates(sample: dict, task, labels: list[str]) -> list[tuple[str, int]]:
     """The sample's gold answer with each label in its place, and where each candidate's label ends."""
     answer, gold = sample["messages"][-1]["content"], sample.get("label")
     span = task.span(answer, str(gold)) if gold is not None and isinstance(answer, str) else None
@@ -48,7 +48,7 @@ def candidates(sample: dict, task, labels: list[str]) -> list[str]:
     return out
 
 
-def _rows(tokenizer, sample: dict, task, labels: list[str]) -> tuple[list[int], list[list[int]]]:
+def label_tails(tokenizer, sample: dict, task, labels: list[str]) -> tuple[list[int], list[list[int]]]:
     """(the token ids every candidate shares, each candidate's ids after them through the token after its label)."""
     prompt = tokenizer.apply_chat_template(sample["messages"][:-1], tokenize=False, add_generation_prompt=True)
     full = []
@@ -133,7 +133,7 @@ def label_scores(model, tokenizer, samples: list[dict], task, labels: list[str],
     score_batch = _batch_whole if _prompt_learning(model) else _batch_cached
     result = []
     for start in range(0, len(samples), batch_size):
-        rows = [_rows(tokenizer, s, task, labels) for s in samples[start:start + batch_size]]
+        rows = [label_tails(tokenizer, s, task, labels) for s in samples[start:start + batch_size]]
         scores = score_batch(model, pad, device, [r[0] for r in rows], [r[1] for r in rows])
         result += [dict(zip(labels, row)) for row in scores]
     return result
