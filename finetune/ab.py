@@ -1,4 +1,4 @@
-"""A/B test of two adapters on live traffic, then a report from the trades' outcomes (the trading-decision design note).
+"""A/B test of two adapters on live traffic, then a report from the trades' outcomes.
 
     router = ABRouter(SignalProvider.from_run(run_a), SignalProvider.from_run(run_b), split=0.5, seed=7,
                       log_path="decisions.jsonl")
@@ -9,7 +9,7 @@
     python -m finetune.ab report --decisions decisions.jsonl --outcomes outcomes.jsonl [--json]
 
 Routing: request id -> arm by a hash of (seed, id): sha256 -> a number u in [0, 1); u < split goes to arm
-"b" (test_ratio in the trading-decision design note: the share of traffic for the new model), else "a".
+"b" (split: the share of traffic for the new model), else "a".
 The same id always lands in the same arm, in any process, and a new seed reshuffles. No id: a random one (uuid4), logged.
 
 Decision log, one JSON line per request, appended and flushed at once (a crash loses nothing):
@@ -17,10 +17,10 @@ Decision log, one JSON line per request, appended and flushed at once (a crash l
      "time": "2024-06-01T10:00:00.123+00:00"}
 Outcomes, one JSON line per closed trade: {"id": "r1", "pnl": 2.5} (any unit: percent or money, one for all).
 
-Per arm (the trading-decision design note's metrics): decisions (logged), count (with an outcome),
+Per arm: decisions (logged), count (with an outcome),
 pending (no outcome yet), wins (pnl > 0), win_rate = wins / count, total_pnl, mean_pnl, std_pnl (sample,
 ddof=1), and sharpe = mean / std * sqrt(periods_per_year), one decision taken as one period like
-finetune/eval/backtest.py (252: the design note's choice; 1 gives the raw per-decision ratio); None when std
+finetune/eval/backtest.py (252 by default; 1 gives the raw per-decision ratio); None when std
 is 0 or count < 2.
 Comparison, b minus a: win_rate_diff, total_pnl_diff, mean_pnl_diff, sharpe_diff, and Welch's two-sided
 t-test of the mean PnL (unequal variances): t = (mean_b - mean_a) / sqrt(var_a/n_a + var_b/n_b), df by

@@ -1,4 +1,4 @@
-"""`python -m finetune.bench`: our training path beside the seeds' plain recipe and a TRL-flags peer, measured in
+"""`python -m finetune.bench`: our training path beside a plain Trainer + PEFT recipe and a TRL-flags peer, measured in
 one command on a random-init model of a preset's shape (conf/model/<preset>.yaml's `arch`; nothing is downloaded).
 
     python -m finetune.bench --model qwen2_5_7b --method qlora --setups ours,plain,trl_peer --steps 50 \\
@@ -10,7 +10,7 @@ Setups (same weights, same synthetic samples, same LoRA config and learning-rate
 - ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.check_config,
   finetune.model.load_tokenizer / load_model and SFTTrainer on the runner's prompt/completion data. The lever flags
   (--liger, --batch, --checkpointing, ...) are Hydra overrides of it; each --variant adds one more `ours`.
-- plain: the writing-style design note without Unsloth: transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
+- plain: the textbook approach without Unsloth: transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
   each batch padded to its longest sample, batch 4, activation checkpointing, paged 32-bit AdamW for QLoRA.
 - trl_peer: the best library-only setup (no Unsloth): SFTTrainer, bfd packing into 8,192-token rows, padding-free,
   Liger's kernels (when installed, on CUDA), activation checkpointing, paged 8-bit AdamW.
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4000, help="synthetic samples (epochs repeat past them)")
     parser.add_argument("--seed", type=int, default=0, help="weights of a preset's random model, and the data")
     parser.add_argument("--probe", type=int, default=8, help="samples in the probe loss")
-    parser.add_argument("--plain-batch", type=int, default=4, help="plain's per-device batch (the seeds': 4)")
+    parser.add_argument("--plain-batch", type=int, default=4, help="plain's per-device batch (the textbook's 4)")
     parser.add_argument("--peer-max-length", type=int, default=8192, help="trl_peer's packed row length")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, when its name is not known")
     parser.add_argument("--latency", action="store_true", help="also time greedy answers on the first `ours`")

@@ -1,13 +1,13 @@
-"""Incremental training (crypto trade-log and trading-decision design notes): continue an earlier run's adapter
+"""Incremental training: continue an earlier run's adapter
 on new data at a lower learning rate, and skip the run when too few samples are new.
 
 `incremental.adapter` names an earlier run dir (or its adapter/ folder). The adapter is loaded trainable into
 the base (PeftModel.from_pretrained, is_trainable=True), so training continues its weights instead of a fresh
 LoRA; the method group is then not used (the adapter's own config is). The learning rate is
-training.learning_rate x incremental.learning_rate_scale (the crypto trade-log design note: 5e-5 after 1e-4, i.e. 0.5).
+training.learning_rate x incremental.learning_rate_scale (e.g. 0.5: 5e-5 after a first run at 1e-4).
 "New" samples are train samples whose messages the earlier run did not train on (its data/train.jsonl); given a
-bare adapter folder, every sample counts as new. Fewer than incremental.min_new_samples (trading-decision note:
-500): skip.
+bare adapter folder, every sample counts as new. Fewer than incremental.min_new_samples (e.g. 500;
+0 by default): skip.
 """
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Use a trained adapter: trading signals for a live loop (crypto trade-log note §7), and plain answers for any task.
+"""Use a trained adapter: (signal, confidence) for a live trading loop, and plain answers for any task.
 
     from finetune.inference import SignalProvider
     provider = SignalProvider.from_run("outputs/2024-06-01/10-00-00-lora_qwen_signals")
@@ -22,8 +22,8 @@ report scored; greedy answers are the same batched or one by one. They are read 
 - an answer without a readable signal AND confidence is the fallback ("HOLD", 0.0), counted in
   `provider.fallbacks` (a trading loop must not act on an unquantified signal);
 - `confidence_threshold`: a BUY / SELL below it becomes HOLD, keeping the model's confidence so a log
-  shows how close it came; counted in `provider.held` (the finance sentiment note's "actionable": 0.7; here 0: off);
-- `vote(answers)` combines several (signal, confidence) answers by confidence-weighted vote (finance sentiment note):
+  shows how close it came; counted in `provider.held` (0.7 is a cautious setting; default 0: off);
+- `vote(answers)` combines several (signal, confidence) answers by confidence-weighted vote:
   each signal's weight is the sum of its confidences, the heaviest wins with its share of the total weight
   as confidence; a fallback weighs 0 and so casts no vote; a tie for the top gives HOLD with HOLD's own
   share (BUY and SELL level: no decision, and doing nothing is the safe choice). `Ensemble(providers)`
@@ -156,7 +156,7 @@ class SignalProvider:
 
 
 def vote(answers: list[tuple[str, float]]) -> tuple[str, float]:
-    """Confidence-weighted vote (finance sentiment note): [("BUY", 0.8), ("SELL", 0.3), ("BUY", 0.5)] -> ("BUY", 0.8125)
+    """Confidence-weighted vote: [("BUY", 0.8), ("SELL", 0.3), ("BUY", 0.5)] -> ("BUY", 0.8125)
     (BUY weighs 1.3 of 1.6). No weight at all (no answers, or only fallbacks) -> ("HOLD", 0.0)."""
     weights = {"HOLD": 0.0, "BUY": 0.0, "SELL": 0.0}
     for signal, confidence in answers:

@@ -117,7 +117,7 @@ def plot_equity(metrics: dict, path: Path) -> bool:
 
 def write_ab_sheet(run_dir: Path, samples: list[dict], base: list[str], tuned: list[str], seed: int,
                    question: str = "which answer reads more like the author?") -> None:
-    """Blind test (writing-style note): each prompt's answers A and B in random order; the key is a separate file.
+    """Blind test: each prompt's answers A and B in random order; the key is a separate file.
     `question`: what the judge decides (the style corpus asks for the author's voice, other text tasks for the
     better answer)."""
     rng = random.Random(seed)

@@ -3,7 +3,7 @@ Applied after the split, never to validation or test, so no augmented copy of a 
 
 - instruction variants: a copy of the sample whose user turn ends with one of a few request styles
   ("Be brief.", "Focus on the technical indicators.", ...), answer unchanged;
-- numeric noise: every number in the user turn scaled by a factor in [1 - noise, 1 + noise] (its design note: 0.1),
+- numeric noise: every number in the user turn scaled by a factor in [1 - noise, 1 + noise] (e.g. 0.1),
   answer unchanged — teaches robustness to small input changes, so keep it below the label rule's margins;
 - rebalance: `oversample` repeats minority-class samples, `undersample` drops majority-class ones, until
   every label has as many samples as the largest (smallest) class.

@@ -1,7 +1,7 @@
 """Decision records builder, the trading-decision records use case: JSONL of trading decisions with outcome
 labels -> JSON actions.
 
-One JSON object per line, the design note's `training_data` export (extra keys are ignored):
+One JSON object per line, a decision collector's `training_data` export (extra keys are ignored):
 
     {"conversation_id": "d-0042", "timestamp": "2025-10-31T10:00:00Z",
      "input": {"market_data": {"BTC": {"price": 68500.0, "change_24h": 0.025, "trend": "bullish",
@@ -14,10 +14,10 @@ One JSON object per line, the design note's `training_data` export (extra keys a
      "result": {"profitable": true, "pnl": 2.5, "duration_hours": 6, "exit_reason": "take_profit"},
      "label": "excellent_decision"}
 
-Outcome labels: excellent / good / acceptable_loss / bad, with or without the design note's "_decision"
+Outcome labels: excellent / good / acceptable_loss / bad, with or without a "_decision"
 suffix; "neutral" and "pending" (not yet closed) are known too. `train_outcomes` picks the records that
-become samples, default excellent + good: the design note's export also keeps bad decisions, but its
-trainer imitates every exported output, so it would teach the model the decisions that lost money. Records
+become samples, default excellent + good: SFT imitates every sample's output, so training on bad
+decisions too would teach the model the decisions that lost money. Records
 with another outcome are skipped and counted as "outcome_<label>" (e.g. "outcome_bad"), whatever
 skip_bad_rows says, unless `undesirable_outcomes` names it (e.g. [bad]): then its record becomes a sample with
 "desirable": false (and the train_outcomes ones "desirable": true), which objective=kto learns to avoid, and
@@ -75,7 +75,7 @@ ACTIONS = {
     "HOLD": ("hold", "wait", "none", "no_action", "观望", "持有"),
     "CLOSE": ("close", "close_long", "close_short", "close_all", "close_position", "平仓"),
 }
-# answer key -> the record's output keys, in lookup order (the design note's name first)
+# answer key -> the record's output keys, in lookup order (the export's own name first)
 NUMBERS = {"size": ("size_usd", "size"), "leverage": ("leverage",),
            "stop_loss": ("stop_loss_pct", "stop_loss"), "take_profit": ("take_profit_pct", "take_profit"),
            "confidence": ("confidence",)}

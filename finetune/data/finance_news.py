@@ -1,5 +1,5 @@
 """Finance news builder, the finance news-impact use case: SQLite `events` + `event_impacts` -> news-impact,
-market-analysis and earnings Q&A samples in a configurable mix (design note: 60 / 20 / 20).
+market-analysis and earnings Q&A samples in a configurable mix (default 60 / 20 / 20).
 
 Input schema (extra columns are ignored; the event text and time column names are options):
 
@@ -7,8 +7,8 @@ Input schema (extra columns are ignored; the event text and time column names ar
     event_impacts(event_id, ticker, window_min INTEGER, ret REAL, ...)
         -- long format: one row per event x ticker x window; `ret` is the ticker's return
         -- over `window_min` minutes after the event (a fraction, 0.0042 = +0.42 %, or
-        -- percent with ret_unit=percent). The design note's script died assuming a wide
-        -- `ret_post_15m` column.
+        -- percent with ret_unit=percent). A wide table (`ret_post_15m` columns) is an
+        -- error naming the missing and the found columns.
 
 How samples are formed. A *candidate* is one (event, ticker) pair with a non-NULL `ret` for the
 main window (`main_window`, default the first of `windows`); every return of the configured
@@ -18,7 +18,7 @@ main window (`main_window`, default the first of `windows`); every return of the
       user:      "News: Apple beats Q3 estimates\\nTicker: AAPL\\nDirection over 15m?"
       assistant: "up\\n15m +0.82% | 1h +1.10% | 1d +1.95%"         label "up"
 - market_analysis: the news, the ticker and its returns over every window it has -> how the
-  reaction developed from the main window to the longest one, which must be longer (the design note's
+  reaction developed from the main window to the longest one, which must be longer (a
   "priced in" / "wait and see" reading): wait_and_see if the main-window move is flat;
   follow_through if the longest-window return has the same sign and at least the same size;
   else priced_in.

@@ -19,7 +19,7 @@ unescaped. Lines of a paragraph join with a space, or with nothing between Chine
 indented block holding Chinese text is kept, not taken for code: Chinese editors indent paragraphs
 with spaces. A first paragraph equal to the title (the post's "# Title" line) is dropped.
 
-Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (design note: 300-800), cutting only
+Chunking: paragraphs are packed into chunks of `min_tokens`..`max_tokens` (e.g. 300-800), cutting only
 between paragraphs; a paragraph longer than `max_tokens` is cut between sentences (a sentence longer
 than that, between words or characters). Chunks of one post are balanced (a 900-token post gives two
 of ~450, not 800 + 100); a short last chunk joins the one before when they fit together. Tokens are

@@ -1,19 +1,19 @@
 """Trade signals builder, the crypto trade-log signals use case: SQLite `trades` LEFT JOIN `signals` on timestamp
 -> BUY / SELL / HOLD + confidence.
 
-Input schema (the design note's; extra columns are ignored; any name can be changed with `columns`):
+Input schema (a trading bot's log; extra columns are ignored; any name can be changed with `columns`):
 
     trades(id INTEGER PRIMARY KEY, timestamp TEXT, symbol TEXT, entry_price REAL, exit_price REAL,
            pnl_percent REAL, action_taken TEXT, position_size REAL, leverage REAL, status TEXT, ...)
     signals(id INTEGER PRIMARY KEY, timestamp TEXT, market_data TEXT, ai_signal TEXT,
             signal_confidence REAL, ...)
 
-One sample per closed trade, read with the design note's query
+One sample per closed trade, read with the query
 
     SELECT ... FROM trades t LEFT JOIN signals s ON t.timestamp = s.timestamp
     WHERE t.pnl_percent IS NOT NULL AND t.status = 'closed'       -- status compared case-insensitively
 
-`market_data` holds the JSON snapshot the signal was made from, in the design note's nested shape or flat:
+`market_data` holds the JSON snapshot the signal was made from, nested (indicators under "technical") or flat:
 
     {"symbol": "BTC/USDT", "price": 50000, "change_percent": 2.5, "volume_ratio": 1.4,
      "technical": {"rsi": 28.4, "macd_state": "golden_cross", "trend_direction": "bullish",
@@ -23,17 +23,17 @@ Each known indicator (INDICATORS below; looked up in "technical" first, then at 
 prompt line; other keys are ignored. Trend words are normalised (up / 上涨 / 多头 -> bullish, ...).
 
 Labels (`label_rule`):
-- pnl (default; the design note labels a trade by its outcome): pnl_percent is the trade's own return in percent
+- pnl (default: a trade is labelled by its outcome): pnl_percent is the trade's own return in percent
   (5.0 = 5 %). Above `profit_threshold` (5) the trade confirms its direction: a long -> BUY, a short -> SELL.
   Below `loss_threshold` (-3) it was on the wrong side of the move: `loss_label: opposite` (default) labels
   the other direction, since that side would have made the money; `loss_label: HOLD` says "do not trade
   this set-up". In between the move did not pay for the risk: HOLD. The direction comes from action_taken
   (BUY / long / open_long / 买入 / 做多 ..., SELL / short / ...), else from the prices (exit above entry
   with a profit is a long); a trade with neither is a bad row ("unknown_direction").
-- indicators (the design note's auto-labelling rule): RSI < rsi_oversold (35) and bullish -> BUY; RSI >
+- indicators (a rule on the snapshot, no outcome needed): RSI < rsi_oversold (35) and bullish -> BUY; RSI >
   rsi_overbought (65) and bearish -> SELL; bullish / bearish with trend_strength > strong_trend (0.6) ->
   BUY / SELL; else HOLD. market_data must then carry rsi, trend_direction and trend_strength (a missing
-  one is a bad row, "missing_indicator": the design note's silent defaults RSI 50 / neutral would invent a HOLD).
+  one is a bad row, "missing_indicator": defaulting to RSI 50 / neutral would invent a HOLD).
 
 Confidence: the signal row's signal_confidence when set and its ai_signal agrees with the label (or is NULL),
 as a fraction (a value above 1 is a percentage: 75 -> 0.75); otherwise how strongly the indicators back the
@@ -48,7 +48,7 @@ Bad rows (raise DataError naming the file, table, row id and column, or skip and
 skip_bad_rows=True): "bad_timestamp", "bad_pnl" (not a number, or beyond ±10,000 %), "bad_market_data" (not a
 JSON object), "bad_indicator" (e.g. rsi "n/a"), "no_indicators" (none of the known keys), "missing_indicator",
 "unknown_direction". The samples come in time order (timestamp, then trade id); `limit` keeps the most
-recent ones, like the design note's ORDER BY timestamp DESC LIMIT. With `stream=True` (what the pipeline asks
+recent ones (ORDER BY timestamp DESC LIMIT). With `stream=True` (what the pipeline asks
 for, conf/dataset/trade_signals.yaml) the rows are read in batches of 10,000, in the log's row order, and
 each batch is converted where the pipeline runs it (its worker processes, `Built.parts`), so a log of
 millions of trades is never held in memory and the conversion runs in parallel.
@@ -408,7 +408,7 @@ def first_present(keys, *sources):
 
 
 def _rule(values, t):
-    """The design note's indicator rule -> (signal, confidence), or None without rsi / trend / strength."""
+    """The indicator rule (label_rule=indicators) -> (signal, confidence), or None without rsi / trend / strength."""
     rsi, trend, strength = values.get("rsi"), values.get("trend_direction"), values.get("trend_strength")
     if rsi is None or trend is None or strength is None:
         return None

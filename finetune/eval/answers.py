@@ -1,6 +1,6 @@
 """Read a model's generated answer back into a label: signal + confidence, sentiment label, or JSON action.
 
-The answer formats our builders train on come first; the seeds' free forms are accepted too, so a base
+The answer formats our builders train on come first; free forms (prose, Chinese) are accepted too, so a base
 model that answers in prose still gets a fair score:
 
     '{"signal": "BUY", "confidence": 0.72}'        -> ("BUY", 0.72)

@@ -1,7 +1,7 @@
-"""Backtest of generated signals on held-out trades (finance sentiment note): return, Sharpe, drawdown, win rate, costs.
+"""Backtest of generated signals on held-out trades: return, Sharpe, drawdown, win rate, costs.
 
 Each held-out sample, in timestamp order, is one trade opportunity whose realised return of going long
-is `meta[return_key]` in percent (`pnl_percent` in the crypto trade-log note). The model's answer decides the position:
+is `meta[return_key]` in percent (trade_signals' `return_percent`). The model's answer decides the position:
 
     BUY -> +return,  SELL -> -return,  HOLD / unparsed / confidence below the threshold -> no trade (0)
 
@@ -16,7 +16,7 @@ a +2 % trade at 10 bps nets 0.02 - 0.001 = 0.019. The whole equity is put on eve
 - total_return: final equity - 1 (compounded net trade returns).
 - sharpe: mean / sample std (ddof=1) of the net returns of the trades taken, times
   sqrt(periods_per_year). Treating one trade as one period is a convention: pass 252 for about one
-  trade per trading day (the trading-decision note's choice, default), 365 for daily crypto, 1 for the raw per-trade
+  trade per trading day (default), 365 for daily crypto, 1 for the raw per-trade
   ratio. None when fewer than 2 trades or all trade returns equal (std 0): undefined, not zero.
 - max_drawdown: largest fall from a running peak of the equity curve, as a positive fraction (0.0 if none).
 - win_rate: share of taken trades with a positive net return; None with no trades.

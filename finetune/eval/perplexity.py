@@ -3,7 +3,7 @@
 The tokens scored are the ones training trains (finetune/data/tokens.py: every assistant turn, or the last with
 `turns: last`, as `dataset.train_turns` says; a text sample's trained segments), so base and tuned perplexity
 measure exactly what fine-tuning optimises; metrics.json says which (`perplexity_turns`). On a style corpus that
-is the author's own text (the writing-style design note's main measure).
+is the author's own text: the main measure of a style run.
 """
 import math
 

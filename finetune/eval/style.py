@@ -1,4 +1,4 @@
-"""Writing-style distance of generated text to the reference corpus (the writing-style design note's style indicators).
+"""Writing-style distance of generated text to the reference corpus, by style indicators.
 
 References are the samples' gold assistant answers (the author's own text); outputs are the model's
 answers to the same prompts. Four parts are measured on each side and compared:
