@@ -2,8 +2,8 @@
 
     python scripts/bench_data.py --trades 1000000            # build (dry run), then the same again: a cache hit
 
-The log is scripts/sample_trades.py's, N closed trades minutes apart (one signal row per trade, as in the
-crypto trade-log design note's schema), written once to --db-dir. Each build is a fresh
+The log is scripts/sample_trades.py's, N closed trades minutes apart (one signal row per trade, in the
+trade_signals builder's schema), written once to --db-dir. Each build is a fresh
 `python -m finetune dataset=trade_signals dataset.path=DB dry_run=true` process with an empty cache
 (FINETUNE_CACHE) for the first run and the same cache for the second; wall time and the process's peak RSS
 (getrusage of the child) are printed as one markdown row per run. Extra arguments go to the command as Hydra

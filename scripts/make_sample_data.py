@@ -2,7 +2,7 @@
 
     python scripts/make_sample_data.py
 
-Each source has its own generator beside this file, in the source format its use case's design note describes.
+Each source has its own generator beside this file, in the source format its builder reads (finetune/data/).
 """
 import make_tiny_tokenizer
 import sample_decisions

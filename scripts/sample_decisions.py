@@ -1,7 +1,7 @@
 """Write data/decisions.jsonl: trading-decision records (input -> output -> result -> label), 800 lines.
 
 Deterministic (seeded random.Random). Each record shows one symbol's market data and the account, with an
-empty recent_history (the trading-decision design note's collector leaves it empty too). The good decision
+empty recent_history (a live collector often leaves it empty too). The good decision
 follows one rule, so what trains (excellent + good) is learnable from the prompt:
 
     an open position on the symbol: CLOSE it if the trend turned against it (long & bearish, short &
@@ -12,7 +12,7 @@ follows one rule, so what trains (excellent + good) is learnable from the prompt
 
 About 80 % of the records follow the rule and end excellent / good / acceptable_loss; the rest take another
 action and end bad or acceptable_loss, so `train_outcomes: [excellent, good]` keeps only rule-following
-decisions. A few records are still "pending". About a third of the reasonings are in Chinese, as in the design note.
+decisions. A few records are still "pending". About a third of the reasonings are in Chinese.
 
     python scripts/sample_decisions.py
     python scripts/sample_decisions.py --out /tmp/rsi.jsonl --rule rsi --shares BUY=0.2,SELL=0.1,HOLD=0.6,CLOSE=0.1 \
@@ -95,7 +95,7 @@ def decision(rng, action, symbol, trend, macd, rsi, position, balance, level, re
 
 
 def result(rng, label, size):
-    """The design note's result block; pnl in USD. A HOLD without a position trades nothing: the move it sat out."""
+    """The record's result block; pnl in USD. A HOLD without a position trades nothing: the move it sat out."""
     ranges = {"excellent": (0.05, 0.12), "good": (0.005, 0.05), "acceptable_loss": (-0.03, -0.005),
               "bad": (-0.10, -0.03)}
     if label == "pending":
@@ -143,7 +143,7 @@ def write_decisions(path: Path = OUT, n: int = N_RECORDS, rule: str = "trend", s
                                       "market_regime": regime},
                       "account_state": {"balance": balance, "positions": [position] if position else [],
                                         "permission_level": level},
-                      "recent_history": []},   # the design note's collector leaves it empty too
+                      "recent_history": []},   # empty, as a live collector often leaves it
             "output": out,
             "result": result(rng, label, out["size_usd"] or (position or {}).get("size_usd")),
             "label": f"{label}_decision" if label in ("excellent", "good", "bad") else label,

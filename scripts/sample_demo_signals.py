@@ -3,7 +3,7 @@
 The prompts are written by the trade-signals builder's own `market_prompt`, so an adapter trained on this
 data answers `SignalProvider.get_signal(market_data)` with the prompt it was trained on.
 
-Labels follow the crypto trade-log design note's indicator rule (RSI < 35 and bullish -> BUY, RSI > 65 and
+Labels follow the trade_signals indicator rule (RSI < 35 and bullish -> BUY, RSI > 65 and
 bearish -> SELL, trend strength > 0.6 -> follow the trend, else HOLD), so a model can learn them from the prompt alone.
 Deterministic: `python scripts/sample_demo_signals.py` always writes the same file.
 """
@@ -12,7 +12,7 @@ import random
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sample_trades import rule as label  # the design note's indicator rule, the same as the trade log's
+from sample_trades import rule as label  # label_rule=indicators' rule, the same as the trade log's
 
 from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]

@@ -1,7 +1,7 @@
 """Write data/trades.db: the crypto trade log's `trades` + `signals` tables, ~600 closed trades over six months.
 
-Deterministic (seeded random.Random). Every closed trade's market snapshot is drawn so that the indicator rule of
-the crypto trade-log design note gives the wanted class (BUY / SELL / HOLD in turn, so the classes are balanced),
+Deterministic (seeded random.Random). Every closed trade's market snapshot is drawn so that the indicator rule
+(`label_rule: indicators`) gives the wanted class (BUY / SELL / HOLD in turn, so the classes are balanced),
 and its outcome agrees with that class, so `label_rule: pnl` and `label_rule: indicators` give the same, learnable
 labels: a BUY set-up is mostly a winning long (pnl > 5 %), sometimes a losing short (pnl < -3 %, the
 opposite side); SELL mirrors it; a HOLD set-up is a long or short that moved too little (-3 % .. 5 %).
