@@ -21,7 +21,7 @@ What is measured, per setup:
 - peak memory: torch.cuda.max_memory_allocated from the model load on (bitsandbytes' paged optimizer state lives
   in CUDA managed memory, which this does not count: a few MB for LoRA);
 - MFU: 6·N·tokens/s over the device's dense bf16 peak, N = every parameter of the unquantized model. 6N is the
-  issue's convention (forward, recomputed forward and input gradients of a frozen base: its "compute limit");
+  convention used here (forward, recomputed forward and input gradients of a frozen base);
   without checkpointing a LoRA step does ~4N, so MFU then understates the work;
 - the loss of every step, with the real tokens seen so far (compare curves per token: setups differ in tokens/step);
 - probe_loss: the loss of the same --probe samples through the setup's own collator and loss before training,

@@ -1,5 +1,5 @@
 """Bad input stops the run before training: non-zero exit, one line naming the place, status.json failed,
-no adapter and no metrics (issue 5). One case goes through the command line; the rest call run() directly."""
+no adapter and no metrics. One case goes through the command line; the rest call run() directly."""
 import json
 import shutil
 import sqlite3
@@ -34,8 +34,8 @@ def empty_db(tmp_path):
     return path
 
 
-def seed_001_wide_schema(tmp_path):
-    """The seed's own failure: impacts stored wide (ret_post_15m), not long (window_min, ret)."""
+def wide_news_schema(tmp_path):
+    """A common mistake: impacts stored wide (ret_post_15m), not long (window_min, ret)."""
     path = tmp_path / "wide.db"
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE events (event_id TEXT, ts TEXT, content TEXT)")
@@ -86,7 +86,7 @@ def missing_field(tmp_path):
 
 CASES = {  # name -> (dataset, make the input, words the error must hold)
     "empty database": ("trade_signals", empty_db, ["empty.db", "trades"]),
-    "wrong news schema": ("finance_news", seed_001_wide_schema, ["wide.db", "window_min", "ret_post_15m"]),
+    "wrong news schema": ("finance_news", wide_news_schema, ["wide.db", "window_min", "ret_post_15m"]),
     "invalid JSON in a column": ("trade_signals", bad_market_data, ["trades.db", "market_data", "row"]),
     "no samples left": ("trade_signals", only_open_trades, ["open.db", "no samples"]),
     "malformed JSON line": ("decision_records", malformed_jsonl, ["decisions.jsonl", "line 3"]),

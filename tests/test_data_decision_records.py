@@ -1,4 +1,4 @@
-"""decision_records builder: the seed's record, outcome filtering, action names, and named errors."""
+"""decision_records builder: a full record, outcome filtering, action names, and named errors."""
 import json
 import re
 from collections import Counter
@@ -13,7 +13,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data" / "decisions.jsonl"
 
 
 def record(label="excellent_decision", action="open_long", **output):
-    """The seed's decision record (its own example, with a position and a history)."""
+    """A full decision record, with a position and a history."""
     out = {"action": action, "symbol": "BTC", "size_usd": 60.0, "leverage": 2, "stop_loss_pct": 0.02,
            "take_profit_pct": 0.05, "reasoning": "上涨趋势，RSI健康", "confidence": 0.75}
     out.update(output)
@@ -33,7 +33,7 @@ def write(path, *records):
     return path
 
 
-def test_seed_record_becomes_one_sample(tmp_path):
+def test_full_record_becomes_one_sample(tmp_path):
     rec = record(confidence=75)
     rec["input"]["account_state"]["positions"] = [{"symbol": "ETH", "side": "short", "size_usd": 40}]
     rec["input"]["recent_history"] = [{"action": f"hold{i}"} for i in range(5)]

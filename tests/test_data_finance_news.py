@@ -1,4 +1,4 @@
-"""finance_news builder: long-format impacts, the three kinds, the mix, and the seed's schema failure."""
+"""finance_news builder: long-format impacts, the three kinds, the mix, and a wide schema refused."""
 import logging
 import sqlite3
 from collections import Counter
@@ -91,7 +91,7 @@ def test_mix_quotas_add_up(tmp_path):
     assert build(tmp_path / "x.db").samples == built.samples  # deterministic
 
 
-def test_wide_schema_of_the_seed_names_missing_and_found_columns(tmp_path):
+def test_wide_schema_names_missing_and_found_columns(tmp_path):
     wide = ("CREATE TABLE events (event_id TEXT, ts TEXT, content TEXT, star INTEGER, source TEXT)",
             "CREATE TABLE event_impacts (event_id TEXT, ticker TEXT, ret_post_15m REAL, ret_pre_120m REAL, x REAL)")
     db = make_db(tmp_path / "finance_analysis.db", schema=wide)

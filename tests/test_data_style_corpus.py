@@ -1,4 +1,4 @@
-"""Style corpus builder (writing-style design note): Markdown cleaning, chunking, tasks, and bad posts named by file."""
+"""Style corpus builder: Markdown cleaning, chunking, tasks, and bad posts named by file."""
 import json
 import re
 from collections import Counter

@@ -1,4 +1,4 @@
-"""trade_signals builder: the seed's join and filters, both label rules, confidence, and named errors."""
+"""trade_signals builder: the trades-signals join and filters, both label rules, confidence, and named errors."""
 import json
 import logging
 import sqlite3
@@ -33,14 +33,14 @@ def make_db(path, trades=(), signals=(), schema=(TRADES, SIGNALS)):
 
 
 def snap(rsi=50.0, trend="neutral", strength=0.3, **extra):
-    """The seed's nested market_data."""
+    """Nested market_data (indicators under "technical")."""
     return json.dumps({"symbol": "BTC/USDT", "price": 50000, "change_percent": 2.5,
                        "technical": {"rsi": rsi, "macd_state": "golden_cross", "trend_direction": trend,
                                      "trend_strength": strength, "atr_percent": 2.5, "bb_position": 50}, **extra},
                       ensure_ascii=False)
 
 
-def test_seed_join_filters_and_one_sample(tmp_path):
+def test_join_filters_and_one_sample(tmp_path):
     db = make_db(tmp_path / "trades.db", [
         ("2024-03-05 09:00:00", "BTC/USDT", 50000, 53050, 6.1, "BUY", "closed"),
         ("2024-03-05 10:00:00", "BTC/USDT", 50000, None, None, "BUY", "open"),       # open: SQL filters it

@@ -1,4 +1,4 @@
-"""Incremental training from an earlier run's adapter, and the new-samples gate (two design notes)."""
+"""Incremental training from an earlier run's adapter, and the new-samples gate."""
 import json
 
 import pytest

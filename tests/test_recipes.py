@@ -1,4 +1,4 @@
-"""Each seed recipe runs end to end with the tiny model on CPU, on its own sample data, and reports its suite."""
+"""Each shipped recipe runs end to end with the tiny model on CPU, on its own sample data, and reports its suite."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""SQL injection through config names (issue 9): a table or column name from the options that is not a plain
+"""SQL injection through config names: a table or column name from the options that is not a plain
 identifier is refused with a ConfigError before the database is opened, and the database is unchanged.
 
 Both SQLite builders (trade_signals, finance_news) take table and column names as options; SQL cannot bind
