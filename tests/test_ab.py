@@ -1,4 +1,4 @@
-"""A/B between two adapters (trading-decision design note): seeded routing, the decision log, and a report whose
+"""A/B between two adapters: seeded routing, the decision log, and a report whose
 per-arm figures and Welch t-test are worked out by hand below."""
 import json
 import math
@@ -69,7 +69,7 @@ def test_report_reproduces_the_hand_computed_figures():
     assert c["t"] == pytest.approx(-0.7385489459) and c["df"] == pytest.approx(4.5949367089)
     assert c["p_value"] == pytest.approx(0.4961420665, abs=1e-9) and c["significant"] is False
     assert report["unmatched_outcomes"] == 1  # x9 was never logged
-    # the trading-decision design note's annualised Sharpe: times sqrt(252) = 15.8745 -> 0.5477 * 15.8745 = 8.6948
+    # annualised Sharpe (periods_per_year 252): times sqrt(252) = 15.8745 -> 0.5477 * 15.8745 = 8.6948
     assert ab_report(DECISIONS, OUTCOMES)["arms"]["a"]["sharpe"] == pytest.approx(8.6948260477)
 
 

@@ -1,4 +1,4 @@
-"""Parsing generated answers: our JSON formats, the seeds' free forms, and garbage (never raises)."""
+"""Parsing generated answers: our JSON formats, free forms (prose, Chinese), and garbage (never raises)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,9 +12,9 @@ SENTIMENT = ["positive", "neutral", "negative"]
     ('{"signal": "BUY", "confidence": 0.72}', ("BUY", 0.72)),                  # our training format
     ('Sure:\n```json\n{"signal": "sell", "confidence": "80%"}\n```', ("SELL", 0.8)),  # fenced, lower, "80%"
     ('{"signal": "HOLD", "confidence": 64}', ("HOLD", 0.64)),                   # 64 > 1 -> percent
-    ("BUY - 上涨趋势 + RSI健康，建议买入", ("BUY", None)),                         # crypto trade-log note: instruction form
-    ("建议 BUY，置信度 75%", ("BUY", 0.75)),                                      # crypto trade-log note: chatml form
-    ("信号：SELL，置信度：80%，建议操作：观察", ("SELL", 0.8)),                       # crypto trade-log note: collected form
+    ("BUY - 上涨趋势 + RSI健康，建议买入", ("BUY", None)),                         # Chinese prose, no confidence
+    ("建议 BUY，置信度 75%", ("BUY", 0.75)),                                      # Chinese, confidence in %
+    ("信号：SELL，置信度：80%，建议操作：观察", ("SELL", 0.8)),                       # Chinese, labelled fields
     ("Signal: hold (confidence 0.6)", ("HOLD", 0.6)),
     ("建议：卖出", ("SELL", None)),                                               # Chinese signal word
     ("**HOLD** for now", ("HOLD", None)),                                       # leading word in markdown

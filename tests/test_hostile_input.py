@@ -1,4 +1,4 @@
-"""Hostile input (issue 9): every parser of user data either builds samples the pipeline accepts or raises
+"""Hostile input: every parser of user data either builds samples the pipeline accepts or raises
 one DataError line naming the file; never another exception, never a traceback.
 
 Hypothesis feeds each builder random text and bytes (invalid UTF-8, NULs), truncated and deeply nested

@@ -22,7 +22,7 @@ TINY_RUN = ["dataset=trade_signals", "eval=perplexity", "training.max_steps=80",
             "training.per_device_train_batch_size=8", "training.eval_strategy=no", "training.save_strategy=no",
             "training.load_best_model_at_end=false", "eval.max_samples=4"]
 
-# The design note's shapes: nested "technical" (crypto trade-log note §2.3), flat keys, Chinese trend words, no symbol.
+# Snapshot shapes a trading loop sends: nested "technical", flat keys, Chinese trend words, no symbol.
 SNAPSHOTS = [
     {"symbol": "BTC/USDT", "price": 52000, "change_percent": 2.5,
      "technical": {"rsi": 55, "trend_direction": "bullish", "trend_strength": 0.7, "atr_percent": 2.5}},
