@@ -242,7 +242,7 @@ def format_report(report: dict) -> str:
 
 def read_snapshots(path: Path) -> list[dict]:
     """A JSONL of {"id"?, "market_data": {...}} for `route`, every snapshot checked before a model loads."""
-    from finetune.data.trade_signals import market_prompt
+    from finetune.tasks.signals import market_prompt
     rows = read_lines(path, {"market_data": (lambda v: isinstance(v, dict), "a JSON object")})
     for row in rows:
         try:

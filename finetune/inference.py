@@ -10,7 +10,7 @@
     SignalProvider.from_pretrained("/models/qwen", "outputs/.../adapter")         # base + adapter paths
     SignalProvider(model, tokenizer)                                             # already loaded (or merged)
 
-Prompts are built exactly as training wrote them: `finetune.data.trade_signals.market_prompt` with the
+Prompts are built exactly as training wrote them: `finetune.tasks.signals.market_prompt` with the
 run's system prompt (`dataset.builder.system_prompt`, or the builder's default when the run did not set
 it). A run trained on another builder (the demo data's own prompt format) is warned about, since its
 prompts will differ; send it `messages` written as in its training data through `generate` instead.
@@ -18,7 +18,7 @@ prompts will differ; send it `messages` written as in its training data through 
 Answers are decoded as the run's evaluation decoded them (`eval.generation`: greedy unless it says otherwise,
 stopping at every id of the model's `generation_config.eos_token_id`), so the same prompt gets the answer the
 report scored; greedy answers are the same batched or one by one. They are read with
-`finetune.eval.answers.parse_signal`. The rules a trading loop can rely on:
+`finetune.tasks.signals.parse_signal`. The rules a trading loop can rely on:
 - an answer without a readable signal AND confidence is the fallback ("HOLD", 0.0), counted in
   `provider.fallbacks` (a trading loop must not act on an unquantified signal);
 - `confidence_threshold`: a BUY / SELL below it becomes HOLD, keeping the model's confidence so a log
@@ -41,10 +41,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
 from finetune import tasks
 from finetune.errors import ConfigError
-from finetune.eval.answers import SIGNALS, parse_signal
+from finetune.tasks.signals import SIGNALS, SYSTEM_PROMPT, market_prompt, parse_signal
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ TASKS = ("auto", "signals", "generate")
 def read_inputs(path: Path, system_prompt: str | None) -> list[dict]:
     """Each non-blank line -> {"line", "id", "kind" (market_data | messages | prompt), "chat", "expected"};
     `system_prompt` is the run's training one (finetune.inference.training_system_prompt)."""
-    from finetune.data.trade_signals import market_prompt
+    from finetune.tasks.signals import market_prompt
     records = []
     for number, item in safe_json.jsonl_objects(path):
         where = f"{path.name}: line {number}"

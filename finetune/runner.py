@@ -249,11 +249,12 @@ def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
     """eval.constrained: the task's answer grammar, or an error for a task (or suite) that has none."""
     if not cfg.eval.get("constrained"):
         return None
-    from finetune.eval.constrained import GRAMMARS, grammar_for
-    grammar = grammar_for(cfg.dataset.task)
+    from finetune import tasks
+    grammar = tasks.get(cfg.dataset.task).grammar()
     if grammar is None or not answering:
+        with_one = ", ".join(name for name, task in tasks.TASKS.items() if task.grammar() is not None)
         raise ConfigError("eval.constrained=true: " + (f"dataset.task={cfg.dataset.task} has no answer grammar "
-                          f"(tasks with one: {', '.join(GRAMMARS)})" if grammar is None else
+                          f"(tasks with one: {with_one})" if grammar is None else
                           "the eval suite has no metric that reads answers"))
     return grammar
 

@@ -22,7 +22,7 @@ Batching: every request joins one queue; a worker takes what arrived within `--b
 Greedy answers are the same batched or alone (the tests check it). A streamed chat completion (server-sent
 events) is generated on its own, token by token.
 
-Answers that parse: the signal routes decode under the task's grammar (finetune/eval/constrained.py), so a
+Answers that parse: the signal routes decode under the task's grammar (finetune/tasks/), so a
 signal is always read and the ("HOLD", 0.0) fallback is for a model without one (`--free` turns it off);
 chat completions take OpenAI's `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}} or
 {"type": "json_object"}) the same way.
@@ -281,10 +281,10 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from finetune.eval.constrained import grammar_for
+    from finetune import tasks
     limits = limits or Limits(batch_size=provider.batch_size)
     batcher = Batcher(provider, limits)
-    task_grammar = grammar_for(provider.task) if constrained else None
+    task_grammar = tasks.get(provider.task).grammar() if constrained else None
     if run_name == BASE:  # the adapter's id would be the base model's, and every request would go to the base
         log.warning("the run dir is named %r, the base model's id: its adapter is served as %r", BASE, f"{BASE}-run")
         run_name = f"{BASE}-run"
@@ -623,7 +623,7 @@ def cut_at_stop(out: dict, stop: tuple) -> dict:
 
 def response_grammar(response_format, task: str = "text") -> str | None:
     """OpenAI's response_format as a llguidance grammar: a JSON schema, any JSON object, or None (free text). The
-    JSON is laid out as the task's training answers are (finetune/eval/constrained.py: JSON_LAYOUT), so the model
+    JSON is laid out as the task's training answers are (finetune/tasks/: `json_layout`), so the model
     writes what it learnt instead of a layout it never saw."""
     if response_format is None or response_format == {"type": "text"}:
         return None
@@ -636,8 +636,8 @@ def response_grammar(response_format, task: str = "text") -> str | None:
     else:
         raise ApiError(400, "response_format: {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}")
     try:
-        from finetune.eval.constrained import json_layout
-        items, keys = json_layout(task)
+        from finetune import tasks
+        items, keys = tasks.get(task).json_layout
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={
             "whitespace_flexible": False, "item_separator": items, "key_separator": keys})
         problem = llguidance.LLMatcher.validate_grammar(grammar)  # "" when usable

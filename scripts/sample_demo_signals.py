@@ -1,7 +1,8 @@
 """Write data/demo_signals.jsonl: the default run's chat data, market snapshots -> BUY/SELL/HOLD + confidence.
 
-The prompts are written by the trade-signals builder's own `market_prompt`, so an adapter trained on this
-data answers `SignalProvider.get_signal(market_data)` with the prompt it was trained on.
+The prompts are written by the signals task's `market_prompt` (finetune/tasks/signals.py, which the trade-signals
+builder uses too), so an adapter trained on this data answers `SignalProvider.get_signal(market_data)` with the
+prompt it was trained on.
 
 Labels follow the trade_signals indicator rule (RSI < 35 and bullish -> BUY, RSI > 65 and
 bearish -> SELL, trend strength > 0.6 -> follow the trend, else HOLD), so a model can learn them from the prompt alone.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from sample_trades import rule as label  # label_rule=indicators' rule, the same as the trade log's
 
-from finetune.data.trade_signals import SYSTEM_PROMPT, market_prompt
+from finetune.tasks.signals import SYSTEM_PROMPT, market_prompt
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 BASE_PRICE = {"BTC-USDT": 43000.0, "ETH-USDT": 2300.0, "SOL-USDT": 95.0, "BNB-USDT": 310.0}
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from finetune.ab import ABRouter, ab_report, assign, betainc, main as ab_main, welch
-from finetune.eval.answers import SIGNALS
+from finetune.tasks.signals import SIGNALS
 from test_inference import SNAPSHOTS, one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
 
 

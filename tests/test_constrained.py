@@ -6,8 +6,8 @@ import pytest
 
 from conftest import FAST, compose
 from finetune.errors import ConfigError
-from finetune.eval.answers import parse_signal
-from finetune.eval.constrained import SIGNAL, grammar_for
+from finetune import tasks
+from finetune.tasks.signals import ANSWER, parse_signal
 from finetune.eval.suite import generate_answers
 from finetune.model import load_model, load_tokenizer
 
@@ -21,14 +21,15 @@ def test_random_model_answers_follow_the_signal_grammar_in_a_batch():
     tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, None, use_cpu=True)
     free = generate_answers(model, tokenizer, CHATS, 24, 3, progress=False)
     assert not any(parse_signal(text)[0] for text in free["texts"])  # unconstrained, a random model writes noise
-    answers = generate_answers(model, tokenizer, CHATS, 24, 3, progress=False, grammar=grammar_for("signals"))
+    grammar = tasks.get("signals").grammar()
+    answers = generate_answers(model, tokenizer, CHATS, 24, 3, progress=False, grammar=grammar)
     for text, stopped in zip(answers["texts"], answers["stopped"]):
-        assert re.fullmatch(SIGNAL, text), text
+        assert re.fullmatch(ANSWER, text), text
         signal, confidence = parse_signal(text)
         assert signal in ("BUY", "SELL", "HOLD") and 0 <= confidence <= 1 and stopped
         assert set(json.loads(text)) == {"signal", "confidence"}
     # one at a time gives the same answers: the mask is per row
-    assert [generate_answers(model, tokenizer, [c], 24, 1, progress=False, grammar=grammar_for("signals"))["texts"][0]
+    assert [generate_answers(model, tokenizer, [c], 24, 1, progress=False, grammar=grammar)["texts"][0]
             for c in CHATS] == answers["texts"]
 
 

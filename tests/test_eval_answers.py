@@ -3,7 +3,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.eval.answers import parse_action, parse_label, parse_signal, to_confidence
+from finetune.eval.answers import to_confidence
+from finetune.tasks.action import parse_action
+from finetune.tasks.label import parse_label
+from finetune.tasks.signals import parse_signal
 
 SENTIMENT = ["positive", "neutral", "negative"]
 

@@ -22,7 +22,10 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from finetune.data import Built, decision_records, finance_news, generic, sentiment, style_corpus, trade_signals
 from finetune.data.pipeline import check_sample
 from finetune.errors import DataError
-from finetune.eval.answers import SIGNALS, json_objects, parse_action, parse_label, parse_signal, to_confidence
+from finetune.eval.answers import json_objects, to_confidence
+from finetune.tasks.action import parse_action
+from finetune.tasks.label import parse_label
+from finetune.tasks.signals import SIGNALS, parse_signal
 
 FUZZ = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -85,7 +85,7 @@ def cache_key(cfg: DictConfig, seed: int, digest: str, tokenizer) -> str:
 
 
 def check_sample(sample: dict, task: str) -> str | None:
-    """Why a built sample cannot train for `task` (finetune/tasks.py), or None. The reason names the field.
+    """Why a built sample cannot train for `task` (finetune/tasks/), or None. The reason names the field.
 
     A chat sample: messages (an assistant's may call tools, then its content may be empty; a tool result follows
     a call), the last one the assistant's. A text sample (segments, no messages) trains for task text only."""

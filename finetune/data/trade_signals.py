@@ -19,8 +19,9 @@ One sample per closed trade, read with the query
      "technical": {"rsi": 28.4, "macd_state": "golden_cross", "trend_direction": "bullish",
                    "trend_strength": 0.65, "atr_percent": 2.5, "bb_position": 20}}
 
-Each known indicator (INDICATORS below; looked up in "technical" first, then at the top level) becomes one
-prompt line; other keys are ignored. Trend words are normalised (up / 上涨 / 多头 -> bullish, ...).
+The prompt is the signals task's (finetune/tasks/signals.py, which the signal provider uses too): each known
+indicator (INDICATORS there; looked up in "technical" first, then at the top level) becomes one prompt line; other
+keys are ignored. Trend words are normalised (up / 上涨 / 多头 -> bullish, ...).
 
 Labels (`label_rule`):
 - pnl (default: a trade is labelled by its outcome): pnl_percent is the trade's own return in percent
@@ -98,10 +99,11 @@ from finetune.data.rows import BadRow, BadRows, SkipRow
 from finetune.data.sqlite import check_columns, check_names, connect
 from finetune.data.timestamps import parse_timestamp
 from finetune.errors import ConfigError, DataError
+from finetune.tasks.signals import INDICATORS, SYSTEM_PROMPT, Signals, indicators, prompt_messages
 
 log = logging.getLogger(__name__)
+SIGNALS_TASK = Signals()  # writes each answer as the signals task reads it
 
-SYSTEM_PROMPT = "You are a crypto trading assistant. Answer with a JSON signal and confidence."
 # logical name -> default column: TRADE_COLUMNS live in the trades table, SIGNAL_COLUMNS in the signals table
 COLUMNS = {"timestamp": "timestamp", "symbol": "symbol", "entry_price": "entry_price", "exit_price": "exit_price",
            "pnl_percent": "pnl_percent", "action_taken": "action_taken", "status": "status",
@@ -111,21 +113,6 @@ MAX_PNL_PERCENT = 10_000.0  # a trade's return in percent beyond which the cell 
 TRADE_COLUMNS = ("timestamp", "symbol", "entry_price", "exit_price", "pnl_percent", "action_taken", "status")
 SIGNAL_COLUMNS = ("signal_timestamp", "market_data", "ai_signal", "signal_confidence")
 OPTIONAL = {"entry_price", "exit_price", "action_taken", "ai_signal", "signal_confidence"}  # may be null
-# (prompt label, market_data keys in lookup order, numeric?)
-INDICATORS = (
-    ("Price", ("price", "current_price", "close"), True),
-    ("Change 24h", ("change_percent", "change_24h", "price_change_24h"), True),
-    ("RSI", ("rsi", "rsi_14"), True),
-    ("MACD", ("macd_state", "macd", "macd_signal"), False),
-    ("Trend", ("trend_direction", "trend"), False),
-    ("Trend strength", ("trend_strength",), True),
-    ("ATR%", ("atr_percent", "atr_pct"), True),
-    ("BB position", ("bb_position",), True),
-    ("Volume ratio", ("volume_ratio", "vol_ratio"), True),
-)
-TRENDS = {"bullish": ("bullish", "bull", "up", "uptrend", "上涨", "上升", "多头", "看涨"),
-          "bearish": ("bearish", "bear", "down", "downtrend", "下跌", "下降", "空头", "看跌")}
-TREND_OF = {word: trend for trend, words in TRENDS.items() for word in words}
 DIRECTIONS = {"long": ("buy", "long", "open_long", "close_long", "买入", "做多", "开多"),
               "short": ("sell", "short", "open_short", "close_short", "卖出", "做空", "开空")}
 SIGNAL_OF = {"long": "BUY", "short": "SELL"}
@@ -319,14 +306,14 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
     confidence = _confidence(label, ai_signal, signal_confidence, ruled)
     symbol = symbol if symbol is not None else snapshot.get("symbol")
     messages = prompt_messages(lines, symbol, system_prompt)
-    messages.append({"role": "assistant", "content": _answer(label, confidence)})
+    messages.append({"role": "assistant", "content": SIGNALS_TASK.render(label, confidence)})
     sign = {"long": 1, "short": -1}.get(direction)
     sample = {"messages": messages, "label": label, "timestamp": timestamp}
     if preference:  # the answer the outcome punished: the other side of (or no trade on) a move that paid, the
         # trade taken otherwise; `preference` is the builder's move_rejects
         hold = preference == "hold" or preference == "balanced" and trade_id % 2
         rejected = SIGNAL_OF[direction] if label == "HOLD" else "HOLD" if hold else OPPOSITE[label]
-        sample["rejected"] = _answer(rejected, confidence)
+        sample["rejected"] = SIGNALS_TASK.render(rejected, confidence)
     if cost is not None:  # desirability: was the trade taken worth it after costs?
         sample["desirable"] = pnl_value > cost
     return {**sample,
@@ -345,66 +332,13 @@ def _market_data(market_data, at_signal):
     if not isinstance(snapshot, dict):
         raise BadRow("bad_market_data", f"{at_signal}: expected a JSON object, got {type(snapshot).__name__}")
     try:
-        lines, values = _indicators(snapshot)
+        lines, values = indicators(snapshot)
     except ValueError as e:
         raise BadRow("bad_indicator", f"{at_signal}: {e}") from None
     if not lines:
         raise BadRow("no_indicators", f"{at_signal}: no known indicator (keys looked for: "
                      + ", ".join(k for _, keys, _ in INDICATORS for k in keys) + ")")
     return snapshot, lines, values
-
-
-# ---- market data -> prompt lines and the values the rules read
-
-def prompt_messages(lines: list[str], symbol, system_prompt: str | None) -> list[dict]:
-    user = "\n".join(([f"Symbol: {symbol}"] if symbol is not None else []) + lines)
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": user}]
-
-
-def market_prompt(market_data: dict, symbol=None, system_prompt: str | None = SYSTEM_PROMPT) -> list[dict]:
-    """The prompt messages for one market snapshot, exactly as build() writes them for training: what a
-    signal provider sends to the tuned model. ValueError when the snapshot has no usable indicator."""
-    lines, _ = _indicators(market_data)
-    if not lines:
-        raise ValueError("market_data has no known indicator (e.g. rsi, trend_direction, price)")
-    return prompt_messages(lines, symbol if symbol is not None else market_data.get("symbol"), system_prompt)
-
-
-def _indicators(snapshot):
-    """(prompt lines, {rsi, trend_direction, trend_strength}); ValueError names a bad value."""
-    technical = snapshot.get("technical")
-    sources = (technical, snapshot) if isinstance(technical, dict) else (snapshot,)
-    lines, values = [], {}
-    for label, keys, numeric in INDICATORS:
-        key, value = first_present(keys, *sources)
-        if value is None:
-            continue
-        if numeric:
-            number = finite_number(value)
-            if number is None:
-                raise ValueError(f"'{key}' is {value!r}, not a number")
-            value, text = number, _fmt(number)
-        elif isinstance(value, (dict, list)):
-            raise ValueError(f"'{key}' is {json.dumps(value, ensure_ascii=False)[:40]}, not a single value")
-        else:
-            text = str(value).strip()
-            if label == "Trend":
-                text = TREND_OF.get(text.lower(), text)
-                value = text
-        values[keys[0]] = value
-        lines.append(f"{label}: {text}")
-    return lines, values
-
-
-def first_present(keys, *sources):
-    """(key, value) of the first of `keys` set (not None) in the first source that has one; (keys[0], None)."""
-    for source in sources:
-        for key in keys:
-            value = source.get(key)
-            if value is not None:
-                return key, value
-    return keys[0], None
 
 
 def _rule(values, t):
@@ -419,12 +353,6 @@ def _rule(values, t):
     if trend in ("bullish", "bearish") and strength > t["strong"]:
         return ("BUY" if trend == "bullish" else "SELL"), 0.5 + strength / 4
     return "HOLD", 0.55
-
-
-def _answer(signal: str, confidence: float) -> str:
-    """json.dumps({"signal": signal, "confidence": confidence}) to the character (a signal is one of three words, a
-    float's JSON is its repr), at a tenth of the cost."""
-    return f'{{"signal": "{signal}", "confidence": {confidence!r}}}'
 
 
 def _pnl_label(pnl, direction, profit, loss, loss_label):
@@ -462,11 +390,6 @@ def _signal_word(value):
     return "HOLD" if word in ("hold", "wait", "观望", "持有") else word.upper()
 
 
-
-
-def _fmt(number):
-    """43123.45 -> '43123.45', 45.0 -> '45': short and exact enough for a prompt."""
-    return f"{number:.4f}".rstrip("0").rstrip(".")
 
 
 # ---- options and schema

@@ -27,7 +27,7 @@ import math
 import statistics
 
 from finetune.errors import DataError
-from finetune.eval.answers import parse_signal
+from finetune.tasks.signals import parse_signal
 
 
 class Backtest:

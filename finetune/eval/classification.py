@@ -1,11 +1,11 @@
 """Accuracy of generated answers for signals, sentiment or decision actions, with the numbers to trust it.
 
-Each answer is parsed (finetune/eval/answers.py) and compared with the sample's gold `label`. An answer
+Each answer is parsed by its task (finetune/tasks/) and compared with the sample's gold `label`. An answer
 that cannot be parsed, or names a class outside `labels`, counts as wrong and lands in the confusion
 matrix's extra 'unparsed' column. Plain Python: `evaluate` can only load its metric modules from the hub,
 which is unreachable here.
 
-How an answer is read is the task's (finetune/tasks.py): `first_line` reads the label from the answer's first
+How an answer is read is the task's (finetune/tasks/): `first_line` reads the label from the answer's first
 non-empty line only (the finance-news builder puts the label there and an explanation after it).
 
 Result (task="signals"; sentiment and first_line have no confidence, so those keys are None; only signals has

@@ -8,34 +8,13 @@ llguidance was chosen over xgrammar and outlines: a 3 MB wheel that installs no 
 schema / Lark grammars, a token mask per row computed in Rust, and it is a guided-decoding backend of vLLM,
 SGLang and llama.cpp, so a grammar written here carries over to them.
 
-    signals  {"signal": "BUY" | "SELL" | "HOLD", "confidence": 0 ... 1}: the trade-log builder's answer, spaced
-             as json.dumps writes it, so a tuned model's learnt format is inside the grammar
-Other tasks have no grammar yet (free text, labels with explanations, the decision records' open JSON
-action): `grammar_for` gives None and the suite says so.
+Which grammar a task's answer follows is the task's own (finetune/tasks/: `task.grammar()`, None for a task whose
+answer has no fixed shape); this module holds the grammar to its rows during generate().
 """
 import torch
 from transformers import LogitsProcessor
 
-CONFIDENCE = r"(0(\.[0-9]{1,4})?|1(\.0{1,4})?)"
-SIGNAL = r'\{"signal": "(BUY|SELL|HOLD)", "confidence": ' + CONFIDENCE + r"\}"
-GRAMMARS = {"signals": SIGNAL}
-# How each task's training answers lay out JSON (item separator, key separator): trade signals as json.dumps
-# writes them, decision records' actions compact. A constrained JSON answer (the server's response_format) keeps
-# the layout the model learnt; a task not listed gets json.dumps's.
-JSON_LAYOUT = {"signals": (", ", ": "), "action": (",", ":")}
-
-
-def json_layout(task: str) -> tuple[str, str]:
-    return JSON_LAYOUT.get(task, (", ", ": "))
-
 _tokenizers: dict = {}  # id(tokenizer) -> (tokenizer, llguidance tokenizer): building one takes ~1 s
-
-
-def grammar_for(task: str) -> str | None:
-    """The llguidance grammar of a `task`'s answer (from its regular expression), or None when it has no fixed
-    shape."""
-    import llguidance
-    return llguidance.LLMatcher.grammar_from_regex(GRAMMARS[task]) if task in GRAMMARS else None
 
 
 def ll_tokenizer(tokenizer, n_vocab: int, stops: list[int]):
@@ -48,7 +27,7 @@ def ll_tokenizer(tokenizer, n_vocab: int, stops: list[int]):
 
 class GrammarLogits(LogitsProcessor):
     """For one generate() call on a left-padded batch whose answers start at column `width`: each row's answer
-    follows `grammar` (llguidance's: `grammar_for`, or LLMatcher.grammar_from_json_schema / _regex / _lark).
+    follows `grammar` (llguidance's: a task's `grammar()`, or LLMatcher.grammar_from_json_schema / _regex / _lark).
     A complete answer may only be followed by a stop id; rows that have stopped are left unmasked (generate()
     pads them anyway)."""
 

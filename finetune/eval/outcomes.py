@@ -2,7 +2,7 @@
 
 Held-out samples marked "desirable" (decision records with dataset.builder.undesirable_outcomes, generic
 format=kto) say what happened after the recorded answer: true for a decision that went well, false for one that
-went badly. Each generated answer is parsed for the task's label (finetune/tasks.py: the action of a JSON
+went badly. Each generated answer is parsed for the task's label (finetune/tasks/: the action of a JSON
 decision, the signal of a trade signal); the model repeats a decision when its label is the recorded one.
 
     {"desirable_rate": 0.62, "undesirable_rate": 0.31, "outcome_margin": 0.31,
