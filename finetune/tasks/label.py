@@ -3,7 +3,7 @@ Sentiment (positive / neutral / negative) is this task; a new one is `Label("spa
 
     parse_label('Positive.', SENTIMENT)                         -> "positive"
     parse_label('{"sentiment": "Negative"}', SENTIMENT)         -> "negative"
-    parse_label('positive or negative, hard to say', SENTIMENT) -> None
+    parse_label('hard to say: positive or negative', SENTIMENT) -> None (two labels, neither first)
 """
 import re
 
