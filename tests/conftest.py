@@ -27,6 +27,18 @@ def cache_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def default_run(cache_dir, tmp_path_factory) -> tuple[Path, str]:
+    """`python -m finetune` as the Quick start types it (the full default run): its run dir and its console,
+    stdout and stderr together (bytes decoded: text mode would turn the bars' \\r into line ends). One run for
+    the session: tests/test_cli.py reads its files, tests/test_console.py its console."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    out = subprocess.run([sys.executable, "-m", "finetune", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert out.returncode == 0, out.stdout.decode()[-3000:]
+    return run_dir, out.stdout.decode()
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

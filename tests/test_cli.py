@@ -12,9 +12,8 @@ def completed(run_dir) -> bool:
     return json.loads((run_dir / "status.json").read_text())["status"] == "completed"
 
 
-def test_default_command_writes_hydra_config_and_report(tmp_path):
-    out = cli(f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_default_command_writes_hydra_config_and_report(default_run):
+    tmp_path, _ = default_run  # conftest.py: `python -m finetune`, shared with tests/test_console.py
     assert completed(tmp_path)
     assert (tmp_path / ".hydra" / "config.yaml").is_file() and (tmp_path / ".hydra" / "overrides.yaml").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -69,28 +68,6 @@ def test_recipe_from_a_user_folder(tmp_path):
     assert completed(tmp_path / "run")
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["use_dora"] is True
-
-
-def test_a_user_recipe_value_wins_over_the_fit(tmp_path):
-    """conf/fit/tiny_cpu.yaml sets lr 3e-3 after the recipe; the user's own recipe (not a shipped one) outranks it."""
-    (tmp_path / "mine" / "recipe").mkdir(parents=True)
-    (tmp_path / "mine" / "recipe" / "my_lr.yaml").write_text(
-        "# @package _global_\ntraining:\n  learning_rate: 0.002\n  per_device_train_batch_size: 4\n")
-    steps = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "eval.max_samples=4"]
-    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_lr", "model=tiny", "training=cpu", *steps,
-              f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "kept training.learning_rate=0.002 from your recipe" in out.stdout, out.stdout
-    training = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["training"]
-    assert training["learning_rate"] == 0.002 and training["per_device_train_batch_size"] == 4
-    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
-    assert state["train_batch_size"] == 4
-    # a shipped recipe's 7B value is replaced, and the run says so; a method's own learning rate is kept
-    shipped = cli("recipe=lora_qwen_signals", "model=tiny", "training=cpu", "dry_run=true",
-                  f"hydra.run.dir={tmp_path / 'dry'}")
-    assert "fit tiny_cpu replaced training.learning_rate: 0.0001 -> 0.003" in shipped.stdout, shipped.stdout
-    prompt = cli("method=prompt", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry2'}")
-    assert "kept training.learning_rate=0.03 from the method" in prompt.stdout, prompt.stdout
 
 
 def test_flat_recipe_folder_through_recipes_scheme(tmp_path):
