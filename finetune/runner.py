@@ -260,17 +260,27 @@ def constrained_grammar(cfg: DictConfig, answering: list[str]) -> str | None:
 
 
 def check(cfg: DictConfig, run_dir: Path, main: bool) -> tuple[dict, object]:
-    """The resolved config (a fit's replacements and a preference stage's own values printed) and the trainer's
+    """The resolved config (the fit composed and a preference stage's own values printed) and the trainer's
     arguments (None for a dry run)."""
     def say(lines):  # on the console once (Hydra's console handler) and in finetune.log
         for line in lines:
             log.info("%s", line)
-    if HydraConfig.initialized():  # the user's recipe and the method's own values outrank a fit
-        from finetune.fit import apply_fit_precedence
-        say(apply_fit_precedence(cfg, HydraConfig.get()))
+    say(fit_values(cfg))
     config, args = check_config(cfg, None if cfg.dry_run else run_dir / CHECKPOINTS)
     say(stage_values(cfg, config))
     return config, args
+
+
+def fit_values(cfg: DictConfig) -> list[str]:
+    """One line naming the fit Hydra composed (conf/fit/<model>_<training>.yaml) and the values it left in `cfg`
+    (the method, a recipe and the command line come after it in the defaults list and win)."""
+    fit = HydraConfig.get().runtime.choices.get("fit") if HydraConfig.initialized() else None
+    path = CONF_DIR / "fit" / f"{fit}.yaml"
+    if fit is None or not path.is_file():
+        return []
+    keys = OmegaConf.load(path).get("training", {})
+    values = ", ".join(f"{key}={cfg.training.get(key)}" for key in keys)
+    return [f"fit {fit} (conf/fit/{fit}.yaml, under the method, the recipe and the command line): training {values}"]
 
 
 def stage_values(cfg: DictConfig, config: dict) -> list[str]:
