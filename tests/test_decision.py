@@ -7,16 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, compose
+from conftest import compose
 from finetune import tasks
+from finetune.runner import run
 
 
 @pytest.fixture(scope="module")
 def weighted_run(tmp_path_factory) -> Path:
-    """The default run (tiny model, demo signals) with the decision tokens weighted and balanced."""
+    """The default run (tiny model, demo signals) with the decision tokens weighted and balanced, in 100 steps
+    instead of 180: validation macro-F1 levels off by step 50 while the eval loss still falls to step 100, so the
+    two still pick different checkpoints."""
     run_dir = tmp_path_factory.mktemp("weighted")
-    out = cli(f"hydra.run.dir={run_dir}", "decision.weight=5", "decision.balance=true")
-    assert out.returncode == 0, out.stderr[-3000:]
+    run(compose("decision.weight=5", "decision.balance=true", "training.max_steps=100"), run_dir)
     return run_dir
 
 
