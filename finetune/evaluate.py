@@ -26,7 +26,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bo
     cfg = load_run_config(run_dir, list(overrides), trust_remote_code)  # everything checked before the model loads
     adapter_path(run_dir)
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
-    from finetune.runner import constrained_grammar
+    from finetune.train.recipe import constrained_grammar
     grammar = constrained_grammar(cfg, [name for name, m in metrics.items() if m.needs_generation])
     test = run_dir / DATA / "test.jsonl"
     samples = read_jsonl(test)[: cfg.eval.max_samples]

@@ -100,13 +100,14 @@ def test_the_weighted_loss_is_trls_loss_when_every_weight_is_one(tmp_path):
     from finetune.config import check_config
     from finetune.decision_loss import DecisionWeightedSFTTrainer, token_weights
     from finetune.model import load_tokenizer
-    from finetune.runner import build_data, load_base, make_trainer
+    from finetune.train.recipe import build_data, load_base
+    from finetune.train.trainers import build as make_trainer
     cfg = compose("training.max_steps=2")
     _, args = check_config(cfg, tmp_path / "checkpoints")
     tokenizer = load_tokenizer(cfg.model)
     splits, stats = build_data(cfg, tokenizer, tmp_path, True)
-    trainer = make_trainer(cfg, args, load_base(cfg, args), None, instantiate(cfg.method, _convert_="all"), splits,
-                           stats, tokenizer)
+    model, peft_config = load_base(cfg, args, None, instantiate(cfg.method, _convert_="all"))
+    trainer = make_trainer(cfg, args, model, None, peft_config, splits, stats, tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     plain = trainer.compute_loss(trainer.model, dict(batch)).item()

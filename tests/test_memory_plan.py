@@ -59,10 +59,10 @@ def test_the_memory_model_predicts_every_h200_peak_within_20_percent(qwen_shape)
 def planned(caplog, *overrides):
     """check_config as the runner calls it for a dry run, and what the runner logs of the plan (on the console
     under the CLI: Hydra's console handler shows finetune's lines)."""
-    from finetune import runner
+    from finetune.train import recipe
     cfg = compose(*overrides, "dry_run=true")
     with caplog.at_level(logging.INFO, logger="finetune"):
-        config, _ = runner.check(cfg, Path("/nonexistent"), main=True)
+        config, _ = recipe.check(cfg, Path("/nonexistent"))
     return config, caplog.text
 
 
@@ -184,10 +184,10 @@ def test_checkpointing_every_2nd_layer_trains_and_recomputes_those_layers(tmp_pa
 
 def test_manifest_records_what_the_plan_chose(caplog, tmp_path, monkeypatch):
     """.hydra/config.yaml keeps `auto` (what was asked); manifest.json's config says what trained, with the plan."""
-    from finetune import runner
+    from finetune.train import recipe
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # record() points wandb at the run dir: undone after the test
     config, _ = planned(caplog, *QWEN_QLORA, "plan.device_memory=24GiB")
-    runner.record(compose(*QWEN_QLORA), config, {"source": {"sha256": "0" * 64}}, tmp_path)
+    recipe.record(compose(*QWEN_QLORA), config, {"source": {"sha256": "0" * 64}}, tmp_path)
     written = json.loads((tmp_path / "manifest.json").read_text())["config"]
     assert written["training"]["activation_checkpointing"] is True
     assert written["training"]["per_device_train_batch_size"] == config["training"]["per_device_train_batch_size"]

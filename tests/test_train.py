@@ -150,16 +150,16 @@ def test_full_fine_tuning_of_a_7b_preset_is_refused_before_anything_loads(tmp_pa
 
 def test_dpo_on_data_without_pairs_stops_before_the_model_loads(tmp_path, monkeypatch):
     """objective=dpo on supervised samples names the two ways to give it pairs; no weight has loaded."""
-    import finetune.runner as runner
-    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    import finetune.train.recipe as recipe
+    monkeypatch.setattr(recipe, "load_base", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(DataError, match=r"objective=dpo: no train sample has a rejected answer; .*"
                                         r"dataset\.builder\.format=chosen .* dataset\.builder\.preference=true"):
         run(compose("objective=dpo", "training.max_steps=2"), tmp_path)
 
 
 def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path, monkeypatch):
-    import finetune.runner as runner
-    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    import finetune.train.recipe as recipe
+    monkeypatch.setattr(recipe, "load_base", lambda *a: pytest.fail("the model loaded"))
     with pytest.raises(DataError, match=r"objective=kto: no train sample says whether its answer is desirable; .*"
                                         r"undesirable_outcomes=\[bad\].*format=kto"):
         run(compose("objective=kto", "training.max_steps=2"), tmp_path)
@@ -185,8 +185,8 @@ def test_kto_on_data_without_desirability_stops_before_the_model_loads(tmp_path,
      r"objective\.start_from=.*: that run trained model=smollm2-135m-instruct, this one is model=tiny"),
 ])
 def test_a_bad_objective_setting_is_named_before_anything_runs(tmp_path, monkeypatch, overrides, message):
-    import finetune.runner as runner
-    monkeypatch.setattr(runner, "load_base", lambda *a: pytest.fail("the model loaded"))
+    import finetune.train.recipe as recipe
+    monkeypatch.setattr(recipe, "load_base", lambda *a: pytest.fail("the model loaded"))
     earlier = tmp_path / "earlier"  # a run dir of another model, with an adapter
     (earlier / "adapter").mkdir(parents=True)
     (earlier / "adapter" / "adapter_config.json").write_text("{}")

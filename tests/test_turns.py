@@ -125,7 +125,7 @@ def test_sft_trainer_trains_exactly_the_mask(tmp_path):
     from finetune.config import sft_config
     from finetune.data.pipeline import prepare
     from finetune.model import load_model
-    from finetune.runner import make_trainer
+    from finetune.train.trainers import build as make_trainer
     tokenizer = load_tokenizer(compose().model)
     long_system = [{"role": "system", "content": "Marv " * 200}] + FOUR_TURNS[1:3]
     chats = [FOUR_TURNS] + [FOUR_TURNS[:3]] + [long_system] + [

@@ -11,14 +11,16 @@ RUN_DIR is then an ordinary run dir (adapter/ is the final adapter: predict, ser
 and its report.md and metrics.json add the three models side by side ("stages": the base model, after SFT,
 after SFT -> preference). A command run again on the same dir does not train a completed SFT stage again.
 """
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from finetune.config import check_config
 from finetune.leaderboard import read_json
-from finetune.rundir import METRICS, STATUS, write_json, write_text
-from finetune.walk_forward import SHOWN, fmt
+from finetune.rundir import METRICS, STATUS, run_lock, write_json, write_text
+from finetune.train.recipe import Run, is_main_process, run
+from finetune.train.walk_forward import SHOWN, fmt
 
 SFT_DIR = "sft"
 
@@ -45,15 +47,18 @@ def completed(run_dir: Path) -> dict | None:
     return read_json(run_dir / METRICS) or None
 
 
-def run_stages(cfg: DictConfig, run_dir: Path, run, locked_run, main: bool):
-    """`run(cfg, dir)` for the SFT stage (unless it completed), `locked_run(cfg, dir, main)` for the preference
-    stage in `run_dir` (finetune/runner.py); the stages table added to its report.md and metrics.json."""
-    check_config(cfg, None)  # the preference stage's settings too, before the SFT stage trains
-    sft_dir = run_dir / SFT_DIR
-    sft = completed(sft_dir)
-    if sft is None:
-        sft = run(sft_config(cfg), sft_dir).metrics
-    result = locked_run(preference_config(cfg, sft_dir), run_dir, main)
+def run_stages(cfg: DictConfig, run_dir: Path) -> Run:
+    """The SFT stage's run in RUN_DIR/sft (unless it completed), then the preference stage's in `run_dir`, both
+    the plain run of finetune/train/recipe.py; the stages table added to its report.md and metrics.json."""
+    main = is_main_process()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir) if main else nullcontext():  # the whole two-stage run, not each stage alone
+        check_config(cfg, None)  # the preference stage's settings too, before the SFT stage trains
+        sft_dir = run_dir / SFT_DIR
+        sft = completed(sft_dir)
+        if sft is None:
+            sft = run(sft_config(cfg), sft_dir).metrics
+        result = run(preference_config(cfg, sft_dir), run_dir)
     if not main or result.skipped:
         return result
     name = cfg.objective.name.upper()

@@ -7,14 +7,16 @@ run in RUN_DIR/fold-k (its own data, adapter, report.md), and RUN_DIR/report.md 
 tuned metrics, their mean (metrics.json's base and tuned, what a sweep ranks), and the baselines of a backtest (always long; always HOLD, which trades nothing and
 returns 0). Every fold is checked: its test window starts after the last timestamp it trained or validated on.
 """
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.errors import ConfigError, DataError
-from finetune.rundir import METRICS, write_json
+from finetune.rundir import METRICS, run_lock, write_json
+from finetune.train.recipe import Run, is_main_process, run
 
-# the metrics report.md shows for each fold (and finetune/stages.py for each stage), where the eval suite has them
+# the metrics report.md shows for each fold (and finetune/train/stages.py for each stage), where the eval suite has them
 SHOWN = ("accuracy", "parse_rate", "profitable_ratio", "total_return", "sharpe", "max_drawdown",
          "desirable_rate", "undesirable_rate", "outcome_margin", "perplexity")
 
@@ -40,18 +42,21 @@ def fold_config(cfg: DictConfig, fold: int, folds: int) -> DictConfig:
     return fold_cfg
 
 
-def run_folds(cfg: DictConfig, run_dir: Path, run) -> dict:
-    """Each fold's run (`run(cfg, dir)`, finetune/runner.py), then report.md and metrics.json over them."""
+def run_folds(cfg: DictConfig, run_dir: Path) -> Run:
+    """Each fold's plain run (finetune/train/recipe.py) in run_dir/fold-k, then report.md and metrics.json over
+    them."""
     folds = check(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for fold in range(1, folds + 1):
-        result = run(fold_config(cfg, fold, folds), run_dir / f"fold-{fold}")
-        rows.append(fold_row(fold, result.stats, result.metrics))
+    with run_lock(run_dir) if is_main_process() else nullcontext():
+        for fold in range(1, folds + 1):
+            result = run(fold_config(cfg, fold, folds), run_dir / f"fold-{fold}")
+            rows.append(fold_row(fold, result.stats, result.metrics))
     means = mean(rows)  # base / tuned as in a run's metrics.json (what a sweep's leaderboard ranks), over the folds
     summary = {"base": means["base"], "tuned": means["tuned"], "folds": rows}
     write_json(run_dir / METRICS, summary)
     (run_dir / "report.md").write_text(report(cfg, rows, means), encoding="utf-8")
-    return summary
+    return Run(metrics=summary)
 
 
 def fold_row(fold: int, stats: dict, metrics: dict) -> dict:
