@@ -47,20 +47,25 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     assert [r["status"] for r in rows] == ["completed", "completed"]
 
 
-def test_tensorboard_events_hold_loss_and_eval_metrics(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = cli("training.report_to=[tensorboard]", *TINY, f"hydra.run.dir={tmp_path}")
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One run that reports to both trackers: each test below reads its own tracker's files."""
+    run_dir = tmp_path_factory.mktemp("tracked")
+    out = cli("training.report_to=[tensorboard,wandb]", *TINY, f"hydra.run.dir={run_dir}")
     assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+def test_tensorboard_events_hold_loss_and_eval_metrics(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = set()
-    for events in tmp_path.rglob("events.out.tfevents.*"):
+    for events in tracked_run.rglob("events.out.tfevents.*"):
         reader = EventAccumulator(str(events))
         reader.Reload()
         tags |= set(reader.Tags()["scalars"])
     assert {"train/loss", "eval/loss", "train/base_perplexity", "train/tuned_perplexity"} <= tags, tags
 
 
-def test_wandb_offline_writes_its_run_in_the_run_dir(tmp_path):
-    out = cli("training.report_to=[wandb]", *TINY, f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+def test_wandb_offline_writes_its_run_in_the_run_dir(tracked_run):
+    runs = list((tracked_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and b"tuned_perplexity" in runs[0].read_bytes()
