@@ -9,6 +9,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 def __getattr__(name):
     # `from finetune import SignalProvider` without importing torch for every `import finetune`
     if name in ("SignalProvider", "Ensemble", "vote"):
-        from finetune import inference
+        from finetune.serving import inference
         return getattr(inference, name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

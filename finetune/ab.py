@@ -41,7 +41,7 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
-from finetune.logs import log_to
+from finetune.rundir.logs import log_to
 
 ARMS = ("a", "b")
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             result = ab_report(decisions, outcomes, alpha=args.alpha, periods_per_year=args.periods_per_year)
             print(json.dumps(result, indent=2) if args.json else format_report(result))
         else:
-            from finetune.inference import SignalProvider
+            from finetune.serving.inference import SignalProvider
             log_to(args.run_a)  # library lines and warnings into run A's finetune.log, not the console
             rows = read_snapshots(args.input)
             router = ABRouter(SignalProvider.from_run(args.run_a), SignalProvider.from_run(args.run_b),

@@ -8,7 +8,7 @@ one command on a random-init model of a preset's shape (conf/model/<preset>.yaml
 
 Setups (same weights, same synthetic samples, same LoRA config and learning-rate schedule):
 - ours: what `python -m finetune model=<preset> method=<method> training=gpu` builds: finetune.config.check_config,
-  finetune.model.load_tokenizer / load_model and SFTTrainer on the runner's prompt/completion data. The lever flags
+  finetune.train.model.load_tokenizer / load_model and SFTTrainer on the runner's prompt/completion data. The lever flags
   (--liger, --batch, --checkpointing, ...) are Hydra overrides of it; each --variant adds one more `ours`.
 - plain: the textbook approach without Unsloth: transformers Trainer + PEFT (+ bitsandbytes NF4 for QLoRA),
   each batch padded to its longest sample, batch 4, activation checkpointing, paged 32-bit AdamW for QLoRA.
@@ -65,7 +65,7 @@ from transformers import TrainerCallback
 
 from finetune.config import ATTENTION, check_config
 from finetune.errors import ConfigError
-from finetune.model import (TINY_TOKENIZER, build_tiny, keep_4bit_differentiable, load_model, load_tokenizer,
+from finetune.train.model import (TINY_TOKENIZER, build_tiny, keep_4bit_differentiable, load_model, load_tokenizer,
                             model_source, random_model)
 from finetune.paths import CONF_DIR
 from finetune.rundir import versions, write_json, write_text
@@ -184,7 +184,7 @@ def lengths(text: str, flag: str) -> tuple[int, int]:
 
 def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
-    from finetune.registration import register
+    from finetune.config.registration import register
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
@@ -196,7 +196,7 @@ def bench_model(model_cfg: DictConfig, seed: int, device: str) -> Path:
     A preset's model is built on the device in its dtype (a 7B model initialises in seconds on a GPU), saved once
     under the cache with the tiny tokenizer, and then loaded by each setup through from_pretrained: that is how
     QLoRA quantizes (BitsAndBytesConfig on load, as with real weights), so no setup needs code of its own for a
-    random model, and ours loads exactly as the runner does (finetune.model.load_model on `model.path`).
+    random model, and ours loads exactly as the runner does (finetune.train.model.load_model on `model.path`).
     """
     if model_cfg.tiny is not None:
         return build_tiny(model_cfg.tiny)
@@ -306,7 +306,7 @@ def real_tokens(batch: dict):
 def ours(cfg: DictConfig, out_dir: Path, samples: list[dict]):
     """The trainer, and the memory plan training=gpu made for it (config["plan"], as manifest.json keeps it)."""
     from trl import SFTTrainer
-    from finetune.guards import StopOnNonFiniteLoss
+    from finetune.train.guards import StopOnNonFiniteLoss
     config, args = check_config(cfg, out_dir)
     for line in config.get("plan", {}).get("lines", []):
         print(f"bench: {line}", flush=True)
@@ -514,7 +514,7 @@ def run(args, save=lambda report: None) -> dict:
     if cuda and not torch.cuda.is_available():
         raise ConfigError("--device cuda but this machine has no CUDA GPU; --device cpu runs the smoke test")
     if cuda:  # before the random model is built on the GPU: as the runner's memory plan sets it
-        from finetune.memory_plan import use_cuda_allocator_for_packing
+        from finetune.config.memory_plan import use_cuda_allocator_for_packing
         use_cuda_allocator_for_packing()
     common = [f"model={args.model}", f"method={args.method}", "training=gpu", f"seed={args.seed}",
               f"training.max_steps={args.steps}", "training.logging_steps=1", "training.eval_strategy=no",

@@ -4,7 +4,7 @@
     python -m finetune.evaluate RUN_DIR eval=style eval.max_samples=20   # another suite or setting
     python -m finetune.evaluate RUN_DIR eval.constrained=true    # also under the task's answer grammar
 
-Reads the run's saved config (finetune/rundir.py), the held-out split in RUN_DIR/data/test.jsonl and the adapter in
+Reads the run's saved config (finetune/rundir/__init__.py), the held-out split in RUN_DIR/data/test.jsonl and the adapter in
 RUN_DIR/adapter; writes RUN_DIR/evals/<time>/metrics.json (and report.md with the plots).
 """
 import argparse
@@ -15,14 +15,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.errors import ConfigError, DataError
-from finetune.logs import log_to
+from finetune.rundir.logs import log_to
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = (), trust_remote_code: bool = False) -> dict:
     from hydra.utils import instantiate
     from finetune.data.pipeline import read_jsonl
     from finetune.eval.suite import score
-    from finetune.rundir import DATA, adapter_path, load_run, load_run_config, tuned_model
+    from finetune.rundir import DATA
+    from finetune.serving.reopen import adapter_path, load_run, load_run_config, tuned_model
     cfg = load_run_config(run_dir, list(overrides), trust_remote_code)  # everything checked before the model loads
     adapter_path(run_dir)
     metrics = instantiate(cfg.eval.metrics, _convert_="all")
@@ -49,14 +50,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the model's own code from its folder (a run dir's setting is never used)")
     args = parser.parse_args(argv)
     log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
-    from finetune.report import metrics_table
+    from finetune.rundir.report import metrics_table
     from finetune.rundir import METRICS, write_json, write_text
     try:
         result = evaluate_run(args.run_dir, args.overrides, args.trust_remote_code)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    from finetune.guards import told_if_disk_full
+    from finetune.train.guards import told_if_disk_full
     out = args.run_dir / "evals" / time.strftime("%Y%m%d-%H%M%S")  # beside the run's own metrics
     with told_if_disk_full(out):
         out.mkdir(parents=True, exist_ok=True)

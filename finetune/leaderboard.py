@@ -1,7 +1,7 @@
 """A sweep's leaderboard: one row per job, best first, in <sweep dir>/leaderboard.csv and leaderboard.md.
 
 A Hydra callback (conf/config.yaml: hydra.callbacks.leaderboard) that runs when a multirun ends and reads
-each job's run dir (status, metrics, Hydra's overrides: finetune/rundir.py), so it works with any launcher
+each job's run dir (status, metrics, Hydra's overrides: finetune/rundir/__init__.py), so it works with any launcher
 (local, joblib, submitit) and lists a failed job as a failed row instead of stopping the sweep.
 The metric that ranks the jobs is `leaderboard.metric` of the config (a key of metrics.json's "tuned"),
 with `leaderboard.mode` min or max; recipes choose theirs.

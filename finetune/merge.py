@@ -9,7 +9,7 @@ merge_and_unload(), and save_pretrained (safetensors) with the tokenizer and its
 merge.json records the run, the adapter folder (`adapter_dir`) and the base it came from.
 
 Methods that add virtual tokens at run time (prefix-tuning, prompt tuning, p-tuning) have no weights to
-fold in and are refused: serve those with their adapter (finetune.inference, finetune.serve). LoRA, DoRA,
+fold in and are refused: serve those with their adapter (finetune.serving.inference, finetune.serve). LoRA, DoRA,
 IA3 (and the `modules_to_save` copies of embeddings and head) merge. OUT_DIR is written beside and renamed
 at the end, so it is whole or absent; an existing non-empty OUT_DIR is refused unless --force.
 """
@@ -19,17 +19,18 @@ import sys
 from pathlib import Path
 
 from finetune.errors import ConfigError, DataError
-from finetune.logs import log_to
+from finetune.rundir.logs import log_to
 
 
 def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = False) -> Path:
     import torch
     from peft import PeftConfig, PeftModel
-    from finetune.rundir import adapter_path, atomic_dir, load_run, load_run_config, write_json
+    from finetune.rundir import atomic_dir, write_json
+    from finetune.serving.reopen import adapter_path, load_run, load_run_config
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_run_config(run_dir)  # everything checked before the model loads
     adapter = adapter_path(run_dir)
-    from finetune.rundir import is_full_model
+    from finetune.serving.reopen import is_full_model
     if is_full_model(adapter):
         raise ConfigError(f"{run_dir}: a method=full run; {adapter} is already the whole model, nothing to merge "
                           "(AutoModelForCausalLM.from_pretrained loads it)")
@@ -38,7 +39,7 @@ def merge(run_dir: Path, out_dir: Path, dtype: str | None = None, force: bool = 
     if peft_config.is_prompt_learning:
         raise ConfigError(f"{run_dir}: a {method} adapter adds virtual tokens at run time and has "
                           "no weights to merge into the base; serve it with its adapter instead "
-                          "(finetune.inference.SignalProvider.from_run, python -m finetune.serve)")
+                          "(finetune.serving.inference.SignalProvider.from_run, python -m finetune.serve)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ConfigError(f"{out_dir}: exists and is not empty; choose another folder or pass --force")
     dtype = str(cfg.model.dtype if dtype is None else dtype)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
-    from finetune.guards import told_if_disk_full
+    from finetune.train.guards import told_if_disk_full
     try:
         with told_if_disk_full(args.out_dir):
             out = merge(args.run_dir, args.out_dir, args.dtype, args.force)

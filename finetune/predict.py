@@ -9,7 +9,7 @@ One JSON object per input line, in one of three forms (other keys are ignored; `
     {"id": "h7", "messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]}
     {"id": "q3", "prompt": "Headline: Fed holds rates"}
 
-- market_data: the prompt is built as training wrote it (finetune.inference.SignalProvider.signal_prompt);
+- market_data: the prompt is built as training wrote it (finetune.serving.inference.SignalProvider.signal_prompt);
 - messages: sent as given; a last `assistant` message is taken as the gold answer, left out of the prompt
   and written back as "expected", so a run's own data/test.jsonl can be fed in as it is;
 - prompt: one user message, after the run's training system prompt when it had one.
@@ -33,14 +33,14 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
-from finetune.logs import log_to
+from finetune.rundir.logs import log_to
 
 TASKS = ("auto", "signals", "generate")
 
 
 def read_inputs(path: Path, system_prompt: str | None) -> list[dict]:
     """Each non-blank line -> {"line", "id", "kind" (market_data | messages | prompt), "chat", "expected"};
-    `system_prompt` is the run's training one (finetune.inference.training_system_prompt)."""
+    `system_prompt` is the run's training one (finetune.serving.inference.training_system_prompt)."""
     from finetune.tasks.signals import market_prompt
     records = []
     for number, item in safe_json.jsonl_objects(path):
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     log_to(args.run_dir)  # library lines and warnings into the run's finetune.log, not the console
-    from finetune.inference import SignalProvider, training_system_prompt
-    from finetune.rundir import atomic_file, load_run_config
+    from finetune.serving.inference import SignalProvider, training_system_prompt
+    from finetune.rundir import atomic_file
+    from finetune.serving.reopen import load_run_config
     try:
         # the inputs are checked before the model loads: a bad line 9000 fails in a second, not after minutes
         records = read_inputs(args.input, training_system_prompt(load_run_config(args.run_dir, [])))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    from finetune.guards import told_if_disk_full
+    from finetune.train.guards import told_if_disk_full
     with told_if_disk_full(args.output):
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(args.output) as out:  # whole or absent

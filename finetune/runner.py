@@ -1,6 +1,6 @@
 """`python -m finetune`: the entry point. Hydra composes the config (conf/ + a recipe) and picks the run dir;
 `run` chooses what to run and finetune/train/recipe.py runs it, top to bottom. From Python: compose a config
-(call `finetune.registration.register()` first) and call `run(cfg, run_dir)`.
+(call `finetune.config.registration.register()` first) and call `run(cfg, run_dir)`.
 """
 import logging
 import sys
@@ -13,10 +13,10 @@ from omegaconf import DictConfig
 
 from finetune.config import check_training_overrides
 from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
-from finetune.logs import hold_records, replay_held_records
+from finetune.rundir.logs import hold_records, replay_held_records
 from finetune.paths import CONF_DIR
-from finetune.recipes import check_recipe_overrides
-from finetune.registration import register
+from finetune.config.recipes import check_recipe_overrides
+from finetune.config.registration import register
 from finetune.rundir import hide_secret_overrides
 from finetune.train import recipe, stages, walk_forward
 from finetune.train.recipe import Run, is_main_process
@@ -54,7 +54,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         raise
     if is_main_process():  # the last console line: the verdict of report.md, and where the run is
-        from finetune.report import verdict
+        from finetune.rundir.report import verdict
         said = verdict(result.metrics, cfg.leaderboard.metric, cfg.leaderboard.mode).replace("**", "") \
             if result.metrics.get("tuned") else None
         print(f"{said} Run dir: {run_dir}" if said else f"run dir: {run_dir}")

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from finetune.data import safe_json
 from finetune.errors import ConfigError, DataError
-from finetune.logs import log_to
+from finetune.rundir.logs import log_to
 
 log = logging.getLogger(__name__)
 
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: --host {args.host} opens the server to the network: set {args.api_key_env} to the API key "
               f"clients must send (Authorization: Bearer <key>), or serve on 127.0.0.1", file=sys.stderr)
         sys.exit(1)
-    from finetune.inference import SignalProvider
+    from finetune.serving.inference import SignalProvider
     try:
         provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code,
                                            confidence_threshold=args.confidence_threshold)

@@ -11,7 +11,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from finetune.paths import CONF_DIR, RECIPES_DIR  # noqa: E402
-from finetune.registration import register  # noqa: E402
+from finetune.config.registration import register  # noqa: E402
 
 register()  # the recipes source and the resolvers, as the CLI registers them
 

@@ -11,7 +11,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from conftest import compose
 from finetune import bench
 from finetune.config import check_training, resolve
-from finetune.model import TINY_TOKENIZER
+from finetune.train.model import TINY_TOKENIZER
 
 SMOKE = ["--model", "tiny", "--device", "cpu", "--warmup-steps", "1", "--lengths", "80-160", "--batch", "2",
          "--grad-accum", "1", "--max-length", "256", "--peer-max-length", "256"]

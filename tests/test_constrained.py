@@ -9,7 +9,7 @@ from finetune.errors import ConfigError
 from finetune import tasks
 from finetune.tasks.signals import ANSWER, parse_signal
 from finetune.eval.suite import generate_answers
-from finetune.model import load_model, load_tokenizer
+from finetune.train.model import load_model, load_tokenizer
 
 CHATS = [[{"role": "user", "content": "BTC/USDT RSI 28.4, trend bullish"}],
          [{"role": "user", "content": "ETH/USDT RSI 71.0"}],

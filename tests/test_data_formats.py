@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from finetune.data.generic import build
 from finetune.data.pipeline import check_sample, prepare
 from finetune.errors import ConfigError, DataError
-from finetune.model import TEMPLATES, TINY_TOKENIZER
+from finetune.train.model import TEMPLATES, TINY_TOKENIZER
 from finetune.paths import CONF_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"

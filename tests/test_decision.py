@@ -80,8 +80,8 @@ def test_likelihood_scoring_agrees_with_greedy_answers(weighted_run):
 
 
 def test_decision_tokens_are_the_label_tokens_and_balance_follows_the_label_shares():
-    from finetune.decision_loss import token_weights
-    from finetune.model import load_tokenizer
+    from finetune.train.decision_loss import token_weights
+    from finetune.train.model import load_tokenizer
     tokenizer = load_tokenizer(compose().model)
     answer = '{"signal": "%s", "confidence": 0.7}'
     samples = [{"messages": [{"role": "user", "content": f"RSI: {i}"}, {"role": "assistant", "content": answer % label}],
@@ -98,8 +98,8 @@ def test_decision_tokens_are_the_label_tokens_and_balance_follows_the_label_shar
 def test_the_weighted_loss_is_trls_loss_when_every_weight_is_one(tmp_path):
     from hydra.utils import instantiate
     from finetune.config import check_config
-    from finetune.decision_loss import DecisionWeightedSFTTrainer, token_weights
-    from finetune.model import load_tokenizer
+    from finetune.train.decision_loss import DecisionWeightedSFTTrainer, token_weights
+    from finetune.train.model import load_tokenizer
     from finetune.train.recipe import build_data, load_base
     from finetune.train.trainers import build as make_trainer
     cfg = compose("training.max_steps=2")

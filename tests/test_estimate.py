@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose
 from finetune.errors import ConfigError
-from finetune.estimate import checkpointing, estimate, model_shape
-from finetune.model import convert_gguf, load_model
+from finetune.config.estimate import checkpointing, estimate, model_shape
+from finetune.train.model import convert_gguf, load_model
 from finetune.runner import run
 
 

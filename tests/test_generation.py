@@ -4,7 +4,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from conftest import compose
 from finetune.eval.suite import generate_answers
-from finetune.model import load_model, load_tokenizer
+from finetune.train.model import load_model, load_tokenizer
 
 
 def test_repetition_penalty_counts_the_answer_only():

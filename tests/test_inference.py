@@ -11,7 +11,7 @@ from conftest import ROOT, compose
 from finetune.data.pipeline import read_jsonl
 from finetune.errors import DataError
 from finetune.tasks.signals import SIGNALS, parse_signal
-from finetune.inference import FALLBACK, Ensemble, SignalProvider, training_system_prompt, vote
+from finetune.serving.inference import FALLBACK, Ensemble, SignalProvider, training_system_prompt, vote
 from finetune.predict import main as predict_main, read_answer, read_inputs
 from finetune.runner import run
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import ROOT, compose
-from finetune import memory_plan
+from finetune.config import memory_plan
 from finetune.config import check_config
 from finetune.errors import ConfigError
-from finetune.estimate import model_shape
+from finetune.config.estimate import model_shape
 
 MEASURED = sorted((ROOT / "docs" / "benchmarks" / "h200-2026-12-04").glob("*.json"))
 QWEN_QLORA = ["model=qwen2_5_7b", "method=qlora", "training=gpu"]
@@ -150,7 +150,7 @@ def test_checkpointing_every_2nd_layer_trains_and_recomputes_those_layers(tmp_pa
     import datasets
     from hydra.utils import instantiate
     from trl import SFTTrainer
-    from finetune.model import load_model, load_tokenizer
+    from finetune.train.model import load_model, load_tokenizer
     cfg = compose("model.tiny.num_hidden_layers=4", "training.activation_checkpointing=true",
                   "+training.activation_checkpointing_kwargs={every_n_layers:2}", "training.max_steps=3",
                   "training.eval_strategy=no", "training.save_strategy=no", "training.load_best_model_at_end=false")

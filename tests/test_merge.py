@@ -7,10 +7,10 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.rundir import load_run_config
-from finetune.inference import SignalProvider
+from finetune.serving.reopen import load_run_config
+from finetune.serving.inference import SignalProvider
 from finetune.merge import main as merge_main
-from finetune.model import load_model, load_tokenizer, model_source
+from finetune.train.model import load_model, load_tokenizer, model_source
 from test_inference import SNAPSHOTS, one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
 
 

@@ -13,7 +13,7 @@ from finetune.data import Built
 from finetune.data.augment import jitter_numbers
 from finetune.data.pipeline import prepare
 from finetune.errors import DataError
-from finetune.model import TINY_TOKENIZER
+from finetune.train.model import TINY_TOKENIZER
 from finetune.paths import CONF_DIR
 
 CALLS = Counter()

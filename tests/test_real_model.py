@@ -13,8 +13,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import compose
-from finetune.inference import SignalProvider
-from finetune.model import load_tokenizer
+from finetune.serving.inference import SignalProvider
+from finetune.train.model import load_tokenizer
 from finetune.paths import CONF_DIR
 from finetune.runner import run
 

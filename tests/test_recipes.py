@@ -80,7 +80,7 @@ def check_stages(run_dir, metrics, objective):
                                                                        "adapter_model.safetensors"]
     assert (run_dir / "sft" / "data" / "test.jsonl").read_text() == (run_dir / "data" / "test.jsonl").read_text()
     assert f"| metric | base model | after SFT | after SFT + {objective.upper()} |" in (run_dir / "report.md").read_text()
-    from finetune.inference import SignalProvider  # the run dir serves as any: the final adapter on its base
+    from finetune.serving.inference import SignalProvider  # the run dir serves as any: the final adapter on its base
     first = json.loads((run_dir / "answers.jsonl").read_text().splitlines()[0])
     assert SignalProvider.from_run(run_dir, system_prompt=None).generate([first["prompt"]]) == [first["tuned"]]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, cli
 from finetune.errors import ConfigError
-from finetune.resume import problem, resume_from
+from finetune.train.resume import problem, resume_from
 
 RESUMABLE = ["training.max_steps=30", "training.save_steps=5", "training.eval_steps=5", "training.logging_steps=5",
              "training.save_total_limit=3", "training.load_best_model_at_end=false", "eval.max_samples=8"]
@@ -494,7 +494,7 @@ def test_a_full_disk_while_saving_fails_the_run_naming_the_path_and_keeps_the_la
     from conftest import compose
     from peft import PeftModel
     from finetune.errors import TrainingError
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     from finetune.runner import run
     real_save = torch.save
 
@@ -525,7 +525,7 @@ def test_torch_saves_full_disk_error_fails_the_run_in_one_line_naming_optimizer_
     from conftest import compose
     from peft import PeftModel
     from finetune.errors import TrainingError
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     from finetune.runner import run
     real_save, real_usage = torch.save, shutil_module.disk_usage
     full = []
@@ -603,7 +603,7 @@ def test_predict_on_a_full_disk_says_so_in_one_line(cache_dir, tmp_path, capsys,
 
 def test_a_full_disk_is_found_anywhere_in_the_exception_chain(tmp_path):
     import errno
-    from finetune.guards import disk_full
+    from finetune.train.guards import disk_full
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device", "adapter/adapter_model.safetensors")
@@ -617,7 +617,7 @@ def test_a_full_disk_is_found_anywhere_in_the_exception_chain(tmp_path):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/stat").exists(), reason="needs 2 cores and Linux")
 def test_auto_threads_leave_a_core_taken_by_another_process():
-    from finetune.cpu import choose_threads
+    from finetune.config.cpu import choose_threads
     cores = len(os.sched_getaffinity(0))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -630,7 +630,7 @@ def test_auto_threads_leave_a_core_taken_by_another_process():
 
 
 def test_auto_threads_count_idle_cores_from_proc_stat(monkeypatch):
-    from finetune import cpu
+    from finetune.config import cpu
     samples = iter([(1000, 4000), (1000 + 150, 4000 + 400)])  # 150 of 400 jiffies idle: 0.75 of 2 cores
     monkeypatch.setattr(cpu, "cpu_times", lambda: next(samples))
     monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)

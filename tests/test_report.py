@@ -1,7 +1,7 @@
 """report.md: the verdict line on the run's main metric, the change column, counts apart from quality."""
 import pytest
 
-from finetune.report import counts_table, method_name, quality_table, verdict, write_report
+from finetune.rundir.report import counts_table, method_name, quality_table, verdict, write_report
 
 CLASSIFICATION = {"base": {"accuracy": 0.0, "majority_baseline": 0.357, "perplexity": 25.0, "n_answers": 28,
                            "generation_seconds": 1.5},
@@ -128,14 +128,14 @@ def test_results_table_bolds_the_tuned_value_only_where_it_is_better(tmp_path):
 @pytest.fixture
 def figures(monkeypatch):
     """The figures the plot functions make, kept instead of saved."""
-    from finetune import report
+    from finetune.rundir import report
     made = []
     monkeypatch.setattr(report, "save", lambda fig, path: made.append(fig))
     return made
 
 
 def test_label_balance_follows_the_confusion_matrix_order_with_the_legend_beside_the_bars(figures, tmp_path):
-    from finetune.report import plot_labels
+    from finetune.rundir.report import plot_labels
     stats = {"splits": {"train": {"count": 9, "labels": {"BUY": 3, "HOLD": 3, "SELL": 3}},
                         "test": {"count": 3, "labels": {"BUY": 1, "HOLD": 1, "SELL": 1}}}}
     assert plot_labels(stats, tmp_path / "labels.png", ["BUY", "SELL", "HOLD"])
@@ -147,7 +147,7 @@ def test_label_balance_follows_the_confusion_matrix_order_with_the_legend_beside
 
 
 def test_equity_has_a_unit_and_a_preference_run_plots_its_rewards(figures, tmp_path):
-    from finetune.report import plot_equity, plot_loss
+    from finetune.rundir.report import plot_equity, plot_loss
     plot_equity({"tuned": {"equity_curve": [1.0, 1.05, 1.1]}}, tmp_path / "equity.png")
     assert "1.1 = +10 %" in figures[0].axes[0].get_ylabel()
     history = [{"step": s, "loss": 0.7 - s / 100, "rewards/chosen": s / 10, "rewards/rejected": -s / 10}
@@ -165,7 +165,7 @@ def test_unlabelled_data_shows_no_label_counts(tmp_path):
 
 
 def test_the_ab_sheet_asks_the_question_it_is_given(tmp_path):
-    from finetune.report import write_ab_sheet
+    from finetune.rundir.report import write_ab_sheet
     samples = [{"messages": [{"role": "user", "content": "News: X"}, {"role": "assistant", "content": "up"}]}]
     write_ab_sheet(tmp_path, samples, ["down"], ["up"], 0, "which answer is the better answer to the prompt?")
     sheet = (tmp_path / "ab_sheet.md").read_text()

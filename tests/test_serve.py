@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from finetune.inference import SignalProvider
+from finetune.serving.inference import SignalProvider
 from finetune.serve import Limits, http_protocol, main as serve_main, make_app
 from test_inference import SNAPSHOTS, one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
 

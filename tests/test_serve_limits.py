@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from finetune.inference import SignalProvider
+from finetune.serving.inference import SignalProvider
 from finetune.serve import Limits, make_app
 from test_inference import one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
 from test_serve import chat, post, start

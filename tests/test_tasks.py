@@ -45,7 +45,7 @@ def test_the_signal_grammar_takes_a_rendered_signal_and_nothing_else():
     import llguidance
     import llguidance.hf
     from transformers import AutoTokenizer
-    from finetune.model import TINY_TOKENIZER
+    from finetune.train.model import TINY_TOKENIZER
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     lltok = llguidance.hf.from_tokenizer(tokenizer)
     signals = tasks.get("signals")

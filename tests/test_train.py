@@ -60,7 +60,7 @@ def test_a_4bit_base_scored_before_training_still_passes_gradients():
     """The runner scores the base in eval mode, then trains it: the gradient through the 4-bit layers must be
     the same after that scoring as before (bitsandbytes repacks them for a kernel without backward on
     AVX512-BF16 CPUs unless load_model turns that off)."""
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     cfg = compose("method=qlora")
     model = load_model(cfg.model, cfg.quantization, True)
     ids = torch.arange(3, 19).reshape(2, 8)
@@ -95,7 +95,7 @@ def test_generation_sees_the_prefix():
     from peft import get_peft_model
     from hydra.utils import instantiate
     from finetune.eval.suite import generate_answers
-    from finetune.model import load_model, load_tokenizer
+    from finetune.train.model import load_model, load_tokenizer
 
     cfg = compose("method=prefix")
     tokenizer = load_tokenizer(cfg.model)
@@ -120,7 +120,7 @@ def test_generation_sees_the_prefix():
 def test_full_fine_tuning_saves_a_whole_model_that_loads_without_peft(tmp_path):
     from transformers import AutoTokenizer
     from finetune.evaluate import evaluate_run
-    from finetune.inference import SignalProvider
+    from finetune.serving.inference import SignalProvider
     result = run(compose("method=full", *FAST), tmp_path)
     adapter = tmp_path / "adapter"
     assert (adapter / "config.json").is_file() and (adapter / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import compose
 from finetune.data.tokens import encode, encode_pieces, special_splitter, splits_at_lines, tokenize, trained_ranges
 from finetune.errors import DataError
-from finetune.model import load_tokenizer
+from finetune.train.model import load_tokenizer
 from finetune.paths import CONF_DIR
 
 FOUR_TURNS = [  # OpenAI's multi-turn fine-tuning example, shortened
@@ -124,7 +124,7 @@ def test_sft_trainer_trains_exactly_the_mask(tmp_path):
     from hydra.utils import instantiate
     from finetune.config import sft_config
     from finetune.data.pipeline import prepare
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     from finetune.train.trainers import build as make_trainer
     tokenizer = load_tokenizer(compose().model)
     long_system = [{"role": "system", "content": "Marv " * 200}] + FOUR_TURNS[1:3]
@@ -156,7 +156,7 @@ def test_sft_trainer_trains_exactly_the_mask(tmp_path):
 
 def test_perplexity_scores_the_trained_turns():
     from finetune.eval.perplexity import Perplexity
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     cfg = compose()
     tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, None, use_cpu=True)
     every = Perplexity(turns="all")(samples=[{"messages": FOUR_TURNS}], model=model, tokenizer=tokenizer)

@@ -7,9 +7,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.evaluate import evaluate_run
-from finetune.inference import SignalProvider
+from finetune.serving.inference import SignalProvider
 from finetune.predict import main as predict_main
-from finetune.rundir import load_run_config
+from finetune.serving.reopen import load_run_config
 from test_inference import SNAPSHOTS, one_thread, tiny_signal_run  # noqa: F401  (one_thread: autouse)
 
 
@@ -78,15 +78,15 @@ def test_serve_starts_and_answers_without_calling_it(hostile_run, monkeypatch):
     import uvicorn
     from fastapi.testclient import TestClient
     from finetune.serve import main as serve_main
-    import finetune.model
+    import finetune.train.model
     run_dir, root = hostile_run
-    apps, trusted, load_model = [], [], finetune.model.load_model
+    apps, trusted, load_model = [], [], finetune.train.model.load_model
 
     def spy(cfg, *args):  # what the base model is loaded with
         trusted.append(cfg.trust_remote_code)
         return load_model(cfg, *args)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
-    monkeypatch.setattr(finetune.model, "load_model", spy)
+    monkeypatch.setattr(finetune.train.model, "load_model", spy)
     serve_main([str(run_dir), "--port", "0"])
     answer = TestClient(apps[0]).post("/signal", json={"market_data": SNAPSHOTS[0]})
     assert answer.status_code == 200 and answer.json()["signal"] in ("BUY", "SELL", "HOLD")

@@ -45,7 +45,7 @@ from finetune.data import Built, tokens
 from finetune.data.augment import augment, rebalance
 from finetune.data.rows import size_limits
 from finetune.errors import DataError
-from finetune.model import cache_root
+from finetune.train.model import cache_root
 from finetune.rundir import atomic_dir, write_json
 from finetune import tasks
 
@@ -139,7 +139,7 @@ def check_segments(segments, task) -> str | None:
 
 
 def body(sample: dict) -> list:
-    """What a sample says: its messages (or a text sample's segments) and tools (finetune/incremental.py)."""
+    """What a sample says: its messages (or a text sample's segments) and tools (finetune/train/incremental.py)."""
     return [sample["segments"] if "messages" not in sample else sample["messages"], sample.get("tools")]
 
 
@@ -321,7 +321,7 @@ def token_table(encoded: list[tuple]) -> tuple["pa.Table", np.ndarray, np.ndarra
 
 def start_worker(tokenizer, turns: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's preemption handler (finetune/preemption.py):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's preemption handler (finetune/train/preemption.py):
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process stops the pool
     gc.freeze()  # what the fork inherited is never collected: the collector does not walk it for each batch
     _worker.update(tokenizer=tokenizer, turns=turns, cache={})

@@ -10,7 +10,7 @@ to (`grammar()`) and how its JSON is laid out (`json_layout`):
     text        free text, no label (base.py: style, news): scored by perplexity and style metrics
 
 A dataset names its task (`dataset.task`), and so does a classification metric (`eval.metrics.*.task`);
-the pipeline's validation, the metrics, `finetune.predict`, `finetune.inference` and `finetune.serve` all ask the
+the pipeline's validation, the metrics, `finetune.predict`, `finetune.serving.inference` and `finetune.serve` all ask the
 task here instead of choosing by name themselves.
 
 `span` finds where a gold answer states its label and `render` writes a label as an answer: likelihood scoring

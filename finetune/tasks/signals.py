@@ -1,6 +1,6 @@
 """Trading signals: a market snapshot in, BUY / SELL / HOLD with a confidence out, scored against the trade's
 realised return too. The trade-signals builder (finetune/data/trade_signals.py), the signal provider
-(finetune/inference.py), predict, serve and the A/B router all write prompts and read answers with this file.
+(finetune/serving/inference.py), predict, serve and the A/B router all write prompts and read answers with this file.
 
 The prompt: one line per known indicator of the snapshot (INDICATORS; looked up in "technical" first, then at the
 top level; trend words normalised, up / 上涨 / 多头 -> bullish), after the system prompt:

@@ -16,13 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import incremental
+from finetune.train import incremental
 from finetune.config import check_config
 from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
-from finetune.logs import FILE_ONLY, headline, route_library_logs
+from finetune.rundir.logs import FILE_ONLY, headline, route_library_logs
 from finetune.paths import CONF_DIR
-from finetune.preemption import Preemption
-from finetune.resume import RunClock, durable_checkpoints, is_final, resume_from, step_of, whole_run
+from finetune.train.preemption import Preemption
+from finetune.train.resume import RunClock, durable_checkpoints, is_final, resume_from, step_of, whole_run
 from finetune.rundir import (ADAPTER, ANSWERS, CHECKPOINTS, DATA, MANIFEST, METRICS, atomic_dir, manifest,
                              redact_hydra_dir, run_lock, secret_values, set_status, write_json, write_text)
 from finetune.train import trainers
@@ -75,7 +75,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
                 set_status(run_dir, "interrupted", str(err))
             raise
         except BaseException as err:
-            from finetune.guards import disk_full, disk_full_advice
+            from finetune.train.guards import disk_full, disk_full_advice
             if disk_full(err, run_dir):  # any write (checkpoint, adapter, report): one line naming the file
                 if isinstance(err, TrainingError):  # told, and status.json written, where training saved
                     raise
@@ -171,8 +171,8 @@ def method_config(cfg: DictConfig, config: dict, args):
 def load_tokenizer(cfg: DictConfig):
     """The model's tokenizer, with torch's threads chosen first (cpu_threads)."""
     import torch
-    from finetune.cpu import choose_threads
-    from finetune.model import load_tokenizer as load
+    from finetune.config.cpu import choose_threads
+    from finetune.train.model import load_tokenizer as load
     threads = choose_threads(cfg.cpu_threads)
     if threads:
         torch.set_num_threads(threads)
@@ -198,7 +198,7 @@ def load_base(cfg: DictConfig, args, start: Path | None, peft_config):
     """The base model (4-bit for QLoRA), or for a preference stage the SFT adapter on it, trained on and scored
     as "base"; with the PEFT config the trainer still has to apply (None once an adapter is loaded)."""
     from transformers import set_seed
-    from finetune.model import load_model
+    from finetune.train.model import load_model
     set_seed(cfg.seed)
     model = load_model(cfg.model, cfg.quantization, args.use_cpu)
     if cfg.quantization is not None and not cfg.model.modules_to_save:
@@ -245,7 +245,7 @@ def check_full_fits(cfg: DictConfig, config: dict, args) -> None:
     if cfg.incremental.adapter is not None:
         raise ConfigError("method=full with incremental.adapter: an incremental run continues a PEFT adapter; "
                           "drop incremental.adapter, or use a PEFT method")
-    from finetune.estimate import model_shape
+    from finetune.config.estimate import model_shape
     params = model_shape(cfg.model, None)["params"]
     need = params * 16 / 2**30
     training = config["training"]
@@ -413,7 +413,7 @@ def write_answers(path: Path, samples: list[dict], base: list[str] | None, tuned
 
 
 def dry_run_estimate(cfg: DictConfig, config: dict, stats: dict, tokenizer) -> dict:
-    from finetune.estimate import estimate, model_shape
+    from finetune.config.estimate import estimate, model_shape
     shape = model_shape(cfg.model, cfg.method)  # the chosen model's real shape, counted on the meta device
     return estimate(shape, cfg.quantization is not None, cfg.model.dtype, config["training"],
                     stats["splits"]["train"]["tokens"]["total"], stats["splits"]["train"]["count"])
@@ -440,7 +440,7 @@ def train(trainer, checkpoint: str | None, callbacks: list, header: str | None):
     one line. From a checkpoint of the last step there is nothing left to train: its weights (or the best
     checkpoint's, with load_best_model_at_end) and its state are loaded."""
     import torch
-    from finetune.guards import disk_full, disk_full_advice, out_of_memory_advice
+    from finetune.train.guards import disk_full, disk_full_advice, out_of_memory_advice
     for callback in filter(None, callbacks):
         trainer.add_callback(callback)
     if header:
@@ -470,7 +470,7 @@ def train(trainer, checkpoint: str | None, callbacks: list, header: str | None):
 def report(run: Run) -> None:
     """answers.jsonl, report.md (and the A/B sheet for free text), metrics.json, and the manifest completed with
     the model and the time."""
-    from finetune.report import method_name, write_ab_sheet, write_report
+    from finetune.rundir.report import method_name, write_ab_sheet, write_report
     cfg, config, trainer, run_dir = run.cfg, run.config, run.trainer, run.run_dir
     write_answers(run_dir / ANSWERS, run.held_out, run.answers["base"], run.answers["tuned"])
     if cfg.dataset.task == "text" and run.answers["tuned"] is not None:  # a style corpus is judged on the voice

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from finetune import incremental
+from finetune.train import incremental
 from finetune.errors import ConfigError, DataError
-from finetune.logs import quiet_progress
+from finetune.rundir.logs import quiet_progress
 from finetune.rundir import MANIFEST
 
 log = logging.getLogger("finetune")
@@ -22,7 +22,7 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
     does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
     with the earlier adapter of an incremental run."""
     from trl import SFTTrainer
-    from finetune.guards import StopOnNonFiniteLoss
+    from finetune.train.guards import StopOnNonFiniteLoss
     from finetune.data.pipeline import load_tokens
 
     def as_dataset(name):  # tokenized once by the pipeline, loss on the answers (finetune/data/tokens.py)
@@ -47,8 +47,8 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
         quiet_progress(trainer)
         return trainer
     weights = decision_weights(cfg, splits["train"], tokenizer)
-    if weights:  # the tokens that state the label weigh more than the layout's (finetune/decision_loss.py)
-        from finetune.decision_loss import DecisionWeightedSFTTrainer
+    if weights:  # the tokens that state the label weigh more than the layout's (finetune/train/decision_loss.py)
+        from finetune.train.decision_loss import DecisionWeightedSFTTrainer
         SFTTrainer = functools.partial(DecisionWeightedSFTTrainer, token_weights=weights)  # noqa: N806
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_dataset("train"),
                          eval_dataset=as_dataset("validation") if splits["validation"] else None,
@@ -71,7 +71,7 @@ def decision_weights(cfg: DictConfig, train: list[dict], tokenizer) -> dict[int,
     task = tasks.get(cfg.dataset.task)
     if (weight == 1.0 and not balance) or not task.labels:
         return {}
-    from finetune.decision_loss import token_weights
+    from finetune.train.decision_loss import token_weights
     weights = token_weights(tokenizer, train, task, weight, balance)
     log.info("decision tokens weighted: %s", {tokenizer.decode([t]): round(w, 2) for t, w in weights.items()})
     return weights

@@ -1,6 +1,6 @@
 """What composing our config needs, registered in one call: `register()`.
 
-The `recipe` group (recipes/ served as a Hydra config source, finetune/recipes.py) and three resolvers the
+The `recipe` group (recipes/ served as a Hydra config source, finetune/config/recipes.py) and three resolvers the
 config files use: `${sample_data:NAME}` (a shipped sample file), `${launch_time:FMT}` (the run dir's time
 stamp, shared by DDP ranks) and `${run_name:RECIPE}`. The CLI calls it before Hydra composes; call it yourself
 before `hydra.compose(...)` from Python (tests/conftest.py does). Calling it again does nothing new.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune import recipes
+from finetune.config import recipes
 from finetune.paths import SAMPLE_DATA_DIR
 
 

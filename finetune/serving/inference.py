@@ -1,6 +1,6 @@
 """Use a trained adapter: (signal, confidence) for a live trading loop, and plain answers for any task.
 
-    from finetune.inference import SignalProvider
+    from finetune.serving.inference import SignalProvider
     provider = SignalProvider.from_run("outputs/2024-06-01/10-00-00-lora_qwen_signals")
     provider.get_signal({"symbol": "BTC/USDT", "price": 50000, "technical": {"rsi": 28.4,
                          "trend_direction": "bullish", "trend_strength": 0.65}})   # -> ("BUY", 0.72)
@@ -59,7 +59,7 @@ class SignalProvider:
             raise ConfigError(f"confidence_threshold={confidence_threshold}: a fraction in [0, 1]")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ConfigError("the tokenizer has no chat template; give one that has (the run's, or "
-                              "finetune.model.load_tokenizer with model.chat_template set)")
+                              "finetune.train.model.load_tokenizer with model.chat_template set)")
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt = system_prompt  # None: the prompts have no system turn
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
@@ -75,8 +75,8 @@ class SignalProvider:
     @classmethod
     def from_run(cls, run_dir, trust_remote_code: bool = False, **options) -> "SignalProvider":
         """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top. The run
-        dir is read as data (finetune.rundir.run_values); `trust_remote_code` is the caller's, not the run's."""
-        from finetune.rundir import load_run, tuned_model
+        dir is read as data (finetune.serving.reopen.run_values); `trust_remote_code` is the caller's, not the run's."""
+        from finetune.serving.reopen import load_run, tuned_model
         cfg, tokenizer, model, adapter = load_run(Path(run_dir), trust_remote_code=trust_remote_code)
         target = (cfg.dataset.get("builder") or {}).get("_target_")
         if cfg.dataset.task == "signals" and target != SIGNAL_BUILDER:

@@ -113,9 +113,9 @@ def check_types(group: str, values: dict, cls: type) -> None:
 
 def check_training(training: dict) -> None:
     """Keys and plain types of `training` against trl.SFTConfig, without building it (no GPU needed). `auto` is
-    allowed where the memory plan chooses (finetune/memory_plan.py resolves it before SFTConfig is built)."""
+    allowed where the memory plan chooses (finetune/config/memory_plan.py resolves it before SFTConfig is built)."""
     from trl import SFTConfig
-    from finetune.memory_plan import AUTO_KEYS
+    from finetune.config.memory_plan import AUTO_KEYS
     fields = sft_fields()
     for key in training:
         check_training_key(key, fields)
@@ -146,12 +146,12 @@ def check_fields(group: str, values: dict, cls: type, where: str) -> None:
 def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
     """The resolved config with every part checked, and the trainer's arguments writing checkpoints into
     `output_dir` (None, e.g. for a dry run: no arguments built, so no GPU is needed). `auto` training values are
-    replaced by the memory plan's choice, recorded under config["plan"] (finetune/memory_plan.py)."""
+    replaced by the memory plan's choice, recorded under config["plan"] (finetune/config/memory_plan.py)."""
     config = resolve(cfg)
     if config["objective"]["name"] != "sft":  # the preference stage's own training values, over `training`
         config["training"] = {**config["training"], **(config["objective"].get("training") or {})}
     check_training(config["training"])
-    from finetune.memory_plan import resolve_auto
+    from finetune.config.memory_plan import resolve_auto
     resolve_auto(cfg, config)  # training=gpu's `auto` values: the memory plan and Liger, before any model loads
     if config["method"] is not None:  # null: method=full, no PEFT method to check
         check_method(config["method"], config["training"])

@@ -77,7 +77,7 @@ def disk_full_advice(err: BaseException, checkpoints: Path, main: bool) -> str:
     """The one-line message for a full disk while the run wrote a file. status.json says `failed` first (the
     run's record must not be left `running`), then the half-written checkpoint is removed (rank 0), which frees
     its space, and status.json gets the whole message; the complete checkpoints are kept."""
-    from finetune.resume import complete_checkpoints
+    from finetune.train.resume import complete_checkpoints
     where = full_file(err, checkpoints)
     free = shutil.disk_usage(checkpoints.parent).free
     message = f"no space left on {where} ({free / 2**20:.0f} MiB free)"

@@ -44,7 +44,7 @@ from importlib.util import find_spec
 
 from finetune.errors import ConfigError
 
-log = logging.getLogger(__name__)  # finetune.*: on the console of a run (finetune/logs.py) and in finetune.log
+log = logging.getLogger(__name__)  # finetune.*: on the console of a run (finetune/rundir/logs.py) and in finetune.log
 
 GIB = 2**30
 NF4_BYTES = 0.516
@@ -197,7 +197,7 @@ def resolve_auto(cfg, config: dict) -> None:
 
 def plan_memory(cfg, training: dict, plan: dict) -> list[str]:
     """Choose the `auto` checkpointing and rows; write them into `training` and the record into `plan`."""
-    from finetune.estimate import model_shape
+    from finetune.config.estimate import model_shape
     max_rows = int(plan.get("max_rows") or 4)
     accumulation = int(training.get("gradient_accumulation_steps") or 1)
     rows_auto = training.get("per_device_train_batch_size") == "auto"
@@ -205,7 +205,7 @@ def plan_memory(cfg, training: dict, plan: dict) -> list[str]:
     prefix = cfg.method is not None and str(cfg.method.get("_target_", "")).endswith("PrefixTuningConfig")
     if training.get("activation_checkpointing") != "auto":
         policies = [policy_of(training)]
-    elif prefix:  # peft's prefix-tuning breaks under checkpointing (finetune/config.py refuses it)
+    elif prefix:  # peft's prefix-tuning breaks under checkpointing (finetune/config/__init__.py refuses it)
         policies = [("none", 0)]
     else:
         policies = [("none", 0), *(("every", n) for n in EVERY), ("full", 1), ("offload", 1)]

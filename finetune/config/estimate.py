@@ -23,7 +23,7 @@ SUSTAINED_FLOPS = {"cuda": 0.4 * 989e12, "cpu": 4.0e10}
 def model_config(model_cfg: DictConfig):
     """The chosen model's transformers config and where it came from (a folder, or the preset's `arch`)."""
     from transformers import AutoConfig
-    from finetune.model import model_source
+    from finetune.train.model import model_source
     if model_cfg.tiny is not None or model_cfg.get("gguf") is not None or model_cfg.path is not None:
         folder = model_source(model_cfg)  # builds the tiny model / converts the GGUF once into the cache
         return AutoConfig.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code), folder
@@ -49,7 +49,7 @@ def model_shape(model_cfg: DictConfig, method_cfg: DictConfig) -> dict:
         else:
             peft_model = peft.get_peft_model(model, instantiate(method_cfg, _convert_="all"))
             trainable, _ = peft_model.get_nb_trainable_parameters()
-        # input and output embeddings (once when tied): NF4 leaves them in the model dtype (finetune/memory_plan.py)
+        # input and output embeddings (once when tied): NF4 leaves them in the model dtype (finetune/config/memory_plan.py)
         embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(),
                                                                  model.get_output_embeddings()) if m is not None}
     return {"source": source, "params": int(params), "trainable_params": int(trainable),
