@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from conftest import FAST, ROOT, cli
+from conftest import ROOT, cli
+
+# what these runs check (own run dirs, a recipe's adapter, the wheel's files) needs a finished run, not a trained one
+SHORT = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "eval.max_samples=4"]
 
 
 def completed(run_dir) -> bool:
@@ -38,7 +41,7 @@ def test_default_command_writes_hydra_config_and_report(default_run):
 
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
     # as the README types it: Hydra's default sweep dir (outputs/<date>/<time>-multirun-default), no hydra.sweep.dir
-    out = cli("-m", "training.learning_rate=1e-3,3e-3", *FAST, cwd=tmp_path)
+    out = cli("-m", "training.learning_rate=1e-3,3e-3", *SHORT, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     [sweep] = list(tmp_path.glob("outputs/*/*-multirun-default"))
     for job in ("0", "1"):
@@ -50,7 +53,7 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
 
 
 def test_a_sweep_with_a_failed_job_exits_non_zero_after_its_leaderboard(tmp_path):
-    out = cli("-m", "method.r=oops,-", *FAST, cwd=tmp_path)   # both jobs fail their config check: no weights load
+    out = cli("-m", "method.r=oops,-", *SHORT, cwd=tmp_path)   # both jobs fail their config check: no weights load
     assert out.returncode == 1, out.stderr[-3000:]
     [sweep] = list(tmp_path.glob("outputs/*/*-multirun-default"))
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
@@ -63,7 +66,7 @@ def test_recipe_from_a_user_folder(tmp_path):
     (tmp_path / "mine" / "recipe").mkdir(parents=True)
     (tmp_path / "mine" / "recipe" / "my_recipe.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /method: dora\nmethod:\n  r: 4\n")
-    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_recipe", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
+    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_recipe", *SHORT, f"hydra.run.dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert completed(tmp_path / "run")
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
@@ -90,7 +93,7 @@ def test_installed_wheel_runs_from_another_directory(tmp_path):
     where = subprocess.run([python, "-c", "import finetune; print(finetune.__file__)"], cwd=elsewhere,
                            capture_output=True, text=True, check=True).stdout
     assert str(venv) in where, where
-    out = subprocess.run([python, "-m", "finetune", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
+    out = subprocess.run([python, "-m", "finetune", f"hydra.run.dir={tmp_path / 'run'}", *SHORT],
                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert completed(tmp_path / "run") and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
