@@ -1,0 +1,129 @@
+"""One constrained greedy answer, fast: the answer `generate_answers(..., grammar=...)` gives for a single prompt,
+with fewer and shorter forward passes. It is the latency path of a trading loop (one snapshot, one signal now);
+batches stay on generate_answers.
+
+Two things make it fast:
+- a prompt prefix cache: every signal prompt starts with the same tokens (the chat template's system turn and the
+  opening of the user turn). Their KV cache is computed once (`PrefixDecoder(..., probes)`), and each request
+  runs only its own remaining tokens on a copy of it;
+- grammar fast-forward: where the grammar leaves no choice (`{"signal": "`, `", "confidence": `), llguidance's
+  `compute_ff_tokens()` proposes the forced tokens and they run through the model in one pass together with the
+  token before them, instead of one pass each. A signal answer of ~16 tokens takes ~5 passes.
+
+The answer stays the one greedy constrained decoding gives, token for token. A forced byte string can be cut into
+tokens in several ways the grammar all allows (`{"` + `signal` or `{` + `"signal`), and llguidance proposes its
+canonical one; so each proposed token is checked against the masked argmax of the logits at its position (the same
+pass gives those logits, as in speculative decoding). At the first one greedy decoding would not have chosen, the
+chosen token is taken instead and the rest of the proposal is cut from the cache. Once the grammar is complete, only
+a stop token can follow, so the answer ends there without a pass.
+
+    decoder = PrefixDecoder(model, tokenizer, grammar, probes=[chat_a, chat_b])
+    decoder.answer(chat, max_new_tokens=32)   # -> {"text": '{"signal": "BUY", "confidence": 0.72}', "tokens": 16,
+                                              #     "stopped": True, "prompt_tokens": 57, "passes": 5}
+"""
+import copy
+
+import torch
+
+from finetune.eval.constrained import ll_tokenizer
+from finetune.eval.suite import stop_ids
+
+
+def render(tokenizer, chat: list[dict]) -> list[int]:
+    """The prompt's token ids exactly as generate_answers tokenizes them."""
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest token prefix all sequences share."""
+    first = sequences[0]
+    n = len(first)
+    for other in sequences[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(first[:n], other)) if a != b), min(n, len(other)))
+    return first[:n]
+
+
+class PrefixDecoder:
+    """Constrained greedy answers, one prompt at a time, for a model in eval mode (a PeftModel with LoRA-style
+    adapters, merged or not, or a plain model; not prefix- or prompt-tuning, whose virtual tokens live in the cache).
+    `probes`: two or more prompt chats whose shared start is the prefix to cache (e.g. two market prompts); none:
+    no prefix cache. Not thread-safe: the caller serialises requests (SignalProvider holds its lock)."""
+
+    def __init__(self, model, tokenizer, grammar: str, probes: list[list[dict]] = ()):
+        self.model, self.tokenizer, self.grammar = model, tokenizer, grammar
+        self.stops = stop_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self.prefix, self.cache = [], None
+        if len(probes) >= 2:
+            self.prefix = common_prefix([render(tokenizer, chat) for chat in probes])
+        if self.prefix:
+            self.cache = self.forward(self.prefix, None, 1)[1]
+
+    @torch.no_grad()
+    def forward(self, ids: list[int], cache, keep: int):
+        """(float32 logits of the last `keep` positions, the cache extended by `ids`)."""
+        from transformers import DynamicCache
+        cache = DynamicCache() if cache is None else cache
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True,
+                         logits_to_keep=keep)  # the lm head runs only where a token is chosen
+        return out.logits[0, -keep:].float(), cache
+
+    def start(self, ids: list[int]):
+        """(a copy of the prefix cache cut to what `ids` shares with it, the ids still to run). At least one id is
+        left to run: its logits choose the first answer token."""
+        shared = min(len(common_prefix([self.prefix, ids])), len(ids) - 1) if self.cache is not None else 0
+        if shared == 0:
+            return None, ids
+        cache = copy.deepcopy(self.cache)  # the prefix cache itself is never extended
+        if shared < len(self.prefix):
+            cache.crop(shared)
+        return cache, ids[shared:]
+
+    def choose(self, logits: torch.Tensor, matcher, mask) -> int:
+        """The masked argmax, as GrammarLogits masks a row: a complete (or failed) answer allows only stop ids."""
+        import llguidance.torch as llt
+        if matcher.is_stopped() or matcher.is_error():
+            allowed = torch.full_like(logits, float("-inf"))
+            allowed[self.stops] = logits[self.stops]
+            return int(allowed.argmax())
+        llt.fill_next_token_bitmask(matcher, mask, 0)
+        row = logits.clone().unsqueeze(0)
+        llt.apply_token_bitmask_inplace(row, mask)
+        return int(row[0].argmax())
+
+    @torch.no_grad()
+    def answer(self, chat: list[dict], max_new_tokens: int) -> dict:
+        """{"text", "tokens", "stopped", "prompt_tokens"} as generate_answers gives them for this one chat, and
+        "passes": the forward passes it took (the prefix's not counted)."""
+        import llguidance
+        import llguidance.torch as llt
+        n_vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width, as GrammarLogits sees it
+        matcher = llguidance.LLMatcher(ll_tokenizer(self.tokenizer, n_vocab, self.stops), self.grammar)
+        if matcher.get_error():
+            raise ValueError(f"grammar {self.grammar[:200]!r}: {matcher.get_error()}")
+        mask = llt.allocate_token_bitmask(1, n_vocab)
+        ids = render(self.tokenizer, chat)
+        cache, feed = self.start(ids)  # feed: tokens not in the cache yet; the last one's logits choose next
+        answer, passes, stopped = [], 0, False
+        while len(answer) < max_new_tokens and not stopped:
+            if matcher.is_stopped() or matcher.is_error():
+                stopped = True  # only a stop id may follow: the answer ends here, whichever one greedy would pick
+                break
+            proposal = matcher.compute_ff_tokens()[:max_new_tokens - len(answer) - 1]
+            logits, cache = self.forward(feed + proposal, cache, len(proposal) + 1)
+            passes += 1
+            for i, row in enumerate(logits):
+                token = self.choose(row, matcher, mask)
+                if token in self.stops:
+                    stopped = True
+                    break
+                answer.append(token)
+                matcher.consume_token(token)
+                if i < len(proposal) and token != proposal[i]:
+                    # greedy leaves the proposal here: the proposal's later tokens are no part of the answer
+                    cache.crop(cache.get_seq_length() - len(proposal) + i)
+                    break
+            feed = answer[-1:]
+        text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
+        return {"text": text, "tokens": len(answer), "stopped": stopped, "prompt_tokens": len(ids), "passes": passes}
