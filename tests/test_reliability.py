@@ -334,19 +334,32 @@ def test_nan_loss_stops_with_advice(tmp_path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "metrics.json").exists()
 
 
-def test_secrets_appear_in_no_saved_file_checkpoints_included(tmp_path):
-    secrets = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_token_91ab"}
-    env = {**os.environ, **secrets}
+SECRETS = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_token_91ab"}
+
+
+@pytest.fixture(scope="module")
+def secret_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A run with secrets in its environment and overrides that also sets a pair of settings the Trainer warns
+    about at start-up (non_blocking without pinned memory): the secrets test reads its files, the warnings test
+    its console and log."""
+    run_dir = tmp_path_factory.mktemp("secrets")
     out = subprocess.run([sys.executable, "-m", "finetune", "+api_key=sk-config-secret-42",
-                          "+training.hub_token=hf_config_token_5d2e", "training.max_steps=6", "training.save_steps=3",
-                          "training.eval_steps=3", "eval.max_samples=8", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
+                          "+training.hub_token=hf_config_token_5d2e", "+training.dataloader_pin_memory=false",
+                          "+training.accelerator_config.non_blocking=true", "training.max_steps=6",
+                          "training.save_steps=3", "training.eval_steps=3", "eval.max_samples=8",
+                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env={**os.environ, **SECRETS}, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    return run_dir, out
+
+
+def test_secrets_appear_in_no_saved_file_checkpoints_included(secret_run):
+    tmp_path, _ = secret_run
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 10 and any(p.name == "training_args.bin" for p in files)  # the Trainer's pickled arguments
     for path in files:
         data = path.read_bytes()
-        for value in (*secrets.values(), "sk-config-secret-42", "hf_config_token_5d2e"):
+        for value in (*SECRETS.values(), "sk-config-secret-42", "hf_config_token_5d2e"):
             assert value.encode() not in data, f"{value} found in {path}"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config"]["api_key"] == "<redacted>" and manifest["config"]["training"]["hub_token"] == "<redacted>"
@@ -391,11 +404,8 @@ def test_vocabulary_tokens_are_not_secrets():
     assert secret_values(config) >= {"hf_abcdef"} and "<|im_end|>" not in secret_values(config)
 
 
-def test_library_warnings_go_to_the_run_log_not_the_console(tmp_path):
-    # the Trainer warns at start-up about this pair of settings (non_blocking without pinned memory)
-    out = cli("+training.dataloader_pin_memory=false", "+training.accelerator_config.non_blocking=true",
-              "training.max_steps=2", "eval.max_samples=4", f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_library_warnings_go_to_the_run_log_not_the_console(secret_run):
+    tmp_path, out = secret_run  # the Trainer warns at start-up about its pair of settings
     warning = "`non_blocking` is enabled but `dataloader_pin_memory` is not"
     log = (tmp_path / "finetune.log").read_text()
     assert f"[transformers.trainer][WARNING] - {warning}" in log
