@@ -76,9 +76,12 @@ class PrefixDecoder:
         if shared == 0:
             return None, ids
         cache = copy.deepcopy(self.cache)  # the prefix cache itself is never extended
-        if shared < len(self.prefix):
-            cache.crop(shared)
+        cut(cache, shared)
         return cache, ids[shared:]
+
+    def propose(self, matcher) -> list[int]:
+        """The tokens to try ahead of the model: llguidance's canonical tokens for the bytes the grammar forces."""
+        return matcher.compute_ff_tokens()
 
     def choose(self, logits: torch.Tensor, matcher, mask) -> int:
         """The masked argmax, as GrammarLogits masks a row: a complete (or failed) answer allows only stop ids."""
@@ -110,7 +113,7 @@ class PrefixDecoder:
             if matcher.is_stopped() or matcher.is_error():
                 stopped = True  # only a stop id may follow: the answer ends here, whichever one greedy would pick
                 break
-            proposal = matcher.compute_ff_tokens()[:max_new_tokens - len(answer) - 1]
+            proposal = self.propose(matcher)[:max_new_tokens - len(answer) - 1]
             logits, cache = self.forward(feed + proposal, cache, len(proposal) + 1)
             passes += 1
             for i, row in enumerate(logits):
@@ -122,8 +125,15 @@ class PrefixDecoder:
                 matcher.consume_token(token)
                 if i < len(proposal) and token != proposal[i]:
                     # greedy leaves the proposal here: the proposal's later tokens are no part of the answer
-                    cache.crop(cache.get_seq_length() - len(proposal) + i)
+                    cut(cache, cache.get_seq_length() - len(proposal) + i)
                     break
             feed = answer[-1:]
         text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
         return {"text": text, "tokens": len(answer), "stopped": stopped, "prompt_tokens": len(ids), "passes": passes}
+
+
+def cut(cache, length: int) -> None:
+    """Keep the first `length` positions of `cache` (transformers 5's crop() takes how many to drop, negated)."""
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)
