@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     from finetune.serving.inference import SignalProvider
     try:
-        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code,
+        # unmerged: the "base" model is the same weights with the adapter switched off (disable_adapter)
+        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=False,
                                            confidence_threshold=args.confidence_threshold)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -31,6 +31,19 @@ report scored; greedy answers are the same batched or one by one. They are read 
   threshold to the voted confidence. A vote over n sampled answers of one model was not chosen: sampled
   answers depend on the batch and the random state, while greedy ones are reproducible.
 
+Speed for a trading loop that asks for one signal at a time:
+- `constrained=True`: signals are decoded under the task's grammar (finetune/tasks/signals.py: always a signal and a
+  confidence, so never the fallback), as `eval.constrained` scores them. A single snapshot then takes the fast
+  decoder (finetune/eval/fast_decode.py: the prompt's shared start cached once, the tokens the grammar forces run in
+  one pass; the same answer as generate_answers gives); batches, and `fast=False`, take generate_answers.
+  Off by default: free answers are the ones the report scored first.
+- `merge=True` (from_run / from_pretrained): the adapter is folded into the base weights at load (`merged`).
+  Off by default: a merged model has no `disable_adapter()`, which `finetune.serve` needs to serve the base beside
+  the adapter.
+
+    provider = SignalProvider.from_run(run_dir, merge=True, constrained=True)
+    provider.get_signal(snapshot)   # -> ("BUY", 0.72), fast path
+
 One provider is safe to share between threads (a lock serialises generation, as `finetune.serve` needs).
 """
 import inspect
@@ -54,7 +67,7 @@ SIGNAL_BUILDER = "finetune.data.trade_signals.build"
 class SignalProvider:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = SYSTEM_PROMPT, max_new_tokens: int = 32,
                  batch_size: int = 16, confidence_threshold: float = 0.0, task: str = "signals",
-                 generation: dict | None = None):
+                 generation: dict | None = None, constrained: bool = False, fast: bool = True):
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"confidence_threshold={confidence_threshold}: a fraction in [0, 1]")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -66,6 +79,14 @@ class SignalProvider:
         self.generation = dict(generation or {})  # model.generate keywords: the run's eval.generation (greedy if empty)
         self.confidence_threshold = confidence_threshold
         self.task = tasks.get(task).name  # the run's dataset.task: how predict / serve read an answer to `messages`
+        self.grammar = tasks.get(task).grammar() if constrained else None
+        if constrained and self.grammar is None:
+            with_one = ", ".join(name for name, t in tasks.TASKS.items() if t.grammar() is not None)
+            raise ConfigError(f"constrained=True: task={task} has no answer grammar (tasks with one: {with_one})")
+        # The fast decoder is greedy only, and a prompt-learning adapter keeps its virtual tokens in the cache it
+        # would replace: either case takes generate_answers.
+        self.fast = fast and not self.generation and not prompt_learning(model)
+        self._decoder = None  # finetune.eval.fast_decode.PrefixDecoder, built on the first single constrained signal
         self.fallbacks = 0  # answers that gave no signal + confidence
         self.held = 0       # BUY / SELL answers turned into HOLD by the threshold
         self._lock = threading.Lock()
@@ -73,9 +94,10 @@ class SignalProvider:
     # ---- loading
 
     @classmethod
-    def from_run(cls, run_dir, trust_remote_code: bool = False, **options) -> "SignalProvider":
-        """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top. The run
-        dir is read as data (finetune.serving.reopen.run_values); `trust_remote_code` is the caller's, not the run's."""
+    def from_run(cls, run_dir, trust_remote_code: bool = False, merge: bool = False, **options) -> "SignalProvider":
+        """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top, merged
+        into it with `merge` (see `merged`). The run dir is read as data (finetune.serving.reopen.run_values);
+        `trust_remote_code` is the caller's, not the run's."""
         from finetune.serving.reopen import load_run, tuned_model
         cfg, tokenizer, model, adapter = load_run(Path(run_dir), trust_remote_code=trust_remote_code)
         target = (cfg.dataset.get("builder") or {}).get("_target_")
@@ -84,6 +106,7 @@ class SignalProvider:
                         "data may not; send it messages written as in its training data instead",
                         run_dir, target, SIGNAL_BUILDER)
         model = tuned_model(model, adapter)
+        model = merged(model) if merge else model
         options.setdefault("system_prompt", training_system_prompt(cfg))
         options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
         options.setdefault("batch_size", cfg.eval.batch_size)
@@ -94,9 +117,10 @@ class SignalProvider:
 
     @classmethod
     def from_pretrained(cls, base=None, adapter=None, *, dtype: str = "auto", device: str | None = None,
-                        **options) -> "SignalProvider":
+                        merge: bool = False, **options) -> "SignalProvider":
         """A base model folder or hub id, with a PEFT adapter folder on top (None: the base alone, e.g. a
-        merged model). With no base, the adapter's `base_model_name_or_path` is used, as peft does."""
+        merged model), merged into it with `merge` (see `merged`). With no base, the adapter's
+        `base_model_name_or_path` is used, as peft does."""
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +140,7 @@ class SignalProvider:
         model = model.to(device or ("cuda" if _cuda() else "cpu"))
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter)
+            model = merged(model) if merge else model
         return cls(model, tokenizer, **options)
 
     # ---- answers
@@ -149,9 +174,27 @@ class SignalProvider:
         return self.get_signals([market_data], symbol)[0]
 
     def get_signals(self, market_data: list[dict], symbol=None) -> list[tuple[str, float]]:
-        """One (signal, confidence) per snapshot, generated in batches of `batch_size`."""
-        answers = self.generate([self.signal_prompt(m, symbol) for m in market_data])
+        """One (signal, confidence) per snapshot, generated in batches of `batch_size` (under the task's grammar
+        when the provider is `constrained`)."""
+        chats = [self.signal_prompt(m, symbol) for m in market_data]
+        answers = self.generate_constrained(chats) if self.grammar is not None else self.generate(chats)
         return [self.read_signal(a) for a in answers]
+
+    def generate_constrained(self, chats: list[list[dict]]) -> list[str]:
+        """Answers under the task's grammar, as `generate_answers(..., grammar=...)` gives them. A single chat goes
+        through the fast decoder when `fast` (a cached prompt prefix, forced tokens in one pass; the same answer
+        in ~6 passes instead of ~16); batches, and `fast=False`, through generate_answers."""
+        from finetune.eval.suite import generate_answers
+        with self._lock:
+            if len(chats) == 1 and self.fast:
+                if self._decoder is None:
+                    from finetune.eval.fast_decode import PrefixDecoder
+                    # two prompts that part where the snapshot begins: their shared start is every signal prompt's
+                    probes = [self.signal_prompt({"rsi": 50}), self.signal_prompt({"price": 1})]
+                    self._decoder = PrefixDecoder(self.model, self.tokenizer, self.grammar, probes)
+                return [self._decoder.answer(chats[0], self.max_new_tokens)["text"]]
+            return generate_answers(self.model, self.tokenizer, chats, self.max_new_tokens, self.batch_size,
+                                    progress=False, grammar=self.grammar, **self.generation)["texts"]
 
 
 def vote(answers: list[tuple[str, float]]) -> tuple[str, float]:
@@ -192,6 +235,29 @@ class Ensemble:
                 signal = "HOLD"
             results.append((signal, confidence))
         return results
+
+
+def merged(model):
+    """A LoRA-style adapter folded into its base's weights (peft's merge_and_unload): each step runs the base's
+    matmuls only. Left as it is: a model without an adapter, a prompt-learning adapter (no weights to fold), and a
+    quantized base (folding rounds the adapter into 4- or 8-bit weights, which changes the answers; merge the run
+    into full precision with `python -m finetune.merge` and load that instead). A merged model has no
+    `disable_adapter()`: serving the base beside the adapter (finetune.serve) needs the adapter unmerged."""
+    from peft import PeftModel
+    if not isinstance(model, PeftModel) or prompt_learning(model):
+        return model
+    base = model.get_base_model()
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        log.warning("the base model is quantized: the adapter stays unmerged (merging would round it into the "
+                    "quantized weights and change the answers)")
+        return model
+    return model.merge_and_unload()
+
+
+def prompt_learning(model) -> bool:
+    """A prefix-, prompt- or p-tuning adapter: virtual tokens instead of weights."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
 
 
 def training_system_prompt(cfg) -> str | None:
