@@ -1,0 +1,127 @@
+"""The fast single-signal path (finetune/eval/fast_decode.py) on the tiny trade-signals run: fast-forwarded,
+prefix-cached answers equal generate_answers' constrained greedy ones, the cached prefix is left as it was between
+requests, and a merged adapter answers as the unmerged one."""
+import pytest
+import torch
+
+from conftest import ROOT
+from finetune.data.pipeline import read_jsonl
+from finetune.errors import ConfigError
+from finetune.eval.fast_decode import PrefixDecoder, common_prefix, render
+from finetune.eval.suite import generate_answers
+from finetune.serving.inference import SignalProvider
+from test_inference import SNAPSHOTS, tiny_signal_run
+
+N = 24  # held-out-like prompts: the last lines of the demo data (the tiny run trained on data/trades.db)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A model this small runs faster on one thread than on two that wait for each other (2-core CI)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(cache_dir):
+    return tiny_signal_run(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def provider(run_dir):
+    return SignalProvider.from_run(run_dir, constrained=True)
+
+
+@pytest.fixture(scope="module")
+def chats():
+    return [s["messages"][:-1] for s in read_jsonl(ROOT / "data" / "demo_signals.jsonl")[-N:]]
+
+
+@pytest.fixture(scope="module")
+def reference(provider, chats):
+    """Today's constrained greedy answers, one prompt per generate() call."""
+    outs = [generate_answers(provider.model, provider.tokenizer, [c], provider.max_new_tokens, 1, progress=False,
+                             grammar=provider.grammar) for c in chats]
+    return [{key: out[key][0] for key in ("texts", "tokens", "stopped")} for out in outs]
+
+
+@pytest.fixture(scope="module")
+def decoder(provider):
+    probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
+    return PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes)
+
+
+def test_fast_answers_equal_constrained_greedy_answers(decoder, chats, reference):
+    assert len(decoder.prefix) > 10  # the system turn is cached
+    answers = [decoder.answer(c, 32) for c in chats]
+    assert [{"texts": a["text"], "tokens": a["tokens"], "stopped": a["stopped"]} for a in answers] == reference
+    assert len({r["texts"] for r in reference}) > 1  # varied answers, not one string everywhere
+    # forced runs went through in one pass: far fewer passes than answer tokens
+    assert sum(a["passes"] for a in answers) < sum(a["tokens"] for a in answers) / 2
+
+
+def test_the_cached_prefix_is_left_as_it_was(decoder, provider, chats, reference):
+    length = decoder.cache.get_seq_length()
+    first = decoder.cache.layers[0].keys.clone()
+    a, b = chats[0], chats[1]
+    assert [decoder.answer(c, 32)["text"] for c in (a, b, a)] == [reference[i]["texts"] for i in (0, 1, 0)]
+    assert decoder.cache.get_seq_length() == length and torch.equal(decoder.cache.layers[0].keys, first)
+    uncached = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar)  # no probes: no prefix cache
+    assert uncached.cache is None and uncached.answer(b, 32)["text"] == reference[1]["texts"]
+
+
+def test_a_prompt_that_parts_inside_the_prefix_runs_from_there(decoder, provider, reference, chats):
+    """A prompt without the system turn shares only the template's first tokens with the cached prefix."""
+    chat = chats[2][1:]
+    ids = render(provider.tokenizer, chat)
+    assert len(common_prefix([decoder.prefix, ids])) < len(decoder.prefix)
+    expected = generate_answers(provider.model, provider.tokenizer, [chat], 32, 1, progress=False,
+                                grammar=provider.grammar)["texts"]
+    assert [decoder.answer(chat, 32)["text"]] == expected
+
+
+def test_the_token_budget_cuts_the_answer_where_generate_does(decoder, provider, chats):
+    for budget in (1, 3, 7):
+        expected = generate_answers(provider.model, provider.tokenizer, [chats[3]], budget, 1, progress=False,
+                                    grammar=provider.grammar)
+        out = decoder.answer(chats[3], budget)
+        assert (out["text"], out["tokens"], out["stopped"]) == (expected["texts"][0], budget, False)
+
+
+def test_the_provider_gives_the_same_signals_fast_or_not(run_dir, provider):
+    slow = SignalProvider(provider.model, provider.tokenizer, constrained=True, fast=False)
+    one_by_one = [provider.get_signal(m) for m in SNAPSHOTS]
+    assert provider._decoder is not None  # the single signals took the fast path
+    assert one_by_one == [slow.get_signal(m) for m in SNAPSHOTS] == provider.get_signals(SNAPSHOTS)
+    assert provider.fallbacks == 0  # constrained answers always carry a signal and a confidence
+
+
+def test_merged_weights_answer_as_the_adapter_does(run_dir, provider, chats, reference):
+    merged = SignalProvider.from_run(run_dir, merge=True, constrained=True)
+    assert not hasattr(merged.model, "disable_adapter")  # a plain model: the adapter is in its weights
+    assert [merged.generate_constrained([c])[0] for c in chats] == [r["texts"] for r in reference]
+
+
+def test_constrained_needs_a_task_with_a_grammar(provider):
+    with pytest.raises(ConfigError, match="task=sentiment has no answer grammar.*signals"):
+        SignalProvider(provider.model, provider.tokenizer, task="sentiment", constrained=True)
+
+
+def test_a_proposal_greedy_would_not_make_is_cut_where_it_parts(provider, chats, reference):
+    """Forced bytes proposed one character a token (a split the grammar allows but greedy decoding does not pick):
+    the first token greedy picks instead is kept, the rest of the proposal cut from the cache, same answers."""
+    tokenizer = provider.tokenizer
+
+    class CharByChar(PrefixDecoder):
+        def propose(self, matcher):
+            forced = tokenizer.decode(matcher.compute_ff_tokens())
+            return [t for ch in forced for t in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+
+    probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
+    decoder = CharByChar(provider.model, provider.tokenizer, provider.grammar, probes)
+    canonical = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes)
+    answers = [decoder.answer(c, 32) for c in chats[:8]]
+    assert [(a["text"], a["tokens"]) for a in answers] == [(r["texts"], r["tokens"]) for r in reference[:8]]
+    assert sum(a["passes"] for a in answers) > sum(canonical.answer(c, 32)["passes"] for c in chats[:8])
