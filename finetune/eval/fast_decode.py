@@ -92,7 +92,7 @@ class PrefixDecoder:
             return int(allowed.argmax())
         llt.fill_next_token_bitmask(matcher, mask, 0)
         row = logits.clone().unsqueeze(0)
-        llt.apply_token_bitmask_inplace(row, mask)
+        llt.apply_token_bitmask_inplace(row, mask.to(row.device))
         return int(row[0].argmax())
 
     @torch.no_grad()
