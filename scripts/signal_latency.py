@@ -1,6 +1,7 @@
 """Single-signal latency of a run's SignalProvider, path by path, on the run's held-out prompts.
 
     python scripts/signal_latency.py outputs/<run> --n 20 --threads 1
+    python scripts/signal_latency.py outputs/<run> --n 0 --paths constrained,fast,fast_merged   # every prompt
 
 One process, one prompt per call, every path on the same prompts in turn, after one warm-up call each:
 - free:         today's default get_signal (unconstrained greedy generate());
@@ -35,11 +36,12 @@ def timed(answer, chats: list) -> tuple[list[float], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--n", type=int, default=20, help="held-out prompts (RUN/data/test.jsonl)")
+    parser.add_argument("--n", type=int, default=20, help="held-out prompts (RUN/data/test.jsonl); 0: all")
+    parser.add_argument("--paths", default="free,constrained,fast,fast_merged", help="which paths, in this order")
     parser.add_argument("--threads", type=int, default=1)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
-    chats = [s["messages"][:-1] for s in read_jsonl(a.run / "data" / "test.jsonl")[:a.n]]
+    chats = [s["messages"][:-1] for s in read_jsonl(a.run / "data" / "test.jsonl")[:a.n or None]]
     unmerged = SignalProvider.from_run(a.run, constrained=True)
     merged = SignalProvider.from_run(a.run, constrained=True, merge=True)
     slow = SignalProvider(unmerged.model, unmerged.tokenizer, system_prompt=unmerged.system_prompt,
@@ -49,7 +51,8 @@ def main() -> None:
              "fast": lambda c: unmerged.generate_constrained([c])[0],
              "fast_merged": lambda c: merged.generate_constrained([c])[0]}
     reference = None
-    for name, answer in paths.items():
+    for name in a.paths.split(","):
+        answer = paths[name]
         seconds, texts = timed(answer, chats)
         ms = sorted(1000 * s for s in seconds)
         row = {"path": name, "prompts": len(chats), "threads": a.threads, "p50_ms": round(statistics.median(ms), 1),
