@@ -18,15 +18,16 @@ from finetune.paths import CONF_DIR
 from finetune.config.recipes import check_recipe_overrides
 from finetune.config.registration import register
 from finetune.rundir import hide_secret_overrides
-from finetune.train import recipe, stages, walk_forward
-from finetune.train.recipe import Run, is_main_process
 
 log = logging.getLogger("finetune")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> Run:
+def run(cfg: DictConfig, run_dir: Path):
     """Train and evaluate as `cfg` says, writing everything into `run_dir`: K walk-forward folds (each a run in
-    run_dir/fold-k), an SFT stage then a preference stage (objective.start_from=sft), or one run."""
+    run_dir/fold-k), an SFT stage then a preference stage (objective.start_from=sft), or one run. Returns the
+    run's finetune.train.recipe.Run. The training stack (torch, transformers) is imported here, not at start-up,
+    so a command line that fails its checks stops in about a second."""
+    from finetune.train import recipe, stages, walk_forward
     if cfg.eval.get("walk_forward", {}).get("folds") is not None:
         return walk_forward.run_folds(cfg, run_dir)
     if cfg.objective.get("start_from") == "sft":
@@ -53,6 +54,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
         raise
+    from finetune.train.recipe import is_main_process
     if is_main_process():  # the last console line: the verdict of report.md, and where the run is
         from finetune.rundir.report import verdict
         said = verdict(result.metrics, cfg.leaderboard.metric, cfg.leaderboard.mode).replace("**", "") \

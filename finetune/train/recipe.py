@@ -112,7 +112,7 @@ def steps(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) ->
     earlier_adapter, skipped = incremental.plan(cfg, config, args, splits["train"])
     if skipped:
         return Run(stats=stats, tokenizer=tokenizer, skipped=skipped)
-    checkpoint = resume_from(cfg.resume, run_dir, main)  # the same on every rank: they resume in step
+    checkpoint = resume_point(cfg, run_dir, main)  # the same on every rank: they resume in step
     run_manifest = record(cfg, config, stats, run_dir) if main else None
 
     # 3. the model, scored before training (other ranks wait at the first collective)
@@ -140,6 +140,14 @@ def steps(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) ->
                answers={"base": base["outputs"], "tuned": tuned["outputs"]}, seconds=clock.seconds())
     report(done)
     return done
+
+
+def resume_point(cfg: DictConfig, run_dir: Path, main: bool) -> str | None:
+    """The checkpoint this run resumes from (resume: auto / true / false / a run dir), said by every rank."""
+    checkpoint = resume_from(cfg.resume, run_dir, main)
+    if checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        log.info("rank %s resumes from %s", os.environ.get("RANK"), checkpoint)
+    return checkpoint
 
 
 def score(**suite) -> dict:
