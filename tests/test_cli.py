@@ -39,40 +39,6 @@ def test_default_command_writes_hydra_config_and_report(default_run):
             assert again[side][key] == (expected if expected is None else pytest.approx(expected, rel=1e-5)), key
 
 
-def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
-    # as the README types it: Hydra's default sweep dir (outputs/<date>/<time>-multirun-default), no hydra.sweep.dir
-    out = cli("-m", "training.learning_rate=1e-3,3e-3", *SHORT, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    [sweep] = list(tmp_path.glob("outputs/*/*-multirun-default"))
-    for job in ("0", "1"):
-        assert completed(sweep / job) and (sweep / job / "metrics.json").is_file()
-    rates = [json.loads((sweep / j / "manifest.json").read_text())["config"]["training"]["learning_rate"]
-             for j in ("0", "1")]
-    assert rates == [1e-3, 3e-3]
-    assert "| 2 |" in (sweep / "leaderboard.md").read_text()
-
-
-def test_a_sweep_with_a_failed_job_exits_non_zero_after_its_leaderboard(tmp_path):
-    out = cli("-m", "method.r=oops,-", *SHORT, cwd=tmp_path)   # both jobs fail their config check: no weights load
-    assert out.returncode == 1, out.stderr[-3000:]
-    [sweep] = list(tmp_path.glob("outputs/*/*-multirun-default"))
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
-    assert "Failed jobs" in (sweep / "leaderboard.md").read_text()
-    assert "failed jobs: 0, 1" in out.stderr
-
-
-def test_recipe_from_a_user_folder(tmp_path):
-    # Hydra's layout: <dir>/recipe/NAME.yaml, found through --config-dir
-    (tmp_path / "mine" / "recipe").mkdir(parents=True)
-    (tmp_path / "mine" / "recipe" / "my_recipe.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /method: dora\nmethod:\n  r: 4\n")
-    out = cli("--config-dir", str(tmp_path / "mine"), "recipe=my_recipe", *SHORT, f"hydra.run.dir={tmp_path / 'run'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert completed(tmp_path / "run")
-    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and adapter["use_dora"] is True
-
-
 def test_flat_recipe_folder_through_recipes_scheme(tmp_path):
     (tmp_path / "flat" / "team").mkdir(parents=True)
     (tmp_path / "flat" / "team" / "quick.yaml").write_text("# @package _global_\nmethod:\n  r: 2\n")

@@ -13,6 +13,10 @@ from finetune.config import check_config
 from finetune.runner import run
 
 RECIPE = """# @package _global_
+defaults:
+  - override /method: dora
+method:
+  r: 4
 training:
   learning_rate: 5.0e-5
   num_train_epochs: 2
@@ -63,6 +67,9 @@ def test_saved_printed_recorded_and_trained_configs_agree(user_run):
         5e-5, 2, 4)
     assert trained["max_length"] == 512 and trained["lr_scheduler_type"] == "cosine"
     assert "fit tiny_cpu (conf/fit/tiny_cpu.yaml" in stdout and "learning_rate=5e-05" in stdout, stdout
+    # the recipe's other groups and values trained too (Hydra's layout: --config-dir DIR, DIR/recipe/NAME.yaml)
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["use_dora"] is True
 
 
 def test_compose_and_run_from_python_train_with_the_composed_values(tmp_path):

@@ -119,6 +119,21 @@ def test_the_readme_command_runs_as_written(work, command, comment):
     assert "Traceback" not in out.stdout, out.stdout[-3000:]
     if argv[:3] != ["python", "-m", "finetune"]:  # evaluate, predict, ab, merge: the console as a run's
         quiet(out.stdout)
+    if argv[3:4] == ["-m"]:
+        sweep_has_one_run_dir_per_job(work["dir"])
+
+
+def sweep_has_one_run_dir_per_job(where) -> None:
+    """The README's sweep, in Hydra's default sweep dir (outputs/<date>/<time>-multirun-default, no
+    hydra.sweep.dir): each job its own completed run dir, trained with its own values, and one leaderboard."""
+    [sweep] = list(where.glob("outputs/*/*-multirun-default"))
+    jobs = [sweep / str(n) for n in range(4)]
+    assert all(json.loads((job / "status.json").read_text())["status"] == "completed" for job in jobs)
+    assert all((job / "metrics.json").is_file() for job in jobs)
+    configs = [json.loads((job / "manifest.json").read_text())["config"] for job in jobs]
+    assert [(c["training"]["learning_rate"], c["method"]["r"]) for c in configs] == [
+        (1e-3, 8), (1e-3, 16), (3e-3, 8), (3e-3, 16)]
+    assert "| 4 |" in (sweep / "leaderboard.md").read_text()
 
 
 def serve(work: dict, argv: list[str]) -> None:

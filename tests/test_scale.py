@@ -1,6 +1,7 @@
 """Sweeps and processes: leaderboard with a failed job, Optuna, submitit's local launcher, trackers (two CPU ranks:
 tests/test_reliability.py)."""
 import csv
+import re
 
 import pytest
 import yaml
@@ -29,6 +30,7 @@ def test_grid_leaderboard_best_first_with_a_failed_job(tmp_path):
     assert float(done[0]["perplexity"]) <= float(done[1]["perplexity"])  # best (lowest) first
     assert all("method.r=oops" in r["overrides"] and "method.r" in r["error"] for r in failed)
     assert "Failed jobs" in (tmp_path / "leaderboard.md").read_text()
+    assert re.search(r"failed jobs: \d, \d", out.stderr), out.stderr[-2000:]  # and the console says which
 
 
 @pytest.mark.slow
