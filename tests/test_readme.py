@@ -2,8 +2,8 @@
 there, not in the repository). What differs from a user's terminal is said per command:
 
 - a placeholder (`outputs/<run>`, `in.jsonl`, `new.jsonl`, ...) is this test's file of that kind;
-- where the README says a command takes minutes, the tiny model and a step limit (LIMIT) are added, and
-  `model=smollm2_135m` becomes `model=tiny` (the tests load no real weights); a command that this makes the same
+- where the README says a command takes minutes, the tiny model, a step limit and no latency metric (LIMIT) are
+  added, and `model=smollm2_135m` becomes `model=tiny` (the tests load no real weights); a command that this makes the same
   as an earlier one is not run again: the earlier one's output is checked;
 - a command for hardware or weights this machine lacks (a 7B folder, a CUDA GPU) must stop with one error line;
 - the set-up line and `pytest` are the environment and the suite themselves.
@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 from test_console import quiet
 
-LIMIT = ["training.max_steps=1", "eval.max_samples=2", "eval.batch_size=2"]
+LIMIT = ["training.max_steps=1", "eval.max_samples=2", "eval.batch_size=2", "~eval.metrics.latency"]
 SKIP = {"pip install": "the set-up: this environment is it", "pytest": "the suite this test is part of"}
 REFUSES = {"/models/Qwen2.5-7B-Instruct": "no such folder", "finetune.bench": "no CUDA GPU"}
 
