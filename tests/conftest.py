@@ -52,3 +52,13 @@ def cli(*args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
 
 def recipes() -> list[str]:
     return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def single_torch_thread():
+    """Body of a module's autouse `one_thread` fixture: toy models gain nothing from a second thread, and on a busy
+    2-core machine two OpenMP threads waiting on each other made such files several times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

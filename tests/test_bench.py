@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from conftest import compose
+from conftest import compose, single_torch_thread
 from finetune import bench
 from finetune.config import check_training, resolve
 from finetune.train.model import TINY_TOKENIZER
@@ -20,14 +20,7 @@ SHRUNK = ["model.arch.hidden_size=64", "model.arch.intermediate_size=128", "mode
           "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=2", "model.arch.vocab_size=4096"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads waiting on
-    each other made this file three times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ requests, and a merged adapter answers as the unmerged one."""
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, single_torch_thread
 from finetune.data.pipeline import read_jsonl
 from finetune.errors import ConfigError
 from finetune.eval.fast_decode import PrefixDecoder, common_prefix, render
@@ -15,13 +15,7 @@ from test_inference import SNAPSHOTS, tiny_signal_run
 N = 24  # held-out-like prompts: the last lines of the demo data (the tiny run trained on data/trades.db)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small runs faster on one thread than on two that wait for each other (2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ import json
 import sqlite3
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, single_torch_thread
 from finetune.data.pipeline import read_jsonl
 from finetune.errors import DataError
 from finetune.tasks.signals import SIGNALS, parse_signal
@@ -34,13 +33,7 @@ SNAPSHOTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A model this small runs ~20x faster on one thread than on two that wait for each other (2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def tiny_signal_run(cache_dir):
