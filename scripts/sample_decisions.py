@@ -15,7 +15,7 @@ action and end bad or acceptable_loss, so `train_outcomes: [excellent, good]` ke
 decisions. A few records are still "pending". About a third of the reasonings are in Chinese.
 
     python scripts/sample_decisions.py
-    python scripts/sample_decisions.py --out /tmp/rsi.jsonl --rule rsi --shares BUY=0.2,SELL=0.1,HOLD=0.6,CLOSE=0.1 \
+    python scripts/sample_decisions.py --out rsi.jsonl --rule rsi --shares BUY=0.2,SELL=0.1,HOLD=0.6,CLOSE=0.1 \
         --lucky 0.1 --seed 5
 
 Other logs for checking that a tuned model learns the decision (docs/results.md): `--rule rsi` decides by RSI

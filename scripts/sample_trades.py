@@ -9,7 +9,7 @@ Real-log blemishes on purpose: extra columns, open trades, closed trades with NU
 signal row at their timestamp, signal rows without a trade, NULL signal_confidence, lower-case ai_signal.
 
     python scripts/sample_trades.py
-    python scripts/sample_trades.py --out /tmp/momentum.db --rule momentum --shares BUY=0.1,SELL=0.1,HOLD=0.8 --seed 2
+    python scripts/sample_trades.py --out momentum.db --rule momentum --shares BUY=0.1,SELL=0.1,HOLD=0.8 --seed 2
 
 Other logs for checking that a tuned model learns the decision and not one label (docs/results.md): `--rule` picks
 which snapshot fields decide (indicators: RSI and trend, the default; momentum: the 24 h change and volume;
