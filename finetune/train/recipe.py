@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.train import incremental
 from finetune.config import check_config
 from finetune.errors import ConfigError, DataError, Interrupted, TrainingError
+from finetune.eval.suite import score
 from finetune.rundir.logs import FILE_ONLY, headline, route_library_logs
 from finetune.paths import CONF_DIR
 from finetune.train.preemption import Preemption
@@ -148,11 +149,6 @@ def resume_point(cfg: DictConfig, run_dir: Path, main: bool) -> str | None:
     if checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         log.info("rank %s resumes from %s", os.environ.get("RANK"), checkpoint)
     return checkpoint
-
-
-def score(**suite) -> dict:
-    from finetune.eval.suite import score as suite_score
-    return suite_score(**suite)
 
 
 def scores(side: str, scored: dict | None) -> dict | None:
