@@ -131,6 +131,10 @@ class PrefixDecoder:
         text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
         return {"text": text, "tokens": len(answer), "stopped": stopped, "prompt_tokens": len(ids), "passes": passes}
 
+    def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[dict]:
+        """`answer` for each chat, in order."""
+        return [self.answer(chat, max_new_tokens) for chat in chats]
+
 
 def cut(cache, length: int) -> None:
     """Keep the first `length` positions of `cache` (transformers 5's crop() takes how many to drop, negated)."""
