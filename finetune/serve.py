@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for a run's adapter: the `openai` client, a trading loop or an agent calls it.
 
-    python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY]
+    python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY] [--merge]
 
     GET  /v1/models                     the run's adapter (model id: the run dir's name; "base-run" for a run dir
                                         named base) and its base ("base")
@@ -8,8 +8,8 @@
                                          "response_format", "temperature", "top_p", "seed", "n", "stop"}
     POST /v1/completions                {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "n", "stop"}
     (any other field that asks for something, e.g. tools or logprobs, gets a 400 naming it)
-    GET  /health                        {"status": "ok", "run", "task", "fallbacks", "held", "queued"}
-    POST /signal   {"market_data": {...}}       -> {"signal": "BUY", "confidence": 0.72}
+    GET  /health                        {"status": "ok", "run", "task", "fallbacks", "held", "queued", "batches"}
+    POST /signal   {"market_data": {...}}       -> {"signal": "BUY", "confidence": 0.72}   ("model": "base" too)
     POST /signals  {"market_data": [{...}]}     -> {"signals": [{"signal": ..., "confidence": ...}, ...]}
     POST /generate {"messages": [...]}          -> {"text": "..."}     ({"prompt": "..."} works too)
 
@@ -21,6 +21,13 @@ Batching: every request joins one queue; a worker takes what arrived within `--b
 `--batch-size`) and answers requests for the same model, token budget and grammar in one generate() call.
 Greedy answers are the same batched or alone (the tests check it). A streamed chat completion (server-sent
 events) is generated on its own, token by token.
+
+Signals fast: the /signal and /signals jobs of one batch (under the task's grammar, greedy) are answered in one
+call of the prefix decoder (finetune/eval/fast_decode.py: the signal prompt's shared start cached once per served
+model, the tokens the grammar forces run in one pass), the same answers generate() gives. Not for `--free`, a run
+whose eval.generation samples, or a prompt-learning adapter (its virtual tokens live in the cache): those take
+generate(). `--merge` folds the adapter into the base weights at load, so each step runs the base's matmuls only;
+the base model is then no longer there to serve ("base" requests get a 404 that says so).
 
 Answers that parse: the signal routes decode under the task's grammar (finetune/tasks/), so a
 signal is always read and the ("HOLD", 0.0) fallback is for a model without one (`--free` turns it off);
@@ -98,6 +105,7 @@ class Job:
     seed: int | None = None               # a seeded request's answers are generated alone, after torch.manual_seed
     stop: tuple = ()                      # the answer ends before the first of these strings
     group: int | None = None              # a seeded request's jobs: generated together and with no other
+    signal: bool = False                  # a signal route's job: the prefix decoder may answer it
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # its client timed out or went away: the worker drops it, or stops its generation
@@ -116,6 +124,7 @@ class Batcher:
         self.jobs: queue.Queue = queue.Queue(limits.max_queue)
         self.batches: list[int] = []  # the size of each generate() call (health, tests)
         self.steps = 0  # decoding steps taken, all generate() calls together (tests count them)
+        self.decoders: dict = {}  # (model id, grammar) -> the PrefixDecoder answering its signal jobs
         self.submitting = threading.Lock()
         self.thread = threading.Thread(target=self.loop, name="finetune-batcher", daemon=True)
         self.thread.start()
@@ -150,7 +159,7 @@ class Batcher:
                     break
             groups: dict = {}
             for job in batch:
-                key = (job.model, job.max_tokens, job.grammar, job.sampling, job.group,
+                key = (job.model, job.max_tokens, job.grammar, job.sampling, job.group, job.signal,
                        id(job) if job.stream else None)
                 groups.setdefault(key, []).append(job)
             for jobs in groups.values():
@@ -168,10 +177,13 @@ class Batcher:
                 import torch
                 torch.manual_seed(first.seed)
             with provider.model.disable_adapter() if first.model == BASE else nullcontext():
-                out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs], first.max_tokens,
-                                       len(jobs), progress=False, grammar=first.grammar, streamer=streamer,
-                                       **{**provider.generation, **dict(first.sampling)},
-                                       stopping_criteria=[Abandoned(jobs, self)])
+                if self.fast(first):
+                    out = self.fast_answers(jobs)
+                else:
+                    out = generate_answers(provider.model, provider.tokenizer, [j.chat for j in jobs],
+                                           first.max_tokens, len(jobs), progress=False, grammar=first.grammar,
+                                           streamer=streamer, **{**provider.generation, **dict(first.sampling)},
+                                           stopping_criteria=[Abandoned(jobs, self)])
             self.batches.append(len(jobs))
             for i, job in enumerate(jobs):
                 job.future.set_result(cut_at_stop({k: out[k][i] for k in ("texts", "tokens", "stopped",
@@ -184,6 +196,33 @@ class Batcher:
         finally:
             if first.stream is not None:
                 first.stream.put(None)
+
+    def fast(self, job: Job) -> bool:
+        """Whether `job`'s group goes to the prefix decoder: a signal job under a grammar, decoded greedily (no
+        sampling, seed, stream or stop string; the run's eval.generation empty), on a model whose cache holds only
+        the prompt (`provider.fast`: not prompt-learning)."""
+        greedy = not job.sampling and job.seed is None and job.stream is None and not job.stop
+        return job.signal and job.grammar is not None and greedy and self.provider.fast
+
+    def fast_answers(self, jobs: list[Job]) -> dict:
+        """The jobs' answers from their model's prefix decoder, in generate_answers' layout. Called under the
+        model's own adapter context: a decoder is built there on first use, so the prefix cache it keeps was
+        computed with the weights it is used with (the base's under disable_adapter). Its call has no stopping
+        hook: a job abandoned while its batch runs is answered with the others (a few passes) and the answer
+        dropped."""
+        first = jobs[0]
+        decoder = self.decoders.get((first.model, first.grammar))
+        if decoder is None:
+            from finetune.eval.fast_decode import PrefixDecoder
+            provider = self.provider
+            # two prompts that part where the snapshot begins: their shared start is every signal prompt's
+            probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
+            decoder = PrefixDecoder(provider.model, provider.tokenizer, first.grammar, probes)
+            self.decoders[(first.model, first.grammar)] = decoder
+        answers = decoder.answers([job.chat for job in jobs], first.max_tokens)
+        self.steps += max(a["passes"] for a in answers)  # each pass runs the whole batch, as one generate() step
+        return {"texts": [a["text"] for a in answers], **{k: [a[k] for a in answers]
+                                                          for k in ("tokens", "stopped", "prompt_tokens")}}
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -276,8 +315,9 @@ def is_loopback(host: str) -> bool:
 
 
 def make_app(provider, run_name: str = "adapter", api_key: str | None = None, limits: Limits | None = None,
-             constrained: bool = True):
-    """The FastAPI app serving `provider` (a SignalProvider: its adapter as `run_name`, its base as "base")."""
+             constrained: bool = True, merged: bool = False):
+    """The FastAPI app serving `provider` (a SignalProvider: its adapter as `run_name`, its base as "base"; with
+    `merged`, the adapter folded into the base's weights, the base is not served)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -288,7 +328,8 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     if run_name == BASE:  # the adapter's id would be the base model's, and every request would go to the base
         log.warning("the run dir is named %r, the base model's id: its adapter is served as %r", BASE, f"{BASE}-run")
         run_name = f"{BASE}-run"
-    models = [run_name] + ([BASE] if hasattr(provider.model, "disable_adapter") else [])  # method=full: no base
+    # method=full, or an adapter merged into the base weights: no base left to serve
+    models = [run_name] + ([BASE] if hasattr(provider.model, "disable_adapter") and not merged else [])
     app = FastAPI(title="finetune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
 
@@ -379,6 +420,10 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
 
     def model_of(body: dict) -> str:
         name = body.get("model") or run_name
+        if merged and name == BASE:
+            raise ApiError(404, f"model {BASE!r} is not served: the server was started with --merge (the adapter is "
+                                f"folded into the base weights); start it without --merge to serve {BASE!r} too",
+                           "model_not_found")
         if not isinstance(name, str) or name not in models:
             raise ApiError(404, f"model {name!r} does not exist; this server has {', '.join(models)}",
                            "model_not_found")
@@ -404,7 +449,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     @app.get("/health")
     async def health():
         return {"status": "ok", "run": run_name, "task": provider.task, "fallbacks": provider.fallbacks,
-                "held": provider.held, "queued": batcher.jobs.qsize()}
+                "held": provider.held, "queued": batcher.jobs.qsize(), "batches": len(batcher.batches)}
 
     @app.get("/v1/models")
     async def list_models():
@@ -482,7 +527,7 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
     async def signal(request: Request):
         body = json_object(request)
         chat = signal_chat(body, body_field(body, "market_data", dict))
-        out = await answer(Job(chat, run_name, provider.max_new_tokens, task_grammar), request)
+        out = await answer(Job(chat, model_of(body), provider.max_new_tokens, task_grammar, signal=True), request)
         value, confidence = provider.read_signal(out["texts"])
         return {"signal": value, "confidence": confidence}
 
@@ -491,7 +536,9 @@ def make_app(provider, run_name: str = "adapter", api_key: str | None = None, li
         body = json_object(request)
         chats = [signal_chat(body, m, f"market_data[{i}]")
                  for i, m in enumerate(body_field(body, "market_data", list))]
-        outs = await answer_all([Job(c, run_name, provider.max_new_tokens, task_grammar) for c in chats], request)
+        model = model_of(body)
+        outs = await answer_all([Job(c, model, provider.max_new_tokens, task_grammar, signal=True) for c in chats],
+                                request)
         return {"signals": [dict(zip(("signal", "confidence"), provider.read_signal(o["texts"]))) for o in outs]}
 
     @app.post("/generate")
@@ -657,6 +704,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the environment variable holding the bearer token clients must send")
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="weaker BUY / SELL -> HOLD")
     parser.add_argument("--free", action="store_true", help="signal routes without the answer grammar")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapter into the base weights at load (faster answers; the base is not served)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model's own code from its folder (a run dir's setting is never used)")
     defaults = Limits()
@@ -680,8 +729,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     from finetune.serving.inference import SignalProvider
     try:
-        # unmerged: the "base" model is the same weights with the adapter switched off (disable_adapter)
-        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=False,
+        # unmerged (the default): the "base" model is the same weights with the adapter switched off
+        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=args.merge,
                                            confidence_threshold=args.confidence_threshold)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -691,7 +740,8 @@ def main(argv: list[str] | None = None) -> None:
                     batch_size=args.batch_size or provider.batch_size, batch_window=args.batch_window,
                     max_connections=args.max_connections, max_prompts=args.max_prompts,
                     max_prompt_tokens=args.max_prompt_tokens)
-    app = make_app(provider, Path(args.run_dir).resolve().name, api_key, limits, constrained=not args.free)
+    app = make_app(provider, Path(args.run_dir).resolve().name, api_key, limits, constrained=not args.free,
+                   merged=args.merge and not hasattr(provider.model, "disable_adapter"))  # not folded: base served
     import uvicorn
     print(f"serving {args.run_dir} on http://{args.host}:{args.port} (/v1/chat/completions, /v1/completions, "
           f"/v1/models, /signal, /signals, /generate, /health)", flush=True)

@@ -97,6 +97,78 @@ def test_signal_routes_answer_under_the_grammar_and_never_fall_back(server, prov
         assert answer["signal"] in ("BUY", "SELL", "HOLD") and 0 <= answer["confidence"] <= 1
 
 
+def constrained_signals(provider, snapshots: list[dict], base: bool = False) -> list[dict]:
+    """The provider's constrained generate_answers answers to `snapshots` (the base's with `base`), as /signal
+    gives them: the reference the server's prefix-decoder path must equal."""
+    from contextlib import nullcontext
+    from finetune import tasks
+    from finetune.eval.suite import generate_answers
+    from finetune.tasks.signals import parse_signal
+    chats = [provider.signal_prompt(m) for m in snapshots]
+    with provider.model.disable_adapter() if base else nullcontext():
+        texts = generate_answers(provider.model, provider.tokenizer, chats, provider.max_new_tokens, len(chats),
+                                 progress=False, grammar=tasks.get(provider.task).grammar(),
+                                 **provider.generation)["texts"]
+    return [dict(zip(("signal", "confidence"), parse_signal(text))) for text in texts]
+
+
+def counted(decoder, monkeypatch) -> list[int]:
+    """The number of chats in each call of `decoder.answers` from now on."""
+    calls, answers = [], decoder.answers
+    monkeypatch.setattr(decoder, "answers", lambda chats, tokens: calls.append(len(chats)) or answers(chats, tokens))
+    return calls
+
+
+def test_eight_concurrent_signal_clients_are_answered_in_batches_by_the_prefix_decoder(server, provider,
+                                                                                       monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from finetune import tasks
+    url, app = server
+    batcher = app.state.batcher
+    snapshots = [{**SNAPSHOTS[i % 4], "price": SNAPSHOTS[i % 4]["price"] + 100 * i} for i in range(8)]
+    expected = constrained_signals(provider, snapshots)
+    assert post(f"{url}/signal", {"market_data": snapshots[0]}).json() == expected[0]  # builds the decoder
+    calls = counted(batcher.decoders[("tiny-run", tasks.get(provider.task).grammar())], monkeypatch)
+    before = len(batcher.batches)
+    gate = threading.Barrier(8)
+
+    def client(market_data: dict) -> dict:
+        gate.wait()  # the 8 requests arrive together, as 8 trading loops' would
+        return post(f"{url}/signal", {"market_data": market_data}).json()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(client, snapshots))
+    assert got == expected
+    assert calls == batcher.batches[before:] and sum(calls) == 8 and len(calls) < 8, calls  # batched, fast path
+
+
+def test_a_base_signal_through_the_prefix_decoder_is_the_base_models_constrained_answer(server, provider,
+                                                                                        monkeypatch):
+    from finetune import tasks
+    url, app = server
+    base, tuned = constrained_signals(provider, SNAPSHOTS, base=True), constrained_signals(provider, SNAPSHOTS)
+    assert base != tuned  # the test can tell them apart
+    assert post(f"{url}/signals", {"model": "base", "market_data": SNAPSHOTS}).json()["signals"] == base
+    calls = counted(app.state.batcher.decoders[("base", tasks.get(provider.task).grammar())], monkeypatch)
+    assert post(f"{url}/signal", {"model": "base", "market_data": SNAPSHOTS[1]}).json() == base[1]
+    assert calls == [1]
+    assert post(f"{url}/signals", {"market_data": SNAPSHOTS}).json()["signals"] == tuned  # the adapter's decoder
+
+
+def test_serve_merge_folds_the_adapter_in_and_refuses_the_base_naming_merge(cache_dir, provider, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    run_dir = tiny_signal_run(cache_dir)
+    serve_main([str(run_dir), "--merge", "--port", "0"])
+    client = TestClient(apps[0])
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [run_dir.name]
+    refused = client.post("/signal", json={"model": "base", "market_data": SNAPSHOTS[0]})
+    assert refused.status_code == 404 and "--merge" in refused.json()["error"]["message"], refused.text
+    merged = client.post("/signals", json={"market_data": SNAPSHOTS}).json()["signals"]
+    assert merged == constrained_signals(provider, SNAPSHOTS)
+
+
 LOAD = """
 import json, sys, time, httpx
 from concurrent.futures import ThreadPoolExecutor
