@@ -6,6 +6,7 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +168,20 @@ def test_serve_merge_folds_the_adapter_in_and_refuses_the_base_naming_merge(cach
     assert refused.status_code == 404 and "--merge" in refused.json()["error"]["message"], refused.text
     merged = client.post("/signals", json={"market_data": SNAPSHOTS}).json()["signals"]
     assert merged == constrained_signals(provider, SNAPSHOTS)
+
+
+def test_the_latency_script_reads_every_held_out_prompt_back_into_its_snapshot(cache_dir, provider):
+    import importlib.util
+    from finetune.data.pipeline import read_jsonl
+    path = Path(__file__).resolve().parent.parent / "scripts" / "serve_latency.py"
+    spec = importlib.util.spec_from_file_location("serve_latency", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir = tiny_signal_run(cache_dir)
+    bodies, skipped = script.held_out_snapshots(run_dir)
+    prompts = [s["messages"][:-1] for s in read_jsonl(run_dir / "data" / "test.jsonl")]
+    assert skipped == 0 and len(bodies) == len(prompts) > 0
+    assert [provider.signal_prompt(b["market_data"], b["symbol"]) for b in bodies] == prompts
 
 
 LOAD = """
