@@ -40,7 +40,8 @@ that does not arrive within `--body-timeout` (408, connection closed), malformed
 longer than `--request-timeout` (504), more than `--max-prompts` prompts in one request (400), a prompt over
 `--max-prompt-tokens` or past the model's positions with its max_tokens (400), a request whose answers do not all
 fit the queue (503, none of them queued). A request that times out or whose client hangs up is abandoned: its
-queued answers are dropped and its rows stop generating at the next token. A connection idle after an answer
+queued answers are dropped and its rows stop generating at the next token (a signal batch already in the prefix
+decoder runs to its end, a few passes, and the abandoned answer is thrown away). A connection idle after an answer
 closes after 5 s, one that sends no whole request head within `--body-timeout` is closed; more than
 `--max-connections` at once get 503. Binding to anything but loopback needs an API key: the bearer token in the
 environment variable `--api-key-env` names (the scheme in any case, the key compared in constant time); without it
@@ -112,7 +113,8 @@ class Job:
 
     def abandon(self) -> None:
         self.abandoned = True
-        self.future.cancel()  # not yet running: never generated (running: the worker's Abandoned stops its row)
+        self.future.cancel()  # not yet running: never generated (running: the worker's Abandoned stops its row;
+        #                       a signal batch in the prefix decoder runs to its end, a few passes)
 
 
 class Batcher:
