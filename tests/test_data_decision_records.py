@@ -53,7 +53,7 @@ def test_full_record_becomes_one_sample(tmp_path):
     assert sample["label"] == "BUY" and sample["timestamp"] == "2025-10-31T10:00:00"
     features = sample["meta"].pop("features")  # the record's plain fields, for the simple-model baseline
     assert sample["meta"] == {"line": 1, "conversation_id": "d-1", "symbol": "BTC", "outcome": "excellent",
-                              "pnl": 2.5}
+                              "pnl": 2.5, "known_at": "2025-10-31T16:00:00"}  # the timestamp + duration_hours 6
     assert features == {"market.price": 68500, "market.change_24h": 0.025, "market.trend": "bullish",
                         "market.rsi": 62.5, "market.macd_signal": "positive", "market_regime": "normal",
                         "account.balance": 600, "account.permission_level": "L2", "positions": 1,

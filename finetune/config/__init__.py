@@ -164,9 +164,10 @@ def check_config(cfg, output_dir: Path | None) -> tuple[dict, object]:
     return config, sft_config(config["training"], output_dir)
 
 
-OBJECTIVES = ("sft", "dpo", "kto")
-# objective keys the runner reads; the rest are fields of the objective's trl config (DPOConfig, KTOConfig)
-RUNNER_KEYS = ("name", "start_from", "training")
+OBJECTIVES = ("sft", "dpo", "kto", "grpo")
+# objective keys the runner reads; the rest are fields of the objective's trl config (DPOConfig, KTOConfig,
+# GRPOConfig). GRPO's rewards become GRPOConfig.reward_weights and the reward callables (finetune/rewards/).
+RUNNER_KEYS = ("name", "start_from", "training", "rewards", "collapse_share", "leakage")
 SFT_ONLY = {"packing": False, "packing_strategy": None, "eval_packing": None,
             "completion_only_loss": None, "assistant_only_loss": False, "dataset_text_field": None,
             "dataset_kwargs": None, "chat_template_path": None, "eos_token": None, "shuffle_dataset": False}
@@ -174,7 +175,7 @@ SFT_ONLY = {"packing": False, "packing_strategy": None, "eval_packing": None,
 
 def trl_class(name: str) -> type:
     import trl
-    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[name]
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "grpo": trl.GRPOConfig}[name]
 
 
 def check_objective(config: dict) -> None:
@@ -183,7 +184,8 @@ def check_objective(config: dict) -> None:
     objective, training = config["objective"], config["training"]
     name = objective.get("name")
     if name not in OBJECTIVES:
-        raise ConfigError(f"objective.name={name!r}: choose {', '.join(OBJECTIVES)} (objective=dpo, objective=kto)")
+        raise ConfigError(f"objective.name={name!r}: choose {', '.join(OBJECTIVES)} (objective=dpo, objective=kto, "
+                          "objective=grpo)")
     if name == "sft":
         return
     cls = trl_class(name)
@@ -200,6 +202,21 @@ def check_objective(config: dict) -> None:
     if training.get("packing"):
         raise ConfigError(f"objective={name} with training.packing=true: {name.upper()} scores each answer on its "
                           "own row; set training.packing=false")
+    if name == "grpo":
+        check_grpo(objective)
+
+
+def check_grpo(objective: dict) -> None:
+    """Its rewards built (each _target_ imported and its arguments taken) and its guards' values."""
+    from finetune.rewards import load
+    load(objective.get("rewards"))
+    share = objective.get("collapse_share", 0.9)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ConfigError(f"objective.collapse_share={share!r}: the share of one answer (0-1] at which a step is "
+                          "called a collapse, e.g. 0.9")
+    if objective.get("leakage", "refuse") not in ("refuse", "drop"):
+        raise ConfigError(f"objective.leakage={objective.get('leakage')!r}: choose refuse (stop the run) or drop "
+                          "(leave out the train samples whose outcome was known after the test window starts)")
 
 
 def preference_config(training: dict, objective: dict, output_dir: Path):
@@ -207,11 +224,15 @@ def preference_config(training: dict, objective: dict, output_dir: Path):
     objective's own fields."""
     cls = trl_class(objective["name"])
     kept = {k: v for k, v in training.items() if k not in SFT_ONLY or v != SFT_ONLY[k]}
+    options = {k: v for k, v in objective.items() if k not in RUNNER_KEYS}
+    if objective["name"] == "grpo":  # it cuts the answers it generates (max_completion_length), no training row
+        kept.pop("max_length", None)
+        options["reward_weights"] = [float(r.get("weight", 1.0)) for r in (objective.get("rewards") or {}).values()
+                                     if r is not None]
     unused = sorted(set(kept) - {f.name for f in dataclasses.fields(cls) if f.init})
     if unused:
         raise ConfigError(f"objective={objective['name']}: training.{unused[0]} is an SFT setting "
                           f"{objective['name'].upper()} has no use for; remove it")
-    options = {k: v for k, v in objective.items() if k not in RUNNER_KEYS}
     return trainer_config(cls, kept, output_dir, **options)
 
 

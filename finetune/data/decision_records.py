@@ -55,10 +55,12 @@ Example sample:
                   {"role": "user", "content": "BTC: price 68500, ...\\nAccount: balance 600, ..."},
                   {"role": "assistant", "content": "{\\"action\\":\\"BUY\\",\\"symbol\\":\\"BTC\\",...}"}],
      "label": "BUY", "timestamp": "2025-10-31T10:00:00",
-     "meta": {"line": 1, "conversation_id": "d-0042", "symbol": "BTC", "outcome": "excellent", "pnl": 2.5}}
+     "meta": {"line": 1, "conversation_id": "d-0042", "symbol": "BTC", "outcome": "excellent", "pnl": 2.5,
+              "known_at": "2025-10-31T16:00:00"}}      (known_at: the timestamp + result.duration_hours)
 """
 import json
 import math
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -152,7 +154,18 @@ def _sample(item, *, train, avoid, history_items, max_reasoning_chars, system_pr
             **({"desirable": outcome in train} if avoid else {}),
             "meta": {"line": line, "conversation_id": _scalar(record.get("conversation_id")),
                      "symbol": _scalar(answer.get("symbol")), "outcome": outcome,
-                     "pnl": _number(result.get("pnl")), "features": _features(fields)}}
+                     "pnl": _number(result.get("pnl")), "known_at": _known_at(timestamp, result),
+                     "features": _features(fields)}}
+
+
+def _known_at(timestamp: str, result: dict) -> str | None:
+    """When the decision's outcome was known: its time + result.duration_hours (None without one). A reward that
+    reads the outcome of a train decision known after the test window starts would learn from the test period
+    (finetune/train/grpo.py refuses it)."""
+    hours = _number(result.get("duration_hours"))
+    if hours is None or not 0 <= hours < 1e5:  # no duration, or none a decision lasts (11 years and more)
+        return None
+    return (datetime.fromisoformat(timestamp) + timedelta(hours=hours)).isoformat()
 
 
 def _features(fields: dict) -> dict:

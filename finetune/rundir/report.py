@@ -28,6 +28,7 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
                                   if f"{prefix}rewards/{key}" in e]
                for prefix in ("", "eval_") for key in ("chosen", "rejected")}
     rewards = {name: points for name, points in rewards.items() if points}
+    rewards.update(grpo_series(log_history, "rewards/", "/mean"))  # GRPO: each reward's mean per step
     fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(11 if rewards else 6, 3.5), squeeze=False)
     ax = axes[0][0]
     for points, name in ((train, "train"), (evals, "eval")):
@@ -40,11 +41,51 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
         ax = axes[0][1]
         for name, points in rewards.items():
             ax.plot(*zip(*points), marker="." if name.startswith("eval") else None, label=name.replace("_", " "))
-        ax.set(xlabel="step", ylabel="implicit reward", title="Rewards (chosen should rise above rejected)")
+        ax.set(xlabel="step", ylabel="reward", title="Rewards (mean per step)" if grpo_series(log_history, "rewards/",
+               "/mean") else "Rewards (chosen should rise above rejected)")
         ax.legend()
         ax.grid(alpha=0.3)
     save(fig, path)
     return True
+
+
+def grpo_series(log_history: list[dict], prefix: str, suffix: str = "") -> dict[str, list]:
+    """{name: [(step, value)]} of the train logs' `prefix<name><suffix>` keys (GRPO's rewards/<name>/mean,
+    answers/<label>)."""
+    names = sorted({k[len(prefix):len(k) - len(suffix)] for e in log_history for k in e
+                    if k.startswith(prefix) and k.endswith(suffix) and k.count("/") == prefix.count("/") +
+                    suffix.count("/") and not k.startswith("eval_")})
+    return {name: [(e["step"], e[f"{prefix}{name}{suffix}"]) for e in log_history
+                   if isinstance(e.get(f"{prefix}{name}{suffix}"), (int, float))] for name in names}
+
+
+def plot_answers(log_history: list[dict], path: Path) -> bool:
+    """GRPO: the share of each answer per step, the collapse guard's view (one line near 1 = one answer)."""
+    shares = grpo_series(log_history, "answers/")
+    if not shares:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in shares.items():
+        ax.plot(*zip(*points), label=name)
+    ax.set(xlabel="step", ylabel="share of the answers", ylim=(0, 1), title="Answers per step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, path)
+    return True
+
+
+def grpo_table(log_history: list[dict]) -> str:
+    """GRPO's first and last step side by side: each reward's mean, each answer's share, the KL to the reference.
+    format up while pnl stays flat is a model learning the layout, not the trade."""
+    rows = [(f"reward {name} (mean)", points) for name, points in grpo_series(log_history, "rewards/", "/mean").items()]
+    rows += [(f"answers {name} (share)", points) for name, points in grpo_series(log_history, "answers/").items()]
+    rows += [("kl to the reference", points) for points in [[(e["step"], e["kl"]) for e in log_history
+                                                             if isinstance(e.get("kl"), (int, float))]] if points]
+    if not rows:
+        return ""
+    lines = ["| | first step | last step |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt(points[0][1])} | {fmt(points[-1][1])} |" for name, points in rows if points]
+    return "\n".join(lines)
 
 
 def plot_labels(stats: dict, path: Path, order: list[str] | None = None) -> bool:
@@ -330,6 +371,12 @@ def write_report(run_dir: Path, summary: dict, metrics: dict, stats: dict, log_h
         lines += ["", "![label balance](labels.png)"]
     if plot_loss(log_history, run_dir / "loss.png"):
         lines += ["", "## Training", "", "![loss curves](loss.png)"]
+    grpo = grpo_table(log_history)
+    if grpo:  # objective=grpo: the rewards beside the loss, and what the policy answered
+        lines += ["", "### Rewards and answers (GRPO)", "", grpo]
+        lines += ["", f"**Warning: {summary['answer collapse']}**"] if summary.get("answer collapse") else []
+        if plot_answers(log_history, run_dir / "answers.png"):
+            lines += ["", "![answers per step](answers.png)"]
     if (run_dir / "ab_sheet.md").exists():
         lines += ["", "Blind A/B sheet: [ab_sheet.md](ab_sheet.md) (key: ab_key.json)."]
     write_text(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -1,5 +1,6 @@
 """The seam between objectives: `build` gives the Trainer for SFT (TRL's SFTTrainer, or its decision-weighted
-subclass), DPO or KTO, from the same model, arguments and splits. A new objective is one branch here."""
+subclass), DPO, KTO or GRPO (finetune/train/grpo.py), from the same model, arguments and splits. A new objective is
+one branch here."""
 import functools
 import hashlib
 import json
@@ -37,6 +38,8 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
     if earlier_adapter is not None:  # trainable: SFTTrainer must not wrap it again
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
+    if cfg.objective.name == "grpo":  # TRL generates and scores the answers itself
+        return grpo_trainer(cfg, args, model, peft_config, splits, tokenizer, callbacks)
     if cfg.objective.name != "sft":  # TRL tokenizes the rows itself, the chat template on each side
         import trl
         cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[cfg.objective.name]
@@ -64,6 +67,25 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
     return trainer
 
 
+def grpo_trainer(cfg: DictConfig, args, model, peft_config, splits: dict, tokenizer, callbacks: list):
+    """finetune/train/grpo.py's GRPOTrainer: the rewards of objective.rewards on the train samples whose outcome
+    was known before the test window (the leakage check)."""
+    from omegaconf import OmegaConf
+    from finetune.rewards import load
+    from finetune.train import grpo
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    funcs, _, reads = load(objective["rewards"])  # their weights are GRPOConfig.reward_weights already
+    leakage = objective.get("leakage", "refuse")  # check() said what it found; the same samples kept here
+    train = grpo.check_leakage(splits["train"], splits["test"], reads, leakage, say=False)
+    validation = grpo.check_leakage(splits["validation"], splits["test"], reads, leakage, say=False)
+    trainer = grpo.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=grpo.rows(train),
+                               eval_dataset=grpo.rows(validation) if validation else None, processing_class=tokenizer,
+                               peft_config=peft_config, callbacks=callbacks, task=cfg.dataset.task,
+                               collapse_share=objective.get("collapse_share", 0.9))
+    quiet_progress(trainer)
+    return trainer
+
+
 def decision_weights(cfg: DictConfig, train: list[dict], tokenizer) -> dict[int, float]:
     """decision.weight / decision.balance as {token id: weight}; empty for plain SFT or a task without labels."""
     from finetune import tasks
@@ -79,7 +101,14 @@ def decision_weights(cfg: DictConfig, train: list[dict], tokenizer) -> dict[int,
 
 def check(cfg: DictConfig, splits: dict) -> None:
     """What the objective needs from the train split, checked before any weight loads."""
-    if cfg.objective.name != "sft":
+    if cfg.objective.name == "grpo":  # the leakage check, before any weight loads
+        from omegaconf import OmegaConf
+        from finetune.rewards import load
+        from finetune.train import grpo
+        objective = OmegaConf.to_container(cfg.objective, resolve=True)
+        grpo.check_leakage(splits["train"], splits["test"], load(objective["rewards"])[2],
+                           objective.get("leakage", "refuse"))
+    elif cfg.objective.name != "sft":
         preference_rows(cfg.objective.name, splits["train"], "train", check_only=True)
 
 
@@ -136,4 +165,8 @@ def objective_name(objective: dict) -> str:
     what = "chosen over rejected answers" if name == "dpo" else "desirable vs undesirable answers"
     where = ("from the base; reference: the model before this run" if start is None else
              f"from the SFT adapter of {start}, also the reference")
+    if name == "grpo":
+        rewards = ", ".join(f"{key} x{spec.get('weight', 1.0)}" for key, spec in objective["rewards"].items() if spec)
+        return (f"GRPO (beta {objective.get('beta')}, {objective.get('num_generations')} answers a prompt; rewards "
+                f"{rewards}; {where})")
     return f"{name.upper()} (beta {objective.get('beta', 0.1)}, {objective.get('loss_type')}; {what}; {where})"

@@ -1,0 +1,109 @@
+"""objective=grpo: trl.GRPOTrainer learning from rewards on the model's own answers (finetune/rewards/).
+
+Each step the policy answers every prompt `num_generations` times; the rewards score each answer against what the
+sample records (its realised move, its decision's outcome), and GRPO moves the policy towards the answers that
+scored above their group's mean. The answers are the model's own, so a reward can pay a SELL the log never took.
+
+Here, beside TRL:
+- `rows`: the GRPO rows, the prompt (every message but the last) and the columns rewards read: label,
+  timestamp, desirable, and each scalar of the sample's meta (return_percent, outcome, pnl, known_at, ...).
+- `check_leakage`: a train sample whose outcome was known (meta `known_at`: a decision's time + its duration)
+  after the test window starts is refused when a reward reads outcomes (or left out: objective.leakage=drop).
+- `GRPOTrainer`: TRL's, with the answer distribution logged each step (answers/<label>: its share of the step's
+  answers, answers/unparsed) and a warning when one answer's share reaches objective.collapse_share: a policy that
+  answers HOLD to everything earns a safe 0 from `pnl` and learns nothing more (TRL logs rewards/<name>/mean and
+  /std, and kl to the reference with beta > 0).
+"""
+import logging
+
+import datasets
+import trl
+
+from finetune import tasks
+from finetune.errors import ConfigError, DataError
+from finetune.rewards import answer_text
+
+log = logging.getLogger("finetune")
+LEAKAGE = ("refuse", "drop")
+
+
+def rows(samples: list[dict]) -> datasets.Dataset:
+    """The prompt and the columns a reward reads, one row per sample (a column some samples lack is None there)."""
+    columns = sorted({key for s in samples for key, value in (s.get("meta") or {}).items() if scalar(value)})
+    out = []
+    for s in samples:
+        meta = s.get("meta") or {}
+        row = {"prompt": s["messages"][:-1], "label": s.get("label"), "timestamp": s.get("timestamp"),
+               "desirable": s.get("desirable")}
+        row.update({key: meta.get(key) if scalar(meta.get(key)) else None for key in columns if key not in row})
+        out.append(row)
+    return datasets.Dataset.from_list(out)
+
+
+def scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def check_leakage(train: list[dict], test: list[dict], reads: dict, leakage: str, say: bool = True) -> list[dict]:
+    """The train samples GRPO may learn from: those whose outcome (meta known_at) was known before the test window
+    starts, when a reward reads outcomes; a later one refused (leakage=refuse) or left out (leakage=drop)."""
+    if leakage not in LEAKAGE:
+        raise ConfigError(f"objective.leakage={leakage!r}: choose refuse (stop the run) or drop (leave the train "
+                          "samples whose outcome was known after the test window starts out of GRPO)")
+    readers = [name for name, columns in reads.items() if columns is None or columns]
+    if not readers or not test:
+        return train
+    test_start = min(s["timestamp"] for s in test if s.get("timestamp")) if any(s.get("timestamp") for s in test) \
+        else None
+    if test_start is None:
+        return train
+    known = [s for s in train if (s.get("meta") or {}).get("known_at")]
+    if not known and say:
+        log.info("grpo: the samples do not say when their outcome was known (meta known_at); the leakage check "
+                 "compares their timestamps only, which the temporal split keeps before %s", test_start)
+    late = [s for s in known if s["meta"]["known_at"] > test_start]
+    if not late:
+        return train
+    if leakage == "drop":
+        if say:
+                log.warning("grpo: %d train samples left out: their outcome was known after the test window starts "
+                        "(%s)", len(late), test_start)
+        kept = [s for s in train if s not in late]
+        if not kept:
+            raise DataError(f"objective.leakage=drop: every train sample's outcome was known after the test window "
+                            f"starts ({test_start}); nothing is left to learn from")
+        return kept
+    first = late[0]
+    where = ", ".join(f"{k} {v}" for k, v in first["meta"].items() if k in ("line", "trade_id", "conversation_id"))
+    raise DataError(f"objective.rewards.{readers[0]} reads the outcome of train sample {where or first['timestamp']} "
+                    f"(at {first['timestamp']}, outcome known at {first['meta']['known_at']}), after the test window "
+                    f"starts ({test_start}): it would learn from prices the test period sets ({len(late)} such train "
+                    "samples). Set objective.leakage=drop to leave them out, or move the test window later")
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """trl.GRPOTrainer that logs the share of each answer per step and warns when one answer takes over."""
+
+    def __init__(self, *args, task: str, collapse_share: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task, self.collapse_share = tasks.get(task), collapse_share
+        self.collapsed: dict | None = None  # the first step one answer reached collapse_share: report.md says so
+        self.in_collapse = False
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        mode = "train" if self.model.training else "eval"
+        answers = [self.task.parse(answer_text(c))[0] for c in completions]
+        names = list(self.task.labels) + ["unparsed"]
+        shares = {name: sum((a or "unparsed") == name for a in answers) / max(len(answers), 1) for name in names}
+        for name, share in shares.items():
+            self._metrics[mode][f"answers/{name}"].append(share)
+        top = max(self.task.labels, key=lambda name: shares[name])
+        step = self.state.global_step + 1  # the step these answers train (global_step counts the finished ones)
+        if mode == "train" and shares[top] >= self.collapse_share and not self.in_collapse:
+            self.collapsed = self.collapsed or {"step": step, "answer": top, "share": shares[top]}
+            log.warning("grpo: collapse at step %d: %.0f%% of the answers are %s (objective.collapse_share=%s); a "
+                        "policy that gives one answer to every prompt has stopped reading the market",
+                        step, 100 * shares[top], top, self.collapse_share)
+        if mode == "train":
+            self.in_collapse = shares[top] >= self.collapse_share
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

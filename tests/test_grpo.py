@@ -1,0 +1,154 @@
+"""objective=grpo on the tiny model: GRPO learns from the reward on the model's own answers (not from the labels),
+the answer shares and the collapse warning, and the leakage check on rewards that read outcomes."""
+import json
+import logging
+import re
+import sys
+import types
+
+import pytest
+
+from conftest import ROOT, compose
+from finetune.errors import ConfigError, DataError
+from finetune.paths import SAMPLE_DATA_DIR
+from finetune.rewards import answer_text, load
+from finetune.runner import run
+from finetune.tasks.signals import parse_signal
+from finetune.train.grpo import check_leakage
+
+COLLAPSE = 0.5
+
+
+def sell_only(completions, **_):
+    """A user's reward (by _target_, _partial_: true): pays a SELL answer, whatever the trade did."""
+    return [1.0 if parse_signal(answer_text(c))[0] == "SELL" else 0.0 for c in completions]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    from conftest import single_torch_thread
+    yield from single_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def sell_run(tmp_path_factory):
+    """A short SFT stage (so the tiny model answers in the signal format at all), then 20 GRPO steps from it with
+    the reward that pays SELL only; the warnings it logged."""
+    run_dir = tmp_path_factory.mktemp("grpo")
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("finetune").addHandler(handler)
+    try:
+        result = run(compose(
+            "objective=grpo", "dataset=trade_signals", "eval=perplexity", "objective.start_from=sft",
+            "training.max_steps=30", "training.eval_steps=100", "training.save_steps=100", "eval.max_samples=8",
+            "early_stopping.patience=null", "objective.rewards.pnl=null", "objective.rewards.format=null",
+            "+objective.rewards.sell={_target_: test_grpo.sell_only, _partial_: true, weight: 1.0}",
+            f"objective.collapse_share={COLLAPSE}", "objective.max_completion_length=24",
+            "+objective.training.max_steps=20", "+objective.training.eval_steps=100",
+            "+objective.training.save_steps=100", "+objective.training.learning_rate=3e-3"), run_dir)
+    finally:
+        logging.getLogger("finetune").removeHandler(handler)
+    steps = [e for e in result.trainer.state.log_history if "answers/SELL" in e]
+    return run_dir, result, steps, warnings
+
+
+def test_a_reward_that_pays_sell_moves_the_answers_to_sell(sell_run):
+    """The SFT model answers SELL rarely (few SELL labels in the trade log); the reward alone moves it there."""
+    run_dir, result, steps, _ = sell_run
+    assert [e["step"] for e in steps] == list(range(1, 21))  # one row of answer shares per step
+    sell = [e["answers/SELL"] for e in steps]
+    first, last = sum(sell[:5]) / 5, sum(sell[-5:]) / 5
+    assert last > first + 0.2, sell
+    assert all(abs(sum(e[f"answers/{k}"] for k in ("BUY", "SELL", "HOLD", "unparsed")) - 1) < 1e-6 for e in steps)
+    rewards = [e["rewards/sell/mean"] for e in steps]  # TRL logs each reward under its config key
+    assert sum(rewards[-5:]) > sum(rewards[:5]) and all("rewards/sell/std" in e for e in steps)
+    assert steps[-1]["kl"] > 0  # beta > 0: the policy's distance to the SFT model it started from
+    labels = json.loads((run_dir / "data" / "stats.json").read_text())["splits"]["train"]["labels"]
+    assert last > labels["SELL"] / sum(labels.values())  # more SELL than the labels hold: the reward, not them
+
+
+def test_the_collapse_warning_fires_when_one_answer_passes_the_share(sell_run):
+    run_dir, result, steps, warnings = sell_run
+    top = [max(("BUY", "SELL", "HOLD"), key=lambda k: e[f"answers/{k}"]) for e in steps]
+    first = next(e for e in steps if max(e["answers/BUY"], e["answers/SELL"], e["answers/HOLD"]) >= COLLAPSE)
+    answer = top[steps.index(first)]
+    said = [w for w in warnings if w.startswith("grpo: collapse")]
+    assert said and said[0].startswith(f"grpo: collapse at step {first['step']}: ") and answer in said[0], said
+    assert result.trainer.collapsed == {"step": first["step"], "answer": answer,
+                                        "share": first[f"answers/{answer}"]}
+    report = (run_dir / "report.md").read_text()
+    assert f"collapse at step {first['step']}" in report
+
+
+def decisions(tmp_path, hours: float) -> str:
+    """The sample decision records with every outcome known `hours` after its decision."""
+    rows = [json.loads(line) for line in (SAMPLE_DATA_DIR / "decisions.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["result"] = {**(row.get("result") or {}), "duration_hours": hours}
+    path = tmp_path / "decisions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_a_reward_that_reads_an_outcome_known_after_the_test_window_starts_is_refused(tmp_path, monkeypatch):
+    """A train decision whose outcome closed after the first test decision: the outcome reward would learn from a
+    price of the test period. Refused before any weight loads."""
+    monkeypatch.setattr("finetune.train.recipe.load_base", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"objective\.rewards\.outcome reads the outcome of train sample line \d+, "
+                                        r".*outcome known at .*after the test window starts .*objective\.leakage=drop"):
+        run(compose("objective=grpo", "dataset=decision_records", f"dataset.path={decisions(tmp_path, 24 * 365)}",
+                    "dataset.builder.undesirable_outcomes=[bad]", "eval=perplexity", "objective.rewards.pnl=null",
+                    "+objective.rewards.outcome={_target_: finetune.rewards.outcome.Outcome, weight: 1.0}"),
+            tmp_path / "run")
+
+
+def test_the_leakage_check_reads_known_at_and_spares_rewards_that_read_no_outcome():
+    train = [{"timestamp": f"2025-01-0{d}T00:00:00", "meta": {"line": d, "known_at": f"2025-01-0{d + 3}T00:00:00"}}
+             for d in range(1, 6)]
+    test = [{"timestamp": "2025-01-06T00:00:00", "meta": {}}]
+    outcome = load({"outcome": {"_target_": "finetune.rewards.outcome.Outcome"}})[2]
+    assert outcome == {"outcome": ("outcome",)}
+    assert check_leakage(train, test, {"format": ()}, "refuse") == train  # the answer alone: nothing leaks
+    assert [s["meta"]["line"] for s in check_leakage(train, test, outcome, "drop")] == [1, 2, 3]  # known by the 6th
+    with pytest.raises(DataError, match=r"train sample line 4 .*known at 2025-01-07T00:00:00.*2 such train samples"):
+        check_leakage(train, test, {"mine": None}, "refuse")  # a user's function without `reads`: every column
+
+
+def test_the_rewards_score_answers_as_their_files_say():
+    funcs, weights, _ = load({"pnl": {"_target_": "finetune.rewards.pnl.Pnl", "weight": 2, "hold_cost": 0.5,
+                                      "clip": 5.0},
+                              "format": {"_target_": "finetune.rewards.format.Format", "task": "signals"},
+                              "outcome": None})
+    pnl, fmt = funcs
+    answers = [[{"role": "assistant", "content": f'{{"signal": "{s}", "confidence": 0.7}}'}]
+               for s in ("BUY", "SELL", "HOLD", "BUY")] + [[{"role": "assistant", "content": "no idea"}]]
+    assert [pnl.__name__, fmt.__name__] == ["pnl", "format"] and weights == [2.0, 1.0]
+    assert pnl(answers, return_percent=[3.0, 3.0, 3.0, 40.0, 3.0]) == [2.9, -3.1, -0.5, 5.0, None]
+    assert fmt(answers) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    action = [[{"role": "assistant", "content": json.dumps({"action": a})}] for a in ("BUY", "SELL", "BUY", "SELL")]
+    outcome = load({"o": {"_target_": "finetune.rewards.outcome.Outcome"}})[0][0]
+    assert outcome(action, label=["BUY", "BUY", "BUY", "BUY"], outcome=["good", "good", "bad", "bad"]) == \
+        [1.0, -1.0, -1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"objective\.rewards\.pnl: the samples carry no return_percent"):
+        pnl(answers)
+    with pytest.raises(ConfigError, match=r"objective\.rewards: no reward"):
+        load({"pnl": None})
+    with pytest.raises(ConfigError, match=r"objective\.rewards\.mine: .*not a callable; a plain function needs "
+                                          r"`_partial_: true`"):
+        load({"mine": {"_target_": "builtins.len", "_args_": [[1]]}})
+
+
+def test_the_readme_reward_example_runs_as_written(monkeypatch):
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+              if "my_rewards.py" in block]
+    module = types.ModuleType("my_rewards")
+    exec(code, module.__dict__)
+    monkeypatch.setitem(sys.modules, "my_rewards", module)
+    [line] = [line for line in (ROOT / "README.md").read_text().splitlines() if "+objective.rewards.trend=" in line]
+    spec = re.search(r"\{_target_: (\S+), _partial_: true, weight: ([\d.]+)\}", line)
+    funcs, weights, reads = load({"trend": {"_target_": spec[1], "_partial_": True, "weight": float(spec[2])}})
+    answers = [[{"role": "assistant", "content": f'{{"signal": "{s}", "confidence": 0.7}}'}] for s in ("HOLD", "BUY")]
+    assert funcs[0](answers, return_percent=[5.0, 5.0], label=["BUY", "BUY"]) == [-1.0, 0.0]
+    assert weights == [0.5] and reads == {"trend": ("return_percent",)}
