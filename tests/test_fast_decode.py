@@ -119,3 +119,26 @@ def test_a_proposal_greedy_would_not_make_is_cut_where_it_parts(provider, chats,
     answers = [decoder.answer(c, 32) for c in chats[:8]]
     assert [(a["text"], a["tokens"]) for a in answers] == [(r["texts"], r["tokens"]) for r in reference[:8]]
     assert sum(a["passes"] for a in answers) > sum(canonical.answer(c, 32)["passes"] for c in chats[:8])
+    batch = decoder.answers(chats[:8], 32)  # in a batch the cut proposals are masked out row by row
+    assert [(a["text"], a["tokens"]) for a in batch] == [(r["texts"], r["tokens"]) for r in reference[:8]]
+
+
+def test_a_batch_answers_as_each_prompt_alone(decoder, provider, chats, reference):
+    """Prompts of different lengths (one without the system turn, so parting inside the cached prefix) and budgets
+    that cut the answers: each row's answer is its answer alone."""
+    mixed = chats[:10] + [chats[2][1:]]
+    alone = [decoder.answer(c, 32) for c in mixed]
+    batch = decoder.answers(mixed, 32)
+    assert [(a["text"], a["tokens"], a["stopped"]) for a in batch] == [(a["text"], a["tokens"], a["stopped"])
+                                                                         for a in alone]
+    assert [a["text"] for a in batch[:10]] == [r["texts"] for r in reference[:10]]
+    assert batch[0]["passes"] < sum(a["passes"] for a in alone) / 2  # one pass a step for the whole batch
+    assert [a["tokens"] for a in decoder.answers(chats[:4], 5)] == [5] * 4
+
+
+def test_a_provider_cast_to_bf16_answers_in_bf16(run_dir):
+    provider = SignalProvider.from_run(run_dir, merge=True, constrained=True, dtype="bfloat16")
+    assert {p.dtype for p in provider.model.parameters()} == {torch.bfloat16}
+    assert len(provider.get_signals(SNAPSHOTS)) == len(SNAPSHOTS) and provider.fallbacks == 0
+    with pytest.raises(ConfigError, match="dtype='int8': one of bfloat16, float16, float32"):
+        SignalProvider.from_run(run_dir, dtype="int8")

@@ -131,9 +131,89 @@ class PrefixDecoder:
         text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
         return {"text": text, "tokens": len(answer), "stopped": stopped, "prompt_tokens": len(ids), "passes": passes}
 
+    @torch.no_grad()
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[dict]:
-        """`answer` for each chat, in order."""
-        return [self.answer(chat, max_new_tokens) for chat in chats]
+        """`answer` for each chat, in order, the chats run together: one pass per step for the whole batch.
+
+        Each row's forced tokens and choices go as in `answer`. Rows feed different numbers of tokens per step, so
+        each step's feeds are left-padded to one width, and a row's padding and the proposal tokens greedy did not
+        take stay in the shared cache masked out of its attention (a cache cannot be cut row by row). Each row's
+        positions count only its own tokens, so its answer is the one it gets alone."""
+        import llguidance
+        import llguidance.torch as llt
+        if len(chats) == 1:
+            return [self.answer(chats[0], max_new_tokens)]
+        n_vocab = self.model.get_output_embeddings().weight.shape[0]
+        tokenizer = ll_tokenizer(self.tokenizer, n_vocab, self.stops)
+        matchers = [llguidance.LLMatcher(tokenizer, self.grammar) for _ in chats]
+        if matchers[0].get_error():
+            raise ValueError(f"grammar {self.grammar[:200]!r}: {matchers[0].get_error()}")
+        mask = llt.allocate_token_bitmask(1, n_vocab)
+        ids = [render(self.tokenizer, chat) for chat in chats]
+        shared = 0
+        if self.cache is not None:  # the prefix every row shares with the cache, and one id of each row left to run
+            shared = min(min(len(common_prefix([self.prefix, row])) for row in ids), min(len(r) for r in ids) - 1)
+        cache = None
+        if shared:
+            cache = copy.deepcopy(self.cache)
+            cut(cache, shared)
+            cache.batch_repeat_interleave(len(chats))
+        seen = torch.ones(len(chats), shared, dtype=torch.long, device=self.device)  # what each row attends to
+        feeds = [row[shared:] for row in ids]
+        answers = [[] for _ in chats]
+        done = [False] * len(chats)
+        stopped = [False] * len(chats)
+        passes = 0
+        while True:
+            for r, matcher in enumerate(matchers):
+                if done[r]:
+                    continue
+                if len(answers[r]) >= max_new_tokens:
+                    done[r] = True
+                elif matcher.is_stopped() or matcher.is_error():
+                    done[r] = stopped[r] = True
+            active = [r for r in range(len(chats)) if not done[r]]
+            if not active:
+                break
+            proposals = {r: self.propose(matchers[r])[:max_new_tokens - len(answers[r]) - 1] for r in active}
+            rows = [feeds[r] + proposals[r] if r in proposals else [] for r in range(len(chats))]
+            width = max(len(row) for row in rows)
+            keep = max(len(proposals[r]) + 1 for r in active)
+            step = torch.zeros(len(chats), width, dtype=torch.long, device=self.device)
+            for r, row in enumerate(rows):
+                step[r, width - len(row):] = 1
+            logits, cache = self.forward_batch(rows, width, seen, step, cache, keep)
+            seen = torch.cat([seen, step], dim=1)
+            passes += 1
+            for r in active:
+                proposal, start = proposals[r], seen.shape[1] - len(proposals[r])  # where the proposal lies
+                for i, row in enumerate(logits[r, keep - len(proposal) - 1:]):
+                    token = self.choose(row, matchers[r], mask)
+                    if token in self.stops:
+                        done[r] = stopped[r] = True
+                        break
+                    answers[r].append(token)
+                    matchers[r].consume_token(token)
+                    if i < len(proposal) and token != proposal[i]:
+                        seen[r, start + i:] = 0  # greedy leaves the proposal here: its later tokens are masked out
+                        break
+                feeds[r] = answers[r][-1:]
+        return [{"text": self.tokenizer.decode(answer, skip_special_tokens=True).strip(), "tokens": len(answer),
+                 "stopped": stop, "prompt_tokens": len(row), "passes": passes}
+                for answer, stop, row in zip(answers, stopped, ids)]
+
+    def forward_batch(self, rows: list[list[int]], width: int, seen: torch.Tensor, step: torch.Tensor, cache,
+                      keep: int):
+        """One pass of left-padded `rows` on `cache`: (float32 logits of the last `keep` positions, the cache)."""
+        from transformers import DynamicCache
+        cache = DynamicCache() if cache is None else cache
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.device)
+        # each row's positions continue its own count of tokens: padding and masked-out proposals do not count
+        positions = seen.sum(-1, keepdim=True) + (step.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=torch.cat([seen, step], dim=1), position_ids=positions,
+                         cache=cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[:, -keep:].float(), cache
 
 
 def cut(cache, length: int) -> None:

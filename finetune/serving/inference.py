@@ -35,13 +35,17 @@ Speed for a trading loop that asks for one signal at a time:
 - `constrained=True`: signals are decoded under the task's grammar (finetune/tasks/signals.py: always a signal and a
   confidence, so never the fallback), as `eval.constrained` scores them. A single snapshot then takes the fast
   decoder (finetune/eval/fast_decode.py: the prompt's shared start cached once, the tokens the grammar forces run in
-  one pass; the same answer as generate_answers gives); batches, and `fast=False`, take generate_answers.
+  one pass; the same answer as generate_answers gives), single snapshots and batches; `fast=False` takes
+  generate_answers.
   Off by default: free answers are the ones the report scored first.
 - `merge=True` (from_run / from_pretrained): the adapter is folded into the base weights at load (`merged`).
   Off by default: a merged model has no `disable_adapter()`, which `finetune.serve` needs to serve the base beside
   the adapter.
 
-    provider = SignalProvider.from_run(run_dir, merge=True, constrained=True)
+- `dtype="bfloat16"` (from_run): the model cast after loading (and merging); on a CPU with bf16 instructions a
+  step takes about half a float32 one (`cast`).
+
+    provider = SignalProvider.from_run(run_dir, merge=True, constrained=True, dtype="bfloat16")
     provider.get_signal(snapshot)   # -> ("BUY", 0.72), fast path
 
 One provider is safe to share between threads (a lock serialises generation, as `finetune.serve` needs).
@@ -94,10 +98,12 @@ class SignalProvider:
     # ---- loading
 
     @classmethod
-    def from_run(cls, run_dir, trust_remote_code: bool = False, merge: bool = False, **options) -> "SignalProvider":
+    def from_run(cls, run_dir, trust_remote_code: bool = False, merge: bool = False, dtype: str | None = None,
+                 **options) -> "SignalProvider":
         """The run's base model (its preset, quantization and chat template) with RUN_DIR/adapter on top, merged
-        into it with `merge` (see `merged`). The run dir is read as data (finetune.serving.reopen.run_values);
-        `trust_remote_code` is the caller's, not the run's."""
+        into it with `merge` (see `merged`), then cast to `dtype` (see `cast`; None: as the run loaded it). The
+        run dir is read as data (finetune.serving.reopen.run_values); `trust_remote_code` is the caller's, not the
+        run's."""
         from finetune.serving.reopen import load_run, tuned_model
         cfg, tokenizer, model, adapter = load_run(Path(run_dir), trust_remote_code=trust_remote_code)
         target = (cfg.dataset.get("builder") or {}).get("_target_")
@@ -107,6 +113,7 @@ class SignalProvider:
                         run_dir, target, SIGNAL_BUILDER)
         model = tuned_model(model, adapter)
         model = merged(model) if merge else model
+        model = cast(model, dtype) if dtype else model
         options.setdefault("system_prompt", training_system_prompt(cfg))
         options.setdefault("max_new_tokens", cfg.eval.max_new_tokens)
         options.setdefault("batch_size", cfg.eval.batch_size)
@@ -181,18 +188,19 @@ class SignalProvider:
         return [self.read_signal(a) for a in answers]
 
     def generate_constrained(self, chats: list[list[dict]]) -> list[str]:
-        """Answers under the task's grammar, as `generate_answers(..., grammar=...)` gives them. A single chat goes
-        through the fast decoder when `fast` (a cached prompt prefix, forced tokens in one pass; the same answer
-        in ~6 passes instead of ~16); batches, and `fast=False`, through generate_answers."""
+        """Answers under the task's grammar, as `generate_answers(..., grammar=...)` gives them: through the fast
+        decoder when `fast` (a cached prompt prefix, forced tokens in one pass; the same answer in ~5 passes
+        instead of ~16; `batch_size` chats a pass), else through generate_answers."""
         from finetune.eval.suite import generate_answers
         with self._lock:
-            if len(chats) == 1 and self.fast:
+            if self.fast:
                 if self._decoder is None:
                     from finetune.eval.fast_decode import PrefixDecoder
                     # two prompts that part where the snapshot begins: their shared start is every signal prompt's
                     probes = [self.signal_prompt({"rsi": 50}), self.signal_prompt({"price": 1})]
                     self._decoder = PrefixDecoder(self.model, self.tokenizer, self.grammar, probes)
-                return [self._decoder.answer(chats[0], self.max_new_tokens)["text"]]
+                return [out["text"] for start in range(0, len(chats), self.batch_size)
+                        for out in self._decoder.answers(chats[start:start + self.batch_size], self.max_new_tokens)]
             return generate_answers(self.model, self.tokenizer, chats, self.max_new_tokens, self.batch_size,
                                     progress=False, grammar=self.grammar, **self.generation)["texts"]
 
@@ -252,6 +260,21 @@ def merged(model):
                     "quantized weights and change the answers)")
         return model
     return model.merge_and_unload()
+
+
+def cast(model, dtype: str):
+    """The model in `dtype` ("bfloat16", "float16", "float32"): a bf16 step on a CPU with bf16 instructions takes
+    about half a float32 one (docs/benchmarks.md), with answers that can differ where two labels are near-tied
+    (measure them on the run's held-out prompts: scripts/signal_latency.py). Not for a quantized base."""
+    import torch
+    from peft import PeftModel
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        raise ConfigError(f"dtype={dtype}: the base model is quantized; serve it as loaded, or merge the run into "
+                          f"full precision with `python -m finetune.merge` and load that")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"dtype={dtype!r}: one of bfloat16, float16, float32")
+    return model.to(getattr(torch, dtype))
 
 
 def prompt_learning(model) -> bool:
