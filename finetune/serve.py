@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server for a run's adapter: the `openai` client, a trading loop or an agent calls it.
 
     python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY] [--merge]
+                                [--dtype bfloat16]
 
     GET  /v1/models                     the run's adapter (model id: the run dir's name; "base-run" for a run dir
                                         named base) and its base ("base")
@@ -27,7 +28,9 @@ call of the prefix decoder (finetune/eval/fast_decode.py: the signal prompt's sh
 model, the tokens the grammar forces run in one pass), the same answers generate() gives. Not for `--free`, a run
 whose eval.generation samples, or a prompt-learning adapter (its virtual tokens live in the cache): those take
 generate(). `--merge` folds the adapter into the base weights at load, so each step runs the base's matmuls only;
-the base model is then no longer there to serve ("base" requests get a 404 that says so).
+the base model is then no longer there to serve ("base" requests get a 404 that says so). `--dtype bfloat16` casts
+the model after loading (on a CPU with bf16 instructions a step takes about half a float32 one; answers can differ
+where two tokens are near-tied: measure on the run's held-out prompts, scripts/signal_latency.py).
 
 Answers that parse: the signal routes decode under the task's grammar (finetune/tasks/), so a
 signal is always read and the ("HOLD", 0.0) fallback is for a model without one (`--free` turns it off);
@@ -708,6 +711,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--free", action="store_true", help="signal routes without the answer grammar")
     parser.add_argument("--merge", action="store_true",
                         help="fold the adapter into the base weights at load (faster answers; the base is not served)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="cast the model after loading (default: the run's dtype)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model's own code from its folder (a run dir's setting is never used)")
     defaults = Limits()
@@ -732,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.serving.inference import SignalProvider
     try:
         # unmerged (the default): the "base" model is the same weights with the adapter switched off
-        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=args.merge,
+        provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=args.merge, dtype=args.dtype,
                                            confidence_threshold=args.confidence_threshold)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

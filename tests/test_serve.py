@@ -170,6 +170,20 @@ def test_serve_merge_folds_the_adapter_in_and_refuses_the_base_naming_merge(cach
     assert merged == constrained_signals(provider, SNAPSHOTS)
 
 
+def test_serve_dtype_casts_the_served_model_and_its_signals_still_parse(cache_dir, monkeypatch):
+    import torch
+    import uvicorn
+    from fastapi.testclient import TestClient
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    serve_main([str(tiny_signal_run(cache_dir)), "--dtype", "bfloat16", "--port", "0"])
+    client = TestClient(apps[0])
+    assert apps[0].state.batcher.provider.model.dtype == torch.bfloat16
+    for model in ("base", None):
+        answer = client.post("/signal", json={"model": model, "market_data": SNAPSHOTS[0]}).json()
+        assert answer["signal"] in ("BUY", "SELL", "HOLD") and 0 <= answer["confidence"] <= 1, answer
+
+
 def test_the_latency_script_reads_every_held_out_prompt_back_into_its_snapshot(cache_dir, provider):
     import importlib.util
     from finetune.data.pipeline import read_jsonl
