@@ -19,6 +19,10 @@ EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tu
                              {"loss.png", "equity.png", "sft/report.md", "sft/adapter/adapter_model.safetensors"}),
     "sft_kto_qwen_decisions": ({"perplexity", "accuracy", "parse_rate", "desirable_rate", "undesirable_rate",
                                 "outcome_margin"}, {"loss.png", "sft/report.md"}),
+    "sft_grpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},
+                              {"loss.png", "answers.png", "equity.png", "sft/report.md"}),
+    "sft_grpo_qwen_decisions": ({"perplexity", "accuracy", "parse_rate", "desirable_rate", "undesirable_rate",
+                                 "outcome_margin"}, {"loss.png", "answers.png", "sft/report.md"}),
     "qlora_deepseek_news": ({"perplexity"}, {"loss.png", "labels.png"}),
     "lora_qwen_decisions": ({"perplexity", "accuracy", "macro_f1", "parse_rate"}, {"loss.png", "confusion.png"}),
     "qlora_style": ({"perplexity", "style_distance", "sentence_length_js", "word_freq_js"},
@@ -31,8 +35,8 @@ EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tu
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
 def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     extra = ["training.learning_rate=3e-2"] if recipe == "prefix_sentiment" else []  # virtual tokens learn slower
-    if "dpo" in recipe or "kto" in recipe:  # the preference stage's own lr, which a fit leaves: the tiny model's
-        extra = ["objective.training.learning_rate=3e-3"]
+    if "dpo" in recipe or "kto" in recipe or "grpo" in recipe:  # the stage's own lr, which a fit leaves: the tiny
+        extra = ["objective.training.learning_rate=3e-3"]                 # model's
     if recipe.startswith("sft_"):  # and its steps, over the SFT stage's
         extra += ["+objective.training.max_steps=8", "+objective.training.eval_steps=4"]
     if recipe == "sft_dpo_qwen_signals":  # balanced pairs hinge on the snapshot, which 8 steps of the random-init
@@ -45,7 +49,9 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     keys, files = EXPECTED[recipe]
     for side in ("base", "tuned"):
         assert keys <= set(result.metrics[side]), keys - set(result.metrics[side])
-    if "dpo" in recipe or "kto" in recipe:  # the likelihood of the answers may fall: it learns the preference
+    if "grpo" in recipe:  # it learns from rewards on its own answers: each reward, the answer shares and the KL
+        check_grpo(tmp_path, result, "outcome" if "decisions" in recipe else "pnl")
+    elif "dpo" in recipe or "kto" in recipe:  # the likelihood of the answers may fall: it learns the preference
         state = json.loads(max((tmp_path / "checkpoints").glob("checkpoint-*/trainer_state.json"),
                                key=lambda p: int(p.parent.name.split("-")[1])).read_text())
         if "dpo" in recipe:  # held-out pairs: the chosen answer gains on the rejected one
@@ -63,7 +69,19 @@ def test_seed_recipe_runs_on_cpu_with_the_tiny_model(recipe, tmp_path):
     if recipe.startswith("sft_"):
         (tmp_path / ".hydra").mkdir()  # what `python -m finetune` writes; run() alone does not
         OmegaConf.save(compose(f"recipe={recipe}", *SHORT, *extra), tmp_path / ".hydra" / "config.yaml")
-        check_stages(tmp_path, result.metrics, "dpo" if "dpo" in recipe else "kto")
+        check_stages(tmp_path, result.metrics, next(o for o in ("dpo", "kto", "grpo") if o in recipe))
+
+
+def check_grpo(run_dir, result, reward):
+    """Every step logged each reward's mean and spread, the share of each answer and the KL; report.md has them."""
+    steps = [e for e in result.trainer.state.log_history if "reward" in e]
+    assert [e["step"] for e in steps] == list(range(1, 9))
+    for entry in steps:
+        assert {f"rewards/{reward}/mean", "rewards/format/mean", "rewards/format/std", "kl", "answers/HOLD",
+                "answers/unparsed"} <= set(entry), sorted(entry)
+    report = (run_dir / "report.md").read_text()
+    assert "| objective | GRPO (beta 0.04, 4 answers a prompt; rewards format x0.2" in report
+    assert f"| reward {reward} (mean) |" in report and "| answers HOLD (share) |" in report
 
 
 def check_stages(run_dir, metrics, objective):

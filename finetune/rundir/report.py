@@ -40,6 +40,7 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
     if rewards:
         ax = axes[0][1]
         for name, points in rewards.items():
+            points = [(step, value) for step, value in points if value is not None] or [(0, float("nan"))]
             ax.plot(*zip(*points), marker="." if name.startswith("eval") else None, label=name.replace("_", " "))
         ax.set(xlabel="step", ylabel="reward", title="Rewards (mean per step)" if grpo_series(log_history, "rewards/",
                "/mean") else "Rewards (chosen should rise above rejected)")
@@ -56,7 +57,11 @@ def grpo_series(log_history: list[dict], prefix: str, suffix: str = "") -> dict[
                     if k.startswith(prefix) and k.endswith(suffix) and k.count("/") == prefix.count("/") +
                     suffix.count("/") and not k.startswith("eval_")})
     return {name: [(e["step"], e[f"{prefix}{name}{suffix}"]) for e in log_history
-                   if isinstance(e.get(f"{prefix}{name}{suffix}"), (int, float))] for name in names}
+                   if f"{prefix}{name}{suffix}" in e] for name in names}  # None: no answer this reward scored
+
+
+def shown(value) -> str:
+    return "– (no answer it scores)" if value is None else fmt(value)
 
 
 def plot_answers(log_history: list[dict], path: Path) -> bool:
@@ -84,7 +89,7 @@ def grpo_table(log_history: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["| | first step | last step |", "|---|---|---|"]
-    lines += [f"| {name} | {fmt(points[0][1])} | {fmt(points[-1][1])} |" for name, points in rows if points]
+    lines += [f"| {name} | {shown(points[0][1])} | {shown(points[-1][1])} |" for name, points in rows if points]
     return "\n".join(lines)
 
 

@@ -75,9 +75,9 @@ def grpo_trainer(cfg: DictConfig, args, model, peft_config, splits: dict, tokeni
     from finetune.train import grpo
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
     funcs, _, reads = load(objective["rewards"])  # their weights are GRPOConfig.reward_weights already
-    leakage = objective.get("leakage", "refuse")  # check() said what it found; the same samples kept here
-    train = grpo.check_leakage(splits["train"], splits["test"], reads, leakage, say=False)
-    validation = grpo.check_leakage(splits["validation"], splits["test"], reads, leakage, say=False)
+    # check() said what it found; the same samples kept here. Validation answers are scored, never learnt from.
+    train = grpo.check_leakage(splits["train"], splits["test"], reads, objective.get("leakage", "refuse"), say=False)
+    validation = splits["validation"]
     trainer = grpo.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=grpo.rows(train),
                                eval_dataset=grpo.rows(validation) if validation else None, processing_class=tokenizer,
                                peft_config=peft_config, callbacks=callbacks, task=cfg.dataset.task,
