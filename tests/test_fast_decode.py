@@ -109,7 +109,7 @@ def test_a_proposal_greedy_would_not_make_is_cut_where_it_parts(provider, chats,
     tokenizer = provider.tokenizer
 
     class CharByChar(PrefixDecoder):
-        def propose(self, matcher):
+        def propose(self, matcher):  # forced bytes only; the drafts come from earlier answers as usual
             forced = tokenizer.decode(matcher.compute_ff_tokens())
             return [t for ch in forced for t in tokenizer(ch, add_special_tokens=False)["input_ids"]]
 
@@ -142,3 +142,19 @@ def test_a_provider_cast_to_bf16_answers_in_bf16(run_dir):
     assert len(provider.get_signals(SNAPSHOTS)) == len(SNAPSHOTS) and provider.fallbacks == 0
     with pytest.raises(ConfigError, match="dtype='int8': one of bfloat16, float16, float32"):
         SignalProvider.from_run(run_dir, dtype="int8")
+
+
+def test_drafts_from_earlier_answers_save_passes_and_never_change_an_answer(provider, chats, reference):
+    probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
+    decoder = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes, seen=0)  # never drafts
+    undrafted = [decoder.answer(c, 32) for c in chats[:8]]
+    decoder = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes)
+    # earlier answers that all went another way: every draft is wrong from its first token
+    wrong = [t for t in provider.tokenizer.encode('{"signal": "NONE"}', add_special_tokens=False)]
+    decoder.seen.extend([wrong] * 5)
+    first = [decoder.answer(c, 32) for c in chats[:8]]
+    again = [decoder.answer(c, 32) for c in chats[:8]]  # now it has seen these very answers
+    texts = [r["texts"] for r in reference[:8]]
+    assert [a["text"] for a in undrafted] == [a["text"] for a in first] == [a["text"] for a in again] == texts
+    assert sum(a["passes"] for a in again) < sum(a["passes"] for a in undrafted)
+    assert any(a["passes"] == 1 for a in again)  # the commonest answer checked whole in the prompt's own pass
