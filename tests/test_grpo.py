@@ -3,12 +3,14 @@ the answer shares and the collapse warning, and the leakage check on rewards tha
 import json
 import logging
 import re
+import subprocess
 import sys
 import types
 
 import pytest
 
 from conftest import ROOT, compose
+from test_reliability import kill_when
 from finetune.errors import ConfigError, DataError
 from finetune.paths import SAMPLE_DATA_DIR
 from finetune.rewards import answer_text, load
@@ -152,3 +154,41 @@ def test_the_readme_reward_example_runs_as_written(monkeypatch):
     answers = [[{"role": "assistant", "content": f'{{"signal": "{s}", "confidence": 0.7}}'}] for s in ("HOLD", "BUY")]
     assert funcs[0](answers, return_percent=[5.0, 5.0], label=["BUY", "BUY"]) == [-1.0, 0.0]
     assert weights == [0.5] and reads == {"trend": ("return_percent",)}
+
+
+# a GRPO run from the tiny base in a few seconds a step: short answers, perplexity only, a checkpoint every 2 steps
+GRPO = ["objective=grpo", "dataset=trade_signals", "eval=perplexity", "eval.max_samples=4", "cpu_threads=1",
+        "early_stopping.patience=null", "objective.max_completion_length=8", "training.save_steps=2",
+        "training.eval_steps=2", "training.load_best_model_at_end=false"]
+
+
+def test_grpo_resumes_after_kill_9_to_the_last_step(tmp_path, caplog):
+    """Killed (SIGKILL) once its step-2 checkpoint is on disk, the same command run again goes on from it: steps 3
+    and 4 train, each logs its answer shares, and the run completes with its adapter."""
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *GRPO, "training.max_steps=4",
+                             f"hydra.run.dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    kill_when(proc, lambda: (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file())
+    assert json.loads((killed / "status.json").read_text())["status"] == "running"
+    assert not (killed / "adapter").exists()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        result = run(compose(*GRPO, "training.max_steps=4"), killed)
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming from")]
+    assert len(resumed) == 1 and resumed[0].endswith("checkpoint-2"), resumed
+    assert json.loads((killed / "status.json").read_text())["status"] == "completed"
+    assert result.trainer.state.global_step == 4 and (killed / "adapter" / "adapter_model.safetensors").is_file()
+    steps = sorted({e["step"] for e in result.trainer.state.log_history if "answers/HOLD" in e})
+    assert steps == [1, 2, 3, 4], steps
+    assert "### Rewards and answers (GRPO)" in (killed / "report.md").read_text()
+
+
+def test_grpo_walks_forward_fold_by_fold(tmp_path):
+    """eval.walk_forward.folds=2 with objective=grpo: each fold a GRPO run on its own past, tested on the next window."""
+    result = run(compose(*GRPO, "eval.walk_forward.folds=2", "training.max_steps=2"), tmp_path)
+    folds = result.metrics["folds"]
+    assert [f["fold"] for f in folds] == [1, 2] and folds[0]["test_from"] <= folds[1]["train_to"]
+    assert all(f["train_to"] < f["test_from"] for f in folds)
+    for k in (1, 2):
+        report = (tmp_path / f"fold-{k}" / "report.md").read_text()
+        assert "| objective | GRPO (beta 0.04" in report and "| reward pnl (mean) |" in report
