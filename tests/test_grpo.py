@@ -106,6 +106,34 @@ def test_a_reward_that_reads_an_outcome_known_after_the_test_window_starts_is_re
             tmp_path / "run")
 
 
+def test_a_trade_that_closed_after_the_test_window_starts_is_refused_to_the_pnl_reward(tmp_path, monkeypatch):
+    """The trade log's exit time (dataset.builder.columns.exit_timestamp) says when each move was realised: trades
+    held for 400 days closed inside the test window, and the pnl reward would read their moves."""
+    import shutil
+    import sqlite3
+    db = tmp_path / "trades.db"
+    shutil.copy(SAMPLE_DATA_DIR / "trades.db", db)
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE trades ADD COLUMN closed_at TEXT")
+        con.execute("UPDATE trades SET closed_at = datetime(timestamp, '+400 days')")
+    monkeypatch.setattr("finetune.train.recipe.load_base", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"objective\.rewards\.pnl reads the outcome of train sample trade_id \d+ "):
+        run(compose("objective=grpo", "dataset=trade_signals", f"dataset.path={db}", "eval=perplexity",
+                    "dataset.builder.columns.exit_timestamp=closed_at"), tmp_path / "run")
+
+
+def test_grpo_keys_are_checked_against_grpoconfig_before_data_or_weights(tmp_path):
+    with pytest.raises(ConfigError, match=r"objective\.num_generatons: not a trl\.GRPOConfig field; did you mean "
+                                          r"num_generations"):
+        run(compose("objective=grpo", "+objective.num_generatons=4"), tmp_path / "typo")
+    with pytest.raises(ConfigError, match=r"^training: The global eval batch size \(32 \* 1\) must be "
+                                          r"divisible by the number of generations used for evaluation \(3\)"):
+        run(compose("objective=grpo", "objective.num_generations=3"), tmp_path / "groups")
+    with pytest.raises(ConfigError, match=r"^objective\.rewards\.pnl\.cost_percent=-1: a number >= 0"):
+        run(compose("objective=grpo", "objective.rewards.pnl.cost_percent=-1"), tmp_path / "reward")
+    assert not (tmp_path / "typo" / "data").exists() and not (tmp_path / "groups" / "data").exists()
+
+
 def test_the_leakage_check_reads_known_at_and_spares_rewards_that_read_no_outcome():
     train = [{"timestamp": f"2025-01-0{d}T00:00:00", "meta": {"line": d, "known_at": f"2025-01-0{d + 3}T00:00:00"}}
              for d in range(1, 6)]
@@ -184,7 +212,7 @@ def test_grpo_resumes_after_kill_9_to_the_last_step(tmp_path, caplog):
 
 
 def test_grpo_walks_forward_fold_by_fold(tmp_path):
-    """eval.walk_forward.folds=2 with objective=grpo: each fold a GRPO run on its own past, tested on the next window."""
+    """eval.walk_forward.folds=2 with objective=grpo: each fold a GRPO run on its past, tested on the next window."""
     result = run(compose(*GRPO, "eval.walk_forward.folds=2", "training.max_steps=2"), tmp_path)
     folds = result.metrics["folds"]
     assert [f["fold"] for f in folds] == [1, 2] and folds[0]["test_from"] <= folds[1]["train_to"]

@@ -68,7 +68,9 @@ after costs (pnl_percent > cost_percent, the round trip in percent: 0.1 = the ba
 otherwise. objective=kto learns from both; objective=sft leaves the losing trades out of train and validation
 (dataset.undesirable=drop), so it imitates the winning trades only.
 
-meta (every sample): trade_id (the trades rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
+meta (every sample): known_at (with columns.exit_timestamp: when the trade closed, so when its return was
+known; objective=grpo refuses a train trade that closed after the test window starts), trade_id (the trades
+rowid), symbol, pnl_percent, entry_price, exit_price, action_taken,
 direction ("long" / "short" / None) and return_percent, the realised return of going long in percent
 (pnl_percent for a long, -pnl_percent for a short, None if the direction is unknown): a BUY / SELL backtest
 of the answers needs that one, not pnl_percent, whose sign flips for shorts.
@@ -106,13 +108,15 @@ SIGNALS_TASK = Signals()  # writes each answer as the signals task reads it
 
 # logical name -> default column: TRADE_COLUMNS live in the trades table, SIGNAL_COLUMNS in the signals table
 COLUMNS = {"timestamp": "timestamp", "symbol": "symbol", "entry_price": "entry_price", "exit_price": "exit_price",
-           "pnl_percent": "pnl_percent", "action_taken": "action_taken", "status": "status",
+           "pnl_percent": "pnl_percent", "action_taken": "action_taken", "exit_timestamp": None, "status": "status",
            "signal_timestamp": "timestamp", "market_data": "market_data", "ai_signal": "ai_signal",
            "signal_confidence": "signal_confidence"}
 MAX_PNL_PERCENT = 10_000.0  # a trade's return in percent beyond which the cell is taken for corrupt
-TRADE_COLUMNS = ("timestamp", "symbol", "entry_price", "exit_price", "pnl_percent", "action_taken", "status")
+TRADE_COLUMNS = ("timestamp", "symbol", "entry_price", "exit_price", "pnl_percent", "action_taken", "exit_timestamp",
+                 "status")
 SIGNAL_COLUMNS = ("signal_timestamp", "market_data", "ai_signal", "signal_confidence")
-OPTIONAL = {"entry_price", "exit_price", "action_taken", "ai_signal", "signal_confidence"}  # may be null
+OPTIONAL = {"entry_price", "exit_price", "action_taken", "exit_timestamp", "ai_signal",  # may be null
+            "signal_confidence"}
 DIRECTIONS = {"long": ("buy", "long", "open_long", "close_long", "买入", "做多", "开多"),
               "short": ("sell", "short", "open_short", "close_short", "卖出", "做空", "开空")}
 SIGNAL_OF = {"long": "BUY", "short": "SELL"}
@@ -275,7 +279,7 @@ def _rows(con, name, trades_table, signals_table, cols, closed_status, extra: Co
 
 def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rule, system_prompt,
             preference=False, cost=None) -> dict:
-    (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action,
+    (trade_id, signal_id, ts, symbol, entry, exit_, raw_pnl, action, exit_ts,
      market_data, ai_signal, signal_confidence) = row
     at = f"table '{trades_table}' row id {trade_id}"
     pnl_value = finite_number(raw_pnl)
@@ -316,8 +320,13 @@ def _sample(row, *, cols, trades_table, signals_table, label_rule, pnl_rule, rul
         sample["rejected"] = SIGNALS_TASK.render(rejected, confidence)
     if cost is not None:  # desirability: was the trade taken worth it after costs?
         sample["desirable"] = pnl_value > cost
+    known = {}  # columns.exit_timestamp: when the move was realised, what objective=grpo's leakage check reads
+    if cols["exit_timestamp"] is not None:
+        known["known_at"] = parse_timestamp(exit_ts)
+        if known["known_at"] is None and exit_ts is not None:
+            raise BadRow("bad_timestamp", f"{at}, column '{cols['exit_timestamp']}': {exit_ts!r} is not a date-time")
     return {**sample,
-            "meta": {"trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
+            "meta": {**known, "trade_id": trade_id, "symbol": None if symbol is None else str(symbol),
                      "pnl_percent": pnl_value, "entry_price": finite_number(entry),
                      "exit_price": finite_number(exit_), "action_taken": None if action is None else str(action),
                      "direction": direction, "return_percent": None if sign is None else sign * pnl_value}}

@@ -40,7 +40,8 @@ def load(rewards: dict) -> tuple[list, list[float], dict[str, tuple[str, ...] | 
     chosen = {name: spec for name, spec in (rewards or {}).items() if spec is not None}
     if not chosen:
         raise ConfigError("objective.rewards: no reward; GRPO learns from rewards only: list at least one, e.g. "
-                          "objective.rewards.format={_target_: finetune.rewards.format.Format, weight: 1.0, task: signals}")
+                          "objective.rewards.format={_target_: finetune.rewards.format.Format, weight: 1.0, "
+                          "task: signals}")
     funcs, weights, reads = [], [], {}
     for name, spec in chosen.items():
         spec = dict(spec)
@@ -53,6 +54,8 @@ def load(rewards: dict) -> tuple[list, list[float], dict[str, tuple[str, ...] | 
         try:
             func = instantiate(spec, _convert_="all")
         except Exception as err:  # Hydra's message names the target and the argument it could not take
+            if isinstance(err.__cause__, ConfigError):  # the reward's own check already names the key
+                raise err.__cause__ from None
             raise ConfigError(f"objective.rewards.{name}: {err}") from None
         if not callable(func):
             raise ConfigError(f"objective.rewards.{name}: {spec['_target_']} gave {type(func).__name__}, not a "
