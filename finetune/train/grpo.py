@@ -20,11 +20,10 @@ import datasets
 import trl
 
 from finetune import tasks
-from finetune.errors import ConfigError, DataError
+from finetune.errors import DataError
 from finetune.rewards import answer_text
 
 log = logging.getLogger("finetune")
-LEAKAGE = ("refuse", "drop")
 
 
 def rows(samples: list[dict]) -> datasets.Dataset:
@@ -45,30 +44,29 @@ def scalar(value) -> bool:
 
 
 def check_leakage(train: list[dict], test: list[dict], reads: dict, leakage: str, say: bool = True) -> list[dict]:
-    """The train samples GRPO may learn from: those whose outcome (meta known_at) was known before the test window
-    starts, when a reward reads outcomes; a later one refused (leakage=refuse) or left out (leakage=drop)."""
-    if leakage not in LEAKAGE:
-        raise ConfigError(f"objective.leakage={leakage!r}: choose refuse (stop the run) or drop (leave the train "
-                          "samples whose outcome was known after the test window starts out of GRPO)")
+    """The train samples GRPO may learn from: when a reward reads outcomes, a sample whose outcome (meta known_at)
+    was known after the test window starts is refused (leakage=refuse, checked by finetune/config) or left out
+    (leakage=drop)."""
     readers = [name for name, columns in reads.items() if columns is None or columns]
-    if not readers or not test:
+    stamps = [s["timestamp"] for s in test if s.get("timestamp")]
+    if not readers or not stamps:
         return train
-    test_start = min(s["timestamp"] for s in test if s.get("timestamp")) if any(s.get("timestamp") for s in test) \
-        else None
-    if test_start is None:
-        return train
+    test_start = min(stamps)
     known = [s for s in train if (s.get("meta") or {}).get("known_at")]
-    if not known and say:
-        log.info("grpo: the samples do not say when their outcome was known (meta known_at); the leakage check "
-                 "compares their timestamps only, which the temporal split keeps before %s", test_start)
+    if len(known) < len(train) and say:
+        log.info("grpo: %d of %d train samples do not say when their outcome was known (meta known_at: decision "
+                 "records' duration_hours, trade_signals' columns.exit_timestamp); the leakage check cannot see "
+                 "whether theirs came after the test window starts (%s)", len(train) - len(known), len(train),
+                 test_start)
     late = [s for s in known if s["meta"]["known_at"] > test_start]
     if not late:
         return train
     if leakage == "drop":
         if say:
-                log.warning("grpo: %d train samples left out: their outcome was known after the test window starts "
+            log.warning("grpo: %d train samples left out: their outcome was known after the test window starts "
                         "(%s)", len(late), test_start)
-        kept = [s for s in train if s not in late]
+        left_out = {id(s) for s in late}
+        kept = [s for s in train if id(s) not in left_out]
         if not kept:
             raise DataError(f"objective.leakage=drop: every train sample's outcome was known after the test window "
                             f"starts ({test_start}); nothing is left to learn from")
