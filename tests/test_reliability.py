@@ -265,55 +265,67 @@ def test_a_newest_checkpoint_with_an_empty_or_truncated_torch_file_is_skipped_fo
     assert f"{name} is empty" in caplog.text and f"{name} is truncated" in caplog.text
 
 
-def test_a_rerun_after_a_crash_that_emptied_the_newest_optimizer_resumes_from_the_one_before(tmp_path):
-    import torch
+TEN_STEPS = ["training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
+             "training.logging_steps=1", "training.load_best_model_at_end=false", "eval=perplexity"]
+
+
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished 10-step run (checkpoints 5 and 10, the loss logged at every step) and the names of the files
+    it fsynced, in order. The two tests below each copy it and break the copy their own way."""
     from conftest import compose
     from finetune.runner import run
+    run_dir = tmp_path_factory.mktemp("ten") / "run"
     saved = []
     real_fsync = os.fsync
 
-    def fsync(fd):  # every checkpoint file reaches the disk before trainer_state.json
+    def fsync(fd):
         saved.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         return real_fsync(fd)
-    cfg = compose("training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                  "training.load_best_model_at_end=false", "eval=perplexity")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "fsync", fsync)
-        run(cfg, tmp_path)
+        run(compose(*TEN_STEPS), run_dir)
+    return run_dir, saved
+
+
+def test_a_rerun_after_a_crash_that_emptied_the_newest_optimizer_resumes_from_the_one_before(ten_steps, tmp_path):
+    import torch
+    from conftest import compose
+    from finetune.runner import run
+    finished, saved = ten_steps
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "adapter_model.safetensors"):
-        assert saved.index(name) < saved.index("trainer_state.json")
-    newest = tmp_path / "checkpoints" / "checkpoint-10"
+        assert saved.index(name) < saved.index("trainer_state.json")  # every checkpoint file reaches the disk first
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    newest = run_dir / "checkpoints" / "checkpoint-10"
     (newest / "optimizer.pt").write_bytes(b"")
-    longer = compose("training.max_steps=15", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                     "training.load_best_model_at_end=false", "eval=perplexity")
-    run(longer, tmp_path)  # resumes from checkpoint-5 (the Trainer alone dies on checkpoint-10 with EOFError)
-    assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
+    longer = [step.replace("max_steps=10", "max_steps=15") for step in TEN_STEPS]
+    run(compose(*longer), run_dir)  # resumes from checkpoint-5 (the Trainer alone dies on checkpoint-10 with EOFError)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert torch.load(newest / "optimizer.pt", weights_only=False)["state"]  # steps 6-10 trained again and saved
-    steps = [e["step"] for e in json.loads((tmp_path / "checkpoints" / "checkpoint-15" / "trainer_state.json")
+    steps = [e["step"] for e in json.loads((run_dir / "checkpoints" / "checkpoint-15" / "trainer_state.json")
                                            .read_text())["log_history"] if "loss" in e]
     assert steps[-1] == 15
 
 
-def test_after_a_resume_the_report_counts_the_loss_and_seconds_of_every_segment(tmp_path):
-    import shutil as shutil_module
+def test_after_a_resume_the_report_counts_the_loss_and_seconds_of_every_segment(ten_steps, tmp_path):
     from conftest import compose
     from finetune.runner import run
-    cfg = compose("training.max_steps=10", "training.save_steps=5", "training.eval_steps=5", "eval.max_samples=4",
-                  "training.logging_steps=1", "training.load_best_model_at_end=false", "eval=perplexity")
-    run(cfg, tmp_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(ten_steps[0], run_dir)
     # a kill after the first checkpoint: what the second run finds
-    shutil_module.rmtree(tmp_path / "checkpoints" / "checkpoint-10")
-    shutil_module.rmtree(tmp_path / "adapter")
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-10")
+    shutil.rmtree(run_dir / "adapter")
     began = time.perf_counter()
-    run(cfg, tmp_path)
+    run(compose(*TEN_STEPS), run_dir)
     second = time.perf_counter() - began
-    history = json.loads((tmp_path / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 10  # steps 1-5 from the first run, 6-10 from the second
-    report = (tmp_path / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
     loss = float(re.search(r"\| train loss \| ([0-9.]+) \|", report).group(1))
     assert abs(loss - sum(losses) / 10) < 1e-3, (loss, losses)
-    seconds = json.loads((tmp_path / "manifest.json").read_text())["seconds"]
+    seconds = json.loads((run_dir / "manifest.json").read_text())["seconds"]
     assert seconds > second  # the first run's seconds up to checkpoint-5 are counted too
 
 
@@ -487,7 +499,9 @@ def test_the_command_on_a_live_run_dir_stops_before_hydra_writes_into_it(tmp_pat
         (tmp_path / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname()}))
         (tmp_path / ".hydra").mkdir()
         (tmp_path / ".hydra" / "config.yaml").write_text("the first run's config\n")
-        out = cli("training.max_steps=2", f"hydra.run.dir={tmp_path}")
+        # a dry run: were the lock not checked first, it would write .hydra/ and data/ in a second or two; and no
+        # training.* override, whose check imports trl (~7 s) before Hydra starts
+        out = cli("dry_run=true", f"hydra.run.dir={tmp_path}")
         assert out.returncode == 1
         assert f"in use by another run (pid {owner.pid} on" in out.stderr
         assert (tmp_path / ".hydra" / "config.yaml").read_text() == "the first run's config\n"
