@@ -134,6 +134,14 @@ def test_grpo_keys_are_checked_against_grpoconfig_before_data_or_weights(tmp_pat
     assert not (tmp_path / "typo" / "data").exists() and not (tmp_path / "groups" / "data").exists()
 
 
+def test_a_reward_that_reads_a_column_the_data_lacks_stops_before_the_model_loads(tmp_path, monkeypatch):
+    """The default rewards on the demo signals, which record no realised move: pnl has nothing to read."""
+    monkeypatch.setattr("finetune.train.recipe.load_base", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"objective\.rewards\.pnl reads 'return_percent', which the train samples "
+                                        r"do not carry .*dataset=trade_signals.*objective\.rewards\.pnl=null"):
+        run(compose("objective=grpo", "eval=perplexity"), tmp_path)
+
+
 def test_the_leakage_check_reads_known_at_and_spares_rewards_that_read_no_outcome():
     train = [{"timestamp": f"2025-01-0{d}T00:00:00", "meta": {"line": d, "known_at": f"2025-01-0{d + 3}T00:00:00"}}
              for d in range(1, 6)]

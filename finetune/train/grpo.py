@@ -43,6 +43,19 @@ def scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+def check_columns(train: list[dict], reads: dict) -> None:
+    """Each column a reward reads is one the train samples carry, said before any weight loads (a reward would
+    otherwise fail at the first step)."""
+    have = {"label", "timestamp", "desirable"} | {key for s in train for key in (s.get("meta") or {})}
+    for name, columns in reads.items():
+        missing = [c for c in columns or () if c not in have]
+        if missing:
+            raise DataError(f"objective.rewards.{name} reads '{missing[0]}', which the train samples do not carry "
+                            f"(they carry {', '.join(sorted(have))}); use a dataset that records it (return_percent: "
+                            f"dataset=trade_signals; outcome: dataset=decision_records), or drop the reward "
+                            f"(objective.rewards.{name}=null)")
+
+
 def check_leakage(train: list[dict], test: list[dict], reads: dict, leakage: str, say: bool = True) -> list[dict]:
     """The train samples GRPO may learn from: when a reward reads outcomes, a sample whose outcome (meta known_at)
     was known after the test window starts is refused (leakage=refuse, checked by finetune/config) or left out

@@ -106,8 +106,9 @@ def check(cfg: DictConfig, splits: dict) -> None:
         from finetune.rewards import load
         from finetune.train import grpo
         objective = OmegaConf.to_container(cfg.objective, resolve=True)
-        grpo.check_leakage(splits["train"], splits["test"], load(objective["rewards"])[2],
-                           objective.get("leakage", "refuse"))
+        reads = load(objective["rewards"])[2]
+        grpo.check_columns(splits["train"], reads)
+        grpo.check_leakage(splits["train"], splits["test"], reads, objective.get("leakage", "refuse"))
     elif cfg.objective.name != "sft":
         preference_rows(cfg.objective.name, splits["train"], "train", check_only=True)
 
