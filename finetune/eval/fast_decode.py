@@ -154,7 +154,7 @@ class PrefixDecoder:
 
     @torch.no_grad()
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[dict]:
-        """`answer` for each chat, in order, the chats run together: one pass per step for the whole batch.
+        """`answer` for each chat, in order, the chats run together: one pass per step for the rows not done.
 
         Each row's forced tokens and choices go as in `answer`. Rows feed different numbers of tokens per step, so
         each step's feeds are left-padded to one width, and a row's padding and the proposal tokens greedy did not
@@ -174,7 +174,8 @@ class PrefixDecoder:
         shared = 0
         if self.cache is not None:  # the prefix every row shares with the cache, and one id of each row left to run
             shared = min(min(len(common_prefix([self.prefix, row])) for row in ids), min(len(r) for r in ids) - 1)
-        cache = None
+        from transformers import DynamicCache
+        cache = DynamicCache()
         if shared:
             cache = copy.deepcopy(self.cache)
             cut(cache, shared)
@@ -184,33 +185,37 @@ class PrefixDecoder:
         answers = [[] for _ in chats]
         done = [False] * len(chats)
         stopped = [False] * len(chats)
+        live = list(range(len(chats)))  # the rows in the cache's batch, in its order
         passes = 0
         while True:
-            for r, matcher in enumerate(matchers):
-                if done[r]:
-                    continue
+            for r in live:
+                matcher = matchers[r]
                 if len(answers[r]) >= max_new_tokens:
                     done[r] = True
                 elif matcher.is_stopped() or matcher.is_error():
                     done[r] = stopped[r] = True
-            active = [r for r in range(len(chats)) if not done[r]]
+            active = [r for r in live if not done[r]]
             if not active:
                 break
-            proposals = {r: self.propose(matchers[r]) for r in active}
-            proposals = {r: (p + self.draft(answers[r] + p))[:max_new_tokens - len(answers[r]) - 1]
-                         for r, p in proposals.items()}
-            rows = [feeds[r] + proposals[r] if r in proposals else [] for r in range(len(chats))]
+            if len(active) < len(live):  # finished rows leave the batch: later passes run only the rows still going
+                rows_left = torch.tensor([live.index(r) for r in active], device=self.device)
+                cache.batch_select_indices(rows_left)
+                seen, live = seen[rows_left], active
+            proposals = [self.propose(matchers[r]) for r in live]
+            proposals = [(p + self.draft(answers[r] + p))[:max_new_tokens - len(answers[r]) - 1]
+                         for r, p in zip(live, proposals)]
+            rows = [feeds[r] + p for r, p in zip(live, proposals)]
             width = max(len(row) for row in rows)
-            keep = max(len(proposals[r]) + 1 for r in active)
-            step = torch.zeros(len(chats), width, dtype=torch.long, device=self.device)
-            for r, row in enumerate(rows):
-                step[r, width - len(row):] = 1
+            keep = max(len(p) + 1 for p in proposals)
+            step = torch.zeros(len(live), width, dtype=torch.long, device=self.device)
+            for j, row in enumerate(rows):
+                step[j, width - len(row):] = 1
             logits, cache = self.forward_batch(rows, width, seen, step, cache, keep)
             seen = torch.cat([seen, step], dim=1)
             passes += 1
-            for r in active:
-                proposal, start = proposals[r], seen.shape[1] - len(proposals[r])  # where the proposal lies
-                for i, row in enumerate(logits[r, keep - len(proposal) - 1:]):
+            for j, (r, proposal) in enumerate(zip(live, proposals)):
+                start = seen.shape[1] - len(proposal)  # where the proposal lies
+                for i, row in enumerate(logits[j, keep - len(proposal) - 1:]):
                     token = self.choose(row, matchers[r], mask)
                     if token in self.stops:
                         done[r] = stopped[r] = True
@@ -218,7 +223,7 @@ class PrefixDecoder:
                     answers[r].append(token)
                     matchers[r].consume_token(token)
                     if i < len(proposal) and token != proposal[i]:
-                        seen[r, start + i:] = 0  # greedy leaves the proposal here: its later tokens are masked out
+                        seen[j, start + i:] = 0  # greedy leaves the proposal here: its later tokens are masked out
                         break
                 feeds[r] = answers[r][-1:]
         for answer, stop in zip(answers, stopped):
@@ -230,8 +235,6 @@ class PrefixDecoder:
     def forward_batch(self, rows: list[list[int]], width: int, seen: torch.Tensor, step: torch.Tensor, cache,
                       keep: int):
         """One pass of left-padded `rows` on `cache`: (float32 logits of the last `keep` positions, the cache)."""
-        from transformers import DynamicCache
-        cache = DynamicCache() if cache is None else cache
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.device)
         # each row's positions continue its own count of tokens: padding and masked-out proposals do not count
