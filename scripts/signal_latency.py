@@ -9,7 +9,8 @@ One process, every path on the same prompts in turn, after one warm-up call each
 - constrained:  generate() under the signal grammar (constrained=True, fast=False), the reference answers;
 - fast:         the fast decoder (constrained=True: cached prompt prefix + grammar fast-forward), adapter unmerged;
 - fast_merged:  the same with the adapter merged into the base (merge=True);
-- fast_merged_bf16: merged, then cast to bfloat16 (dtype="bfloat16").
+- fast_merged_bf16: merged, then cast to bfloat16 (dtype="bfloat16");
+- fast_merged_bf16_nodraft: the same without drafts from earlier answers (forced tokens only).
 With --batched, each path also answers all prompts in batches of --batch-size (one get_signals call per batch).
 Prints one JSON line per path and mode, with how many answers equal the constrained path's.
 """
@@ -35,6 +36,14 @@ def timed(answer, chats: list) -> tuple[list[float], list[str]]:
     return seconds, texts
 
 
+def undrafted(provider: SignalProvider) -> SignalProvider:
+    """The provider with a fast decoder that keeps no earlier answers, so never drafts."""
+    from finetune.eval.fast_decode import PrefixDecoder
+    probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
+    provider._decoder = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes, seen=0)
+    return provider
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -56,7 +65,9 @@ def main() -> None:
                                       max_new_tokens=unmerged.max_new_tokens, fast=False, **options),
         "fast": unmerged,
         "fast_merged": lambda: SignalProvider.from_run(a.run, merge=True, **options),
-        "fast_merged_bf16": lambda: SignalProvider.from_run(a.run, merge=True, dtype="bfloat16", **options)}
+        "fast_merged_bf16": lambda: SignalProvider.from_run(a.run, merge=True, dtype="bfloat16", **options),
+        "fast_merged_bf16_nodraft": lambda: undrafted(SignalProvider.from_run(a.run, merge=True, dtype="bfloat16",
+                                                                               **options))}
     reference = None
     for name in a.paths.split(","):
         provider = providers[name]() if callable(providers[name]) else providers[name]

@@ -158,3 +158,16 @@ def test_drafts_from_earlier_answers_save_passes_and_never_change_an_answer(prov
     assert [a["text"] for a in undrafted] == [a["text"] for a in first] == [a["text"] for a in again] == texts
     assert sum(a["passes"] for a in again) < sum(a["passes"] for a in undrafted)
     assert any(a["passes"] == 1 for a in again)  # the commonest answer checked whole in the prompt's own pass
+
+
+def test_the_latency_metric_times_the_fast_path_where_the_task_has_a_grammar(provider):
+    from finetune.eval.latency import Latency
+    samples = read_jsonl(ROOT / "data" / "demo_signals.jsonl")[-4:]
+    out = Latency(n=4, batch_size=4, max_new_tokens=32, task="signals")(samples=samples, model=provider.model,
+                                                                         tokenizer=provider.tokenizer)
+    for prefix in ("", "fast_"):
+        assert 0 < out[f"{prefix}latency_p50_seconds"] <= out[f"{prefix}latency_p99_seconds"]
+        assert out[f"{prefix}answers_per_second"] > 0
+    free = Latency(n=4, batch_size=4, task="sentiment")(samples=samples, model=provider.model,
+                                                        tokenizer=provider.tokenizer)
+    assert "latency_p50_seconds" in free and not any(k.startswith("fast_") for k in free)  # no grammar: no fast path

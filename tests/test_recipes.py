@@ -12,7 +12,8 @@ SHORT = ["model=tiny", "training=cpu", "training.max_steps=8", "training.eval_st
 EXPECTED = {  # recipe -> metric keys its eval suite must report for base and tuned, plots in its report
     "lora_qwen_signals": ({"perplexity", "accuracy", "macro_f1", "parse_rate", "majority_baseline", "profitable_ratio",
                            "total_return", "sharpe", "max_drawdown", "win_rate", "latency_seconds",
-                           "answers_per_second"}, {"loss.png", "labels.png", "confusion.png", "equity.png"}),
+                           "latency_p99_seconds", "answers_per_second", "fast_latency_p50_seconds",
+                           "fast_answers_per_second"}, {"loss.png", "labels.png", "confusion.png", "equity.png"}),
     "dpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},
                          {"loss.png", "equity.png"}),
     "sft_dpo_qwen_signals": ({"perplexity", "accuracy", "parse_rate", "profitable_ratio", "total_return"},

@@ -99,9 +99,9 @@ def test_killed_after_the_last_checkpoint_the_rerun_trains_no_extra_step(straigh
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert json.loads((run_dir / "metrics.json").read_text())["tuned"] == json.loads(
-        (straight / "metrics.json").read_text())["tuned"] | {"latency_seconds": ANY, "answers_per_second": ANY,
-                                                             "generation_seconds": ANY}
+    tuned = json.loads((straight / "metrics.json").read_text())["tuned"]
+    timed = {k: ANY for k in tuned if "latency" in k or k.endswith("per_second") or k == "generation_seconds"}
+    assert json.loads((run_dir / "metrics.json").read_text())["tuned"] == tuned | timed
 
 
 @pytest.mark.slow
