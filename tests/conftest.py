@@ -1,8 +1,11 @@
 """Shared fixtures: no network, a fresh cache per test session, and Hydra composition like the CLI's."""
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -48,6 +51,74 @@ def compose(*overrides: str):
 def cli(*args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# Each command as `python -m finetune ARGS` runs it, in a child forked from one process that imported trl and the
+# training stack once: a fresh interpreter spends ~7 s on that import, most of the time of a command that stops
+# before training. load_model raises in the children: only for commands that must stop before a model loads.
+# A child's peak memory is the parent's resident set at the fork plus the child's own growth (its VmHWM less its
+# VmRSS at the start): what one fresh process doing the same would have peaked at.
+FORKED = """
+import atexit, json, os, sys, time, traceback
+from trl import SFTConfig  # noqa: F401  what a training.* check imports
+import finetune.train.model, finetune.train.recipe  # noqa: F401  what the runner imports before its other checks
+from finetune.runner import main
+
+def load_model(*args, **kwargs):
+    raise RuntimeError("a model loaded")
+finetune.train.model.load_model = load_model
+
+def kib(key):
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key + ":")))
+
+def peak(path, before):
+    with open(path, "w") as f:
+        f.write(str((before + kib("VmHWM")) / 1024))
+
+out, results = sys.argv[1], []
+for i, args in enumerate(json.loads(sys.argv[2])):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    resident, start = kib("VmRSS"), time.perf_counter()
+    if os.fork() == 0:  # the child: the command, then exit as `python -m finetune` does
+        atexit.register(peak, os.path.join(out, f"{i}.peak"), resident - kib("VmRSS"))
+        os.dup2(os.open(os.path.join(out, f"{i}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        sys.argv = ["finetune", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else int(err.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()  # the exit handlers, without tearing down the interpreter (~1 s with torch)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    status = os.wait()[1]
+    results.append((os.waitstatus_to_exitcode(status), time.perf_counter() - start))
+print(json.dumps(results))
+"""
+
+
+class Forked(NamedTuple):
+    returncode: int
+    stderr: str
+    seconds: float
+    peak_mib: float
+
+
+def forked_cli(*commands: list[str], timeout=600) -> list[Forked]:
+    """Each command's exit code, stderr, seconds and peak memory (MiB), run as FORKED says."""
+    with tempfile.TemporaryDirectory() as out:
+        run = subprocess.run([sys.executable, "-c", FORKED, out, json.dumps(commands)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=timeout)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results = json.loads(run.stdout.splitlines()[-1])
+        return [Forked(code, (Path(out) / f"{i}.err").read_text(), seconds,
+                       float((Path(out) / f"{i}.peak").read_text()))
+                for i, (code, seconds) in enumerate(results)]
 
 
 def recipes() -> list[str]:
