@@ -469,11 +469,15 @@ def free_memory() -> None:
 
 def latency(trainer, tokenizer, args) -> dict:
     """Greedy answers of the trained model (base + adapter, as inference serves it): one prompt at a time, then in
-    batches. A random-init model never says EOS, so every answer runs to --latency-new-tokens: the worst case."""
+    batches. A random-init model never says EOS, so every free answer runs to --latency-new-tokens: the worst case.
+    Also the fast constrained path a trading loop serves (fast_*: the signal grammar, the prompts' shared start
+    cached, forced tokens and drafts checked in one pass; finetune/eval/fast_decode.py), where the grammar ends
+    every answer."""
     from finetune.eval.latency import Latency
     lo, hi = args.latency_lengths
     samples = synthetic_samples(tokenizer, args.latency_n, lo, hi, args.seed + 1)
-    timed = Latency(n=args.latency_n, batch_size=args.latency_batch, max_new_tokens=args.latency_new_tokens)
+    timed = Latency(n=args.latency_n, batch_size=args.latency_batch, max_new_tokens=args.latency_new_tokens,
+                    task="signals")
     return {**timed(samples=samples, model=trainer.model, tokenizer=tokenizer), "n": args.latency_n,
             "batch_size": args.latency_batch, "max_new_tokens": args.latency_new_tokens, "prompt_lengths": [lo, hi]}
 
@@ -617,6 +621,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"Latency ({t['setup']}, greedy, {t['max_new_tokens']} new tokens, prompts "
                       f"{t['prompt_lengths'][0]}-{t['prompt_lengths'][1]} tokens): {t['latency_seconds']:.3f} s "
                       f"for one signal, {t['answers_per_second']:.1f} signals/s in batches of {t['batch_size']}"]
+        if "fast_latency_p50_seconds" in t:
+            lines += [f"Fast constrained path (signal grammar, cached prompt start, forced tokens and drafts in one "
+                      f"pass): p50 {t['fast_latency_p50_seconds']:.3f} s, p99 {t['fast_latency_p99_seconds']:.3f} s "
+                      f"for one signal, {t['fast_answers_per_second']:.1f} signals/s in batches"]
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,7 @@ def test_every_setup_trains_and_reports_throughput(lora):
         assert 0 < r["losses"][0]["real_tokens"] < r["losses"][-1]["real_tokens"] == r["real_tokens"]
     assert report["ratios_vs_peer"]["trl_peer"] == 1.0 and report["complete"]
     assert report["latency"]["latency_seconds"] > 0 and report["latency"]["answers_per_second"] > 0
+    assert report["latency"]["fast_latency_p50_seconds"] > 0 and report["latency"]["fast_answers_per_second"] > 0
     # the file on disk is the report, and the table beside it names every setup
     assert json.loads(out.read_text())["setups"][0]["tokens_per_s"] == report["setups"][0]["tokens_per_s"]
     table = out.with_suffix(".md").read_text()
