@@ -2,6 +2,7 @@
 
     python scripts/serve_latency.py outputs/<run> --clients 8 --requests 7
     python scripts/serve_latency.py outputs/<run> --clients 1 --requests 20 --threads 2 -- --merge
+    python scripts/serve_latency.py outputs/<run> --clients 8 --requests 7 --interval 2   # 8 loops, one ask / 2 s
 
 The server runs as its own process (`python -m finetune.serve RUN --port P`, the options after `--` added), so the
 clients do not share its interpreter. Each client keeps one connection and asks /signal for one snapshot after
@@ -87,12 +88,17 @@ def start_server(run: Path, port: int, options: list[str], threads: int | None, 
     sys.exit("error: the server did not answer /health within 600 s")
 
 
-def client(url: str, bodies: list[dict], first: int, requests: int) -> list[float]:
-    """Seconds per /signal for `requests` snapshots from index `first` on, one after another."""
+def client(url: str, bodies: list[dict], first: int, requests: int, interval: float = 0.0,
+           offset: float = 0.0) -> list[float]:
+    """Seconds per /signal for `requests` snapshots from index `first` on: one after another, or with `interval`
+    one every `interval` seconds from `offset` on (at once when the last answer came later than that)."""
     seconds = []
+    begin = time.perf_counter() + offset
     with httpx.Client(timeout=300) as http:  # one keep-alive connection, as a trading loop keeps
-        for i in range(first, first + requests):
+        for n, i in enumerate(range(first, first + requests)):
             body = bodies[i % len(bodies)]
+            if interval:
+                time.sleep(max(0.0, begin + n * interval - time.perf_counter()))
             start = time.perf_counter()
             answer = http.post(url, json=body)
             if answer.status_code != 200:
@@ -107,6 +113,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=7, help="timed /signal requests per client")
     parser.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: inherited)")
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between one client's requests, the clients' starts spread over it (a trading "
+                             "loop per client asking on a clock); 0: back to back, the worst case")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # what follows `--` is the server's
     a = parser.parse_args(argv[:cut])
@@ -126,7 +135,9 @@ def main() -> None:
             start = time.perf_counter()
             with ThreadPoolExecutor(a.clients) as pool:
                 seconds = [s for each in pool.map(lambda c: client(f"{url}/signal", bodies, c * a.requests,
-                                                                   a.requests), range(a.clients)) for s in each]
+                                                                   a.requests, a.interval,
+                                                                   c * a.interval / a.clients), range(a.clients))
+                           for s in each]
             wall = time.perf_counter() - start
             batches = httpx.get(f"{url}/health").json()["batches"] - batches
         finally:
@@ -134,7 +145,7 @@ def main() -> None:
             server.wait(30)
     ms = sorted(1000 * s for s in seconds)
     print(json.dumps({"run": str(a.run), "server_options": a.server_options, "threads": a.threads,
-                      "clients": a.clients, "requests": len(ms), "snapshots": len(bodies), "skipped": skipped,
+                      "clients": a.clients, "interval_s": a.interval, "requests": len(ms), "snapshots": len(bodies), "skipped": skipped,
                       "p50_ms": round(statistics.median(ms), 1), "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
                       "signals_per_s": round(len(ms) / wall, 2), "batches": batches}), flush=True)
 
