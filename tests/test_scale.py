@@ -43,21 +43,32 @@ def test_optuna_sweep_best_value_is_the_leaderboards_top(tmp_path):
     assert float(rows[0]["perplexity"]) == pytest.approx(best)
 
 
+@pytest.fixture(scope="module")
+def submitit_sweep(tmp_path_factory):
+    """Two jobs through submitit's local launcher, each a process of its own that reports to both trackers: the
+    launcher test reads the leaderboard, the tracker tests the first job's run dir (one run fewer than a tracked run
+    of their own)."""
+    sweep_dir = tmp_path_factory.mktemp("submitit")
+    out = cli("-m", "hydra/launcher=local", "training.learning_rate=1e-3,3e-3",
+              "training.report_to=[tensorboard,wandb]", *TINY, f"hydra.sweep.dir={sweep_dir}")
+    return sweep_dir, out
+
+
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_the_jobs(tmp_path):
-    out = cli("-m", "hydra/launcher=local", "training.learning_rate=1e-3,3e-3", *TINY, f"hydra.sweep.dir={tmp_path}")
+def test_submitit_local_launcher_runs_the_jobs(submitit_sweep):
+    sweep_dir, out = submitit_sweep
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = leaderboard(tmp_path)
+    rows = leaderboard(sweep_dir)
     assert [r["status"] for r in rows] == ["completed", "completed"]
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
-    """One run that reports to both trackers: each test below reads its own tracker's files."""
-    run_dir = tmp_path_factory.mktemp("tracked")
-    out = cli("training.report_to=[tensorboard,wandb]", *TINY, f"hydra.run.dir={run_dir}")
+def tracked_run(submitit_sweep):
+    """A run that reported to both trackers (the submitit sweep's first job): each test below reads its own
+    tracker's files."""
+    sweep_dir, out = submitit_sweep
     assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+    return sweep_dir / "0"
 
 
 def test_tensorboard_events_hold_loss_and_eval_metrics(tracked_run):
