@@ -1,12 +1,13 @@
 """Sweeps and processes: leaderboard with a failed job, Optuna, submitit's local launcher, trackers (two CPU ranks:
 tests/test_reliability.py)."""
 import csv
+import sys
 import re
 
 import pytest
 import yaml
 
-from conftest import cli
+from conftest import cli, compose
 
 # what these check (leaderboards, statuses, trackers' files) needs finished jobs, not trained ones; no latency metric
 TINY = ["training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2",
@@ -84,3 +85,18 @@ def test_tensorboard_events_hold_loss_and_eval_metrics(tracked_run):
 def test_wandb_offline_writes_its_run_in_the_run_dir(tracked_run):
     runs = list((tracked_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and b"tuned_perplexity" in runs[0].read_bytes()
+
+
+def test_a_run_closes_its_wandb_run_so_the_next_job_of_the_process_opens_its_own(tmp_path, monkeypatch):
+    """Hydra's default launcher runs a sweep's jobs in one process, and transformers' WandbCallback starts a wandb
+    run only when none is open: a run left open would take every later job's logs."""
+    import types
+    from finetune.errors import DataError
+    from finetune.train.recipe import run
+    finished = []
+    fake = types.SimpleNamespace(run=object(), finish=lambda: finished.append(True))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = compose("model=tiny", "training=cpu", f"dataset.path={tmp_path / 'missing.jsonl'}")
+    with pytest.raises(DataError):  # it fails before training, and still closes the run
+        run(cfg, tmp_path / "job0")
+    assert finished == [True]

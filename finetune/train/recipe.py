@@ -7,6 +7,7 @@ finetune/runner.py chooses between this plain run, walk-forward folds and SFT ->
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Run:
                 set_status(run_dir, "failed", f"{type(err).__name__}: {err}")
             raise
         finally:  # this run's WANDB_DIR must not outlive it (a later run, or a subprocess, would inherit it)
+            wandb = sys.modules.get("wandb")  # nor its wandb run: transformers starts one only when none is open,
+            if wandb is not None and getattr(wandb, "run", None) is not None:  # so a sweep's next job would log
+                wandb.finish()                                                   # into this one's
             if USER_WANDB_DIR is None:
                 os.environ.pop("WANDB_DIR", None)
             else:
