@@ -64,6 +64,14 @@ def label_tails(tokenizer, sample: dict, task, labels: list[str]) -> tuple[list[
     return full[0][:shared], [ids[shared:] for ids in full]
 
 
+def last(keep: int, width: int, device) -> torch.Tensor:
+    """The last `keep` of `width` positions as an index tensor, for `logits_to_keep`. An int there slices the hidden
+    states into a view that, for more than one row and a frozen lm head, torch's matmul does not fold into one
+    matrix product: it expands the head to (rows, hidden, vocab) and copies it (a second a 16-row pass of SmolLM2 on
+    CPU, ~40 % of it). Indexing copies the few kept positions instead; the logits are the same."""
+    return torch.arange(width - keep, width, device=device)
+
+
 def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
@@ -86,7 +94,8 @@ def _batch_cached(model, pad: int, device, shared: list[list[int]], tails: list[
     """Log-probabilities of each sample's tails: the shared part once, then every tail on a copy of its cache."""
     n_labels = len(tails[0])
     ids, mask = _left_pad(shared, pad, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                logits_to_keep=last(1, ids.shape[1], device))  # an index, not 1: no copy of the head (`last`)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = [[first[b, tail[0]].item() for tail in sample_tails] for b, sample_tails in enumerate(tails)]
     rest = [tail[:-1] for sample_tails in tails for tail in sample_tails]  # fed to score tail[1:]

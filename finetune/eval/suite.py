@@ -20,6 +20,17 @@ def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_s
                           progress, **generation)
 
 
+def last_logits(model, device) -> dict:
+    """generate()'s `logits_to_keep` as an index of the last position, where the model takes one. generate() passes
+    1 by default, which slices a view that a frozen lm head in a batch of more than one row turns into a copy of the
+    whole head per row (finetune/eval/likelihood.py `last`); an index gives the same logits without it."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return {}
+    return {"logits_to_keep": torch.tensor([-1], device=device)}
+
+
 def stop_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the model's generation_config.eos_token_id (a list on Llama-3 and Gemma,
     e.g. <|eot_id|> beside <|end_of_text|>) and the tokenizer's EOS. Passing only `tokenizer.eos_token_id` to
@@ -95,7 +106,7 @@ def generate_answers(model, tokenizer, chats: list[list[dict]], max_new_tokens: 
                 processors.append(GrammarLogits(tokenizer, grammar, len(prompts), width, stops))
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=stops, logits_processor=processors, streamer=streamer,
-                                 **{"do_sample": False, **generation})
+                                 **{"do_sample": False, **last_logits(model, device), **generation})
             for row in out[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 tokens.append(len(row) if end is None else end)
