@@ -216,15 +216,10 @@ class Batcher:
         hook: a job abandoned while its batch runs is answered with the others (a few passes) and the answer
         dropped."""
         first = jobs[0]
-        decoder = self.decoders.get((first.model, first.grammar))
-        if decoder is None:
-            from finetune.eval.fast_decode import PrefixDecoder
-            provider = self.provider
-            # two prompts that part where the snapshot begins: their shared start is every signal prompt's
-            probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
-            decoder = PrefixDecoder(provider.model, provider.tokenizer, first.grammar, probes)
-            self.decoders[(first.model, first.grammar)] = decoder
-        answers = decoder.answers([job.chat for job in jobs], first.max_tokens)
+        key = (first.model, first.grammar)
+        if key not in self.decoders:
+            self.decoders[key] = self.provider.prefix_decoder(first.grammar)
+        answers = self.decoders[key].answers([job.chat for job in jobs], first.max_tokens)
         self.steps += max(a["passes"] for a in answers)  # each pass runs the whole batch, as one generate() step
         return {"texts": [a["text"] for a in answers], **{k: [a[k] for a in answers]
                                                           for k in ("tokens", "stopped", "prompt_tokens")}}

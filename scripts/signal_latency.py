@@ -38,9 +38,7 @@ def timed(answer, chats: list) -> tuple[list[float], list[str]]:
 
 def undrafted(provider: SignalProvider) -> SignalProvider:
     """The provider with a fast decoder that keeps no earlier answers, so never drafts."""
-    from finetune.eval.fast_decode import PrefixDecoder
-    probes = [provider.signal_prompt({"rsi": 50}), provider.signal_prompt({"price": 1})]
-    provider._decoder = PrefixDecoder(provider.model, provider.tokenizer, provider.grammar, probes, seen=0)
+    provider._decoder = provider.prefix_decoder(provider.grammar, seen=0)
     return provider
 
 

@@ -73,7 +73,7 @@ class PrefixDecoder:
         from transformers import DynamicCache
         cache = DynamicCache() if cache is None else cache
         out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True,
-                         logits_to_keep=last(keep, len(ids), self.device))  # the lm head only where a token is chosen
+                         logits_to_keep=last(keep, self.device))  # the lm head only where a token is chosen
         return out.logits[0, -keep:].float(), cache
 
     def start(self, ids: list[int]):
@@ -241,7 +241,7 @@ class PrefixDecoder:
         # each row's positions continue its own count of tokens: padding and masked-out proposals do not count
         positions = seen.sum(-1, keepdim=True) + (step.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=torch.cat([seen, step], dim=1), position_ids=positions,
-                         cache=cache, use_cache=True, logits_to_keep=last(keep, width, self.device))
+                         cache=cache, use_cache=True, logits_to_keep=last(keep, self.device))
         return out.logits[:, -keep:].float(), cache
 
 

@@ -57,7 +57,7 @@ class Latency:
     def grammar(self, model) -> str | None:
         """The task's answer grammar, where the fast path can answer on this model (not prompt-learning)."""
         from finetune import tasks
-        from finetune.serving.inference import prompt_learning
+        from finetune.eval.likelihood import prompt_learning
         if self.task is None or prompt_learning(model):
             return None
         return tasks.get(self.task).grammar()

@@ -64,12 +64,13 @@ def label_tails(tokenizer, sample: dict, task, labels: list[str]) -> tuple[list[
     return full[0][:shared], [ids[shared:] for ids in full]
 
 
-def last(keep: int, width: int, device) -> torch.Tensor:
-    """The last `keep` of `width` positions as an index tensor, for `logits_to_keep`. An int there slices the hidden
-    states into a view that, for more than one row and a frozen lm head, torch's matmul does not fold into one
-    matrix product: it expands the head to (rows, hidden, vocab) and copies it (a second a 16-row pass of SmolLM2 on
-    CPU, ~40 % of it). Indexing copies the few kept positions instead; the logits are the same."""
-    return torch.arange(width - keep, width, device=device)
+def last(keep: int, device) -> torch.Tensor:
+    """The last `keep` positions as an index tensor, for `logits_to_keep`. An int there slices the hidden states
+    into a view that, for more than one row and a frozen lm head, torch's matmul does not fold into one matrix
+    product: it expands the head to (rows, hidden, vocab) and copies it (a second of a 16-row pass of SmolLM2 on
+    CPU, ~40 % of it). Indexing copies the few kept positions instead; the logits are the same. Negative, so one
+    index serves passes of any length (generate()'s prompt pass and its one-token steps alike)."""
+    return torch.arange(-keep, 0, device=device)
 
 
 def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +84,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _prompt_learning(model) -> bool:
-    """PEFT prefix / prompt tuning hand the model virtual tokens on every forward: no cache to continue."""
+def prompt_learning(model) -> bool:
+    """A prefix-, prompt- or p-tuning adapter: PEFT hands the model virtual tokens on every forward, so there is no
+    cache to continue (likelihood scoring, the fast decoder) and no weights to merge."""
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
 
@@ -95,7 +97,7 @@ def _batch_cached(model, pad: int, device, shared: list[list[int]], tails: list[
     n_labels = len(tails[0])
     ids, mask = _left_pad(shared, pad, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                logits_to_keep=last(1, ids.shape[1], device))  # an index, not 1: no copy of the head (`last`)
+                logits_to_keep=last(1, device))  # an index, not 1: no copy of the head (`last`)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = [[first[b, tail[0]].item() for tail in sample_tails] for b, sample_tails in enumerate(tails)]
     rest = [tail[:-1] for sample_tails in tails for tail in sample_tails]  # fed to score tail[1:]
@@ -139,7 +141,7 @@ def label_scores(model, tokenizer, samples: list[dict], task, labels: list[str],
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    score_batch = _batch_whole if _prompt_learning(model) else _batch_cached
+    score_batch = _batch_whole if prompt_learning(model) else _batch_cached
     result = []
     for start in range(0, len(samples), batch_size):
         rows = [label_tails(tokenizer, s, task, labels) for s in samples[start:start + batch_size]]

@@ -21,14 +21,14 @@ def generate(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_s
 
 
 def last_logits(model, device) -> dict:
-    """generate()'s `logits_to_keep` as an index of the last position, where the model takes one. generate() passes
-    1 by default, which slices a view that a frozen lm head in a batch of more than one row turns into a copy of the
-    whole head per row (finetune/eval/likelihood.py `last`); an index gives the same logits without it."""
+    """generate()'s `logits_to_keep` as an index of the last position (finetune/eval/likelihood.py `last`), where
+    the model takes one: generate() passes 1, which makes a batch with a frozen lm head copy the head per row."""
     import inspect
+    from finetune.eval.likelihood import last
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return {}
-    return {"logits_to_keep": torch.tensor([-1], device=device)}
+    return {"logits_to_keep": last(1, device)}
 
 
 def stop_ids(model, tokenizer) -> list[int]:

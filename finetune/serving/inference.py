@@ -60,6 +60,7 @@ from omegaconf import OmegaConf
 
 from finetune import tasks
 from finetune.errors import ConfigError
+from finetune.eval.likelihood import prompt_learning
 from finetune.tasks.signals import SIGNALS, SYSTEM_PROMPT, market_prompt, parse_signal
 
 log = logging.getLogger(__name__)
@@ -195,14 +196,20 @@ class SignalProvider:
         with self._lock:
             if self.fast:
                 if self._decoder is None:
-                    from finetune.eval.fast_decode import PrefixDecoder
-                    # two prompts that part where the snapshot begins: their shared start is every signal prompt's
-                    probes = [self.signal_prompt({"rsi": 50}), self.signal_prompt({"price": 1})]
-                    self._decoder = PrefixDecoder(self.model, self.tokenizer, self.grammar, probes)
+                    self._decoder = self.prefix_decoder(self.grammar)
                 return [out["text"] for start in range(0, len(chats), self.batch_size)
                         for out in self._decoder.answers(chats[start:start + self.batch_size], self.max_new_tokens)]
             return generate_answers(self.model, self.tokenizer, chats, self.max_new_tokens, self.batch_size,
                                     progress=False, grammar=self.grammar, **self.generation)["texts"]
+
+
+    def prefix_decoder(self, grammar: str, **options):
+        """A finetune.eval.fast_decode.PrefixDecoder for this provider's signal prompts under `grammar`, built on the
+        model as it answers now (under `disable_adapter()` it caches the base's prefix). `options`: its own."""
+        from finetune.eval.fast_decode import PrefixDecoder
+        # two prompts that part where the snapshot begins: their shared start is every signal prompt's
+        probes = [self.signal_prompt({"rsi": 50}), self.signal_prompt({"price": 1})]
+        return PrefixDecoder(self.model, self.tokenizer, grammar, probes, **options)
 
 
 def vote(answers: list[tuple[str, float]]) -> tuple[str, float]:
@@ -275,12 +282,6 @@ def cast(model, dtype: str):
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype={dtype!r}: one of bfloat16, float16, float32")
     return model.to(getattr(torch, dtype))
-
-
-def prompt_learning(model) -> bool:
-    """A prefix-, prompt- or p-tuning adapter: virtual tokens instead of weights."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(config is not None and config.is_prompt_learning)
 
 
 def training_system_prompt(cfg) -> str | None:
