@@ -105,7 +105,7 @@ def test_constrained_needs_a_task_with_a_grammar(provider):
 
 def test_a_proposal_greedy_would_not_make_is_cut_where_it_parts(provider, chats, reference):
     """Forced bytes proposed one character a token (a split the grammar allows but greedy decoding does not pick):
-    the first token greedy picks instead is kept, the rest of the proposal cut from the cache, same answers."""
+    the first token greedy picks instead is kept, the rest of the proposal masked out of the cache, same answers."""
     tokenizer = provider.tokenizer
 
     class CharByChar(PrefixDecoder):
@@ -119,7 +119,7 @@ def test_a_proposal_greedy_would_not_make_is_cut_where_it_parts(provider, chats,
     answers = [decoder.answer(c, 32) for c in chats[:8]]
     assert [(a["text"], a["tokens"]) for a in answers] == [(r["texts"], r["tokens"]) for r in reference[:8]]
     assert sum(a["passes"] for a in answers) > sum(canonical.answer(c, 32)["passes"] for c in chats[:8])
-    batch = decoder.answers(chats[:8], 32)  # in a batch the cut proposals are masked out row by row
+    batch = decoder.answers(chats[:8], 32)  # and in a batch, row by row
     assert [(a["text"], a["tokens"]) for a in batch] == [(r["texts"], r["tokens"]) for r in reference[:8]]
 
 

@@ -16,9 +16,9 @@ The answer stays the one greedy constrained decoding gives, token for token: eve
 drafted, is checked against the masked argmax of the logits at its position (the same pass gives those logits, as in
 speculative decoding). A forced byte string can be cut into tokens in several ways the grammar all allows (`{"` +
 `signal` or `{` + `"signal`), and llguidance proposes its canonical one. At the first proposed token greedy decoding
-would not have chosen, the chosen token is taken instead and the rest of the proposal is cut from the cache. Once the
-grammar is complete, only a stop token can follow, so the answer ends there without a pass. `answers` runs a batch
-together, one pass a step for all its rows.
+would not have chosen, the chosen token is taken instead and the rest of the proposal is masked out of the cache.
+Once the grammar is complete, only a stop token can follow, so the answer ends there without a pass. `answers` runs
+a batch together, one pass a step for the rows still answering; `answer` is a batch of one.
 
     decoder = PrefixDecoder(model, tokenizer, grammar, probes=[chat_a, chat_b])
     decoder.answer(chat, max_new_tokens=32)   # -> {"text": '{"signal": "BUY", "confidence": 0.72}', "tokens": 16,
@@ -65,26 +65,11 @@ class PrefixDecoder:
         if len(probes) >= 2:
             self.prefix = common_prefix([render(tokenizer, chat) for chat in probes])
         if self.prefix:
-            self.cache = self.forward(self.prefix, None, 1)[1]
-
-    @torch.no_grad()
-    def forward(self, ids: list[int], cache, keep: int):
-        """(float32 logits of the last `keep` positions, the cache extended by `ids`)."""
-        from transformers import DynamicCache
-        cache = DynamicCache() if cache is None else cache
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), cache=cache, use_cache=True,
-                         logits_to_keep=last(keep, self.device))  # the lm head only where a token is chosen
-        return out.logits[0, -keep:].float(), cache
-
-    def start(self, ids: list[int]):
-        """(a copy of the prefix cache cut to what `ids` shares with it, the ids still to run). At least one id is
-        left to run: its logits choose the first answer token."""
-        shared = min(len(common_prefix([self.prefix, ids])), len(ids) - 1) if self.cache is not None else 0
-        if shared == 0:
-            return None, ids
-        cache = copy.deepcopy(self.cache)  # the prefix cache itself is never extended
-        cut(cache, shared)
-        return cache, ids[shared:]
+            from transformers import DynamicCache
+            self.cache = DynamicCache()
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([self.prefix], device=self.device), cache=self.cache,
+                           use_cache=True, logits_to_keep=1)
 
     def propose(self, matcher) -> list[int]:
         """The tokens to try ahead of the model: llguidance's canonical tokens for the bytes the grammar forces."""
@@ -115,56 +100,23 @@ class PrefixDecoder:
         llt.apply_token_bitmask_inplace(row, mask.to(row.device))
         return int(row[0].argmax())
 
-    @torch.no_grad()
     def answer(self, chat: list[dict], max_new_tokens: int) -> dict:
         """{"text", "tokens", "stopped", "prompt_tokens"} as generate_answers gives them for this one chat, and
         "passes": the forward passes it took (the prefix's not counted)."""
-        import llguidance
-        import llguidance.torch as llt
-        n_vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width, as GrammarLogits sees it
-        matcher = llguidance.LLMatcher(ll_tokenizer(self.tokenizer, n_vocab, self.stops), self.grammar)
-        if matcher.get_error():
-            raise ValueError(f"grammar {self.grammar[:200]!r}: {matcher.get_error()}")
-        mask = llt.allocate_token_bitmask(1, n_vocab)
-        ids = render(self.tokenizer, chat)
-        cache, feed = self.start(ids)  # feed: tokens not in the cache yet; the last one's logits choose next
-        answer, passes, stopped = [], 0, False
-        while len(answer) < max_new_tokens and not stopped:
-            if matcher.is_stopped() or matcher.is_error():
-                stopped = True  # only a stop id may follow: the answer ends here, whichever one greedy would pick
-                break
-            proposal = self.propose(matcher)
-            proposal = (proposal + self.draft(answer + proposal))[:max_new_tokens - len(answer) - 1]
-            logits, cache = self.forward(feed + proposal, cache, len(proposal) + 1)
-            passes += 1
-            for i, row in enumerate(logits):
-                token = self.choose(row, matcher, mask)
-                if token in self.stops:
-                    stopped = True
-                    break
-                answer.append(token)
-                matcher.consume_token(token)
-                if i < len(proposal) and token != proposal[i]:
-                    # greedy leaves the proposal here: the proposal's later tokens are no part of the answer
-                    cut(cache, cache.get_seq_length() - len(proposal) + i)
-                    break
-            feed = answer[-1:]
-        self.remember(answer, stopped)
-        text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
-        return {"text": text, "tokens": len(answer), "stopped": stopped, "prompt_tokens": len(ids), "passes": passes}
+        return self.answers([chat], max_new_tokens)[0]
 
     @torch.no_grad()
     def answers(self, chats: list[list[dict]], max_new_tokens: int) -> list[dict]:
-        """`answer` for each chat, in order, the chats run together: one pass per step for the rows not done.
+        """`answer`'s dict for each chat, in order, the chats run together: one pass per step for the rows not done.
 
-        Each row's forced tokens and choices go as in `answer`. Rows feed different numbers of tokens per step, so
-        each step's feeds are left-padded to one width, and a row's padding and the proposal tokens greedy did not
-        take stay in the shared cache masked out of its attention (a cache cannot be cut row by row). Each row's
-        positions count only its own tokens, so its answer is the one it gets alone."""
+        Each row runs its own tokens after the prefix it shares with the cache, then per step the token chosen last,
+        the tokens its grammar forces and a draft, and takes the masked argmax at each of their positions. Rows feed
+        different numbers of tokens per step, so each step's feeds are left-padded to one width, and a row's padding
+        and the proposed tokens greedy did not take stay in the cache masked out of its attention (a batched cache
+        cannot be cut row by row). Each row's positions count only its own tokens, so its answer is the one it gets
+        alone."""
         import llguidance
         import llguidance.torch as llt
-        if len(chats) == 1:
-            return [self.answer(chats[0], max_new_tokens)]
         n_vocab = self.model.get_output_embeddings().weight.shape[0]
         tokenizer = ll_tokenizer(self.tokenizer, n_vocab, self.stops)
         matchers = [llguidance.LLMatcher(tokenizer, self.grammar) for _ in chats]
