@@ -117,3 +117,15 @@ def test_the_weighted_loss_is_trls_loss_when_every_weight_is_one(tmp_path):
     assert DecisionWeightedSFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() == pytest.approx(plain)
     trainer.token_weights = {t: 5.0 for t in weights}
     assert DecisionWeightedSFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() != pytest.approx(plain)
+
+
+def test_early_stopping_follows_the_validation_macro_f1(tmp_path):
+    """early_stopping.patience with the kept checkpoint on macro-F1: the stop reads the score the validation
+    scorer adds at each evaluation (it ran after early stopping once, which then found no metric and stopped
+    nothing)."""
+    result = run(compose("training.max_steps=80", "training.eval_steps=5", "training.save_steps=5",
+                         "early_stopping.patience=2", "eval.max_samples=4"), tmp_path)
+    state = result.trainer.state
+    scores = [e["eval_macro_f1"] for e in state.log_history if "eval_macro_f1" in e]
+    assert state.global_step < 80, scores  # it stopped
+    assert max(scores[-2:]) <= max(scores[:-2]) and len(scores) == state.global_step // 5, scores

@@ -80,6 +80,9 @@ def check_grpo(run_dir, result, reward):
     for entry in steps:
         assert {f"rewards/{reward}/mean", "rewards/format/mean", "rewards/format/std", "kl", "answers/HOLD",
                 "answers/unparsed"} <= set(entry), sorted(entry)
+    evals = [e for e in result.trainer.state.log_history if any(key.startswith("eval_") for key in e)]
+    assert [e["step"] for e in evals] == [4, 8]  # validation scored by the task's metric, TRL's sampled eval skipped
+    assert all("eval_macro_f1" in e and "eval_reward" not in e for e in evals), evals
     report = (run_dir / "report.md").read_text()
     assert "| objective | GRPO (beta 0.04, 4 answers a prompt; rewards format x0.2" in report
     assert f"| reward {reward} (mean) |" in report and "| answers HOLD (share) |" in report

@@ -125,10 +125,10 @@ def steps(cfg: DictConfig, run_dir: Path, main: bool, preemption: Preemption) ->
     base = scores("base", score(model=model, **suite) if main else None)
 
     # 4. train
-    trainer = trainers.build(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption)
+    trainer = trainers.build(cfg, args, model, earlier_adapter, peft_config, splits, stats, tokenizer, preemption,
+                             scorer)
     clock = RunClock(started, checkpoint)  # report.md's seconds: those of the runs this one resumed too
-    train_output = train(trainer, checkpoint, [clock.callback(), scorer], header(cfg, trainer, splits, stats,
-                                                                                 run_dir, main))
+    train_output = train(trainer, checkpoint, [clock.callback()], header(cfg, trainer, splits, stats, run_dir, main))
     preemption.raise_if_stopped()
     if not main:
         return Run(model=trainer.model, tokenizer=tokenizer)

@@ -18,7 +18,7 @@ log = logging.getLogger("finetune")
 
 
 def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_config, splits: dict, stats: dict,
-          tokenizer, preemption=None):
+          tokenizer, preemption=None, scorer=None):
     """SFTTrainer wraps the model with the PEFT method (for a 4-bit base it casts the adapter to bf16; TRL 1.16
     does not call peft's prepare_model_for_kbit_training, and doing so here breaks modules_to_save), or goes on
     with the earlier adapter of an incremental run."""
@@ -32,6 +32,7 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
             rows = rows.filter(lambda first: first < args.max_length, input_columns="first_trained")
         return rows.select_columns(["input_ids", "assistant_masks"])
     callbacks = [StopOnNonFiniteLoss()] + ([preemption.callback()] if preemption is not None else [])
+    callbacks += [scorer] if scorer is not None else []  # before early stopping, which reads the metric it adds
     if cfg.early_stopping.patience:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
@@ -39,7 +40,7 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
         from peft import PeftModel
         model, peft_config = PeftModel.from_pretrained(model, earlier_adapter, is_trainable=True), None
     if cfg.objective.name == "grpo":  # TRL generates and scores the answers itself
-        return grpo_trainer(cfg, args, model, peft_config, splits, tokenizer, callbacks)
+        return grpo_trainer(cfg, args, model, peft_config, splits, tokenizer, callbacks, scored=scorer is not None)
     if cfg.objective.name != "sft":  # TRL tokenizes the rows itself, the chat template on each side
         import trl
         cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[cfg.objective.name]
@@ -67,9 +68,10 @@ def build(cfg: DictConfig, args, model, earlier_adapter: Path | None, peft_confi
     return trainer
 
 
-def grpo_trainer(cfg: DictConfig, args, model, peft_config, splits: dict, tokenizer, callbacks: list):
+def grpo_trainer(cfg: DictConfig, args, model, peft_config, splits: dict, tokenizer, callbacks: list, scored: bool):
     """finetune/train/grpo.py's GRPOTrainer: the rewards of objective.rewards on the train samples whose outcome
-    was known before the test window (the leakage check)."""
+    was known before the test window (the leakage check). scored: the validation split is scored by the task's
+    metric (eval/checkpoint.py), which is then the whole evaluation."""
     from omegaconf import OmegaConf
     from finetune.rewards import load
     from finetune.train import grpo
@@ -81,7 +83,7 @@ def grpo_trainer(cfg: DictConfig, args, model, peft_config, splits: dict, tokeni
     trainer = grpo.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=grpo.rows(train),
                                eval_dataset=grpo.rows(validation) if validation else None, processing_class=tokenizer,
                                peft_config=peft_config, callbacks=callbacks, task=cfg.dataset.task,
-                               collapse_share=objective.get("collapse_share", 0.9))
+                               collapse_share=objective.get("collapse_share", 0.9), scored=scored)
     quiet_progress(trainer)
     return trainer
 
