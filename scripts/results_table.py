@@ -3,6 +3,8 @@
     python scripts/results_table.py outputs/<run> [outputs/<run> ...]
     python scripts/results_table.py --decision outputs/<run> ...   # the decision table: label shares, answers,
                                                                    # macro-F1 against the simple model
+    python scripts/results_table.py --models SFT=outputs/<run>/sft "SFT -> GRPO"=outputs/<run> ...
+        # the models side by side on the same held-out samples (each run's tuned scores), the simple model last
 
 Columns: the command (manifest argv), wall minutes (manifest seconds), the main metric base -> tuned with its
 baseline, parse rate, answer length against the reference (length_ratio) and perplexity base -> tuned; a tuned
@@ -61,7 +63,38 @@ def decision_row(run_dir: Path) -> str:
             f"{manifest['seconds'] / 60:.1f} |")
 
 
+def model_row(name: str, scores: dict, minutes: float | None) -> str:
+    trades = (f"{fmt(scores.get('profitable_ratio'))} ({scores['n_trades']})" if scores.get("n_trades") is not None
+              else "–")
+    shares = (answered(scores) if "confusion_matrix" in scores else
+              f"{scores['n_long']} long / {scores['n_short']} short" if "n_long" in scores else "–")
+    return (f"| {name} | {shares} | {fmt(scores['accuracy'])} | "
+            f"{fmt(scores['macro_f1'])} | {trades} | {fmt(scores.get('total_return'))} | "
+            f"{'–' if minutes is None else f'{minutes:.1f}'} |")
+
+
+def models(named: list[str]) -> None:
+    """NAME=RUN_DIR ...: each run's tuned scores; the first run's base model and simple model around them."""
+    print("| model | answers (test) | accuracy | macro-F1 | profitable ratio (trades) | total return after 10 bps | "
+          "minutes |")
+    print("|---|---|---|---|---|---|---|")
+    runs = [(name, Path(path)) for name, path in (item.split("=", 1) for item in named)]
+    first = json.loads((runs[0][1] / "metrics.json").read_text())
+    print(model_row("base model", first["base"], None))
+    for name, run_dir in runs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        print(model_row(name, metrics["tuned"], manifest["seconds"] / 60))
+    if first.get("simple_model"):
+        print(model_row(first["simple_model"]["model"], first["simple_model"], None))
+    print(f"\nmajority: accuracy {fmt(first['tuned']['majority_baseline'])}, macro-F1 "
+          f"{fmt(first['tuned'].get('majority_macro_f1'))}; always long: total return "
+          f"{fmt(first['tuned'].get('always_long_return'))}")
+
+
 def main(paths: list[str]) -> None:
+    if paths and paths[0] == "--models":
+        return models(paths[1:])
     if paths and paths[0] == "--decision":
         print("| log | train labels | tuned answers (test) | accuracy base → tuned (majority) | macro-F1 base → tuned "
               "(majority) | simple model accuracy / macro-F1 | macro-F1 tuned - simple | minutes |")
