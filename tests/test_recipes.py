@@ -86,6 +86,7 @@ def check_grpo(run_dir, result, reward):
     report = (run_dir / "report.md").read_text()
     assert "| objective | GRPO (beta 0.04, 4 answers a prompt; rewards format x0.2" in report
     assert f"| reward {reward} (mean) |" in report and "| answers HOLD (share) |" in report
+    assert "| groups scored alike (no gradient) |" in report and "| first 4 steps (mean) |" in report
 
 
 def check_stages(run_dir, metrics, objective):

@@ -80,17 +80,27 @@ def plot_answers(log_history: list[dict], path: Path) -> bool:
 
 
 def grpo_table(log_history: list[dict]) -> str:
-    """GRPO's first and last step side by side: each reward's mean, each answer's share, the KL to the reference.
-    format up while pnl stays flat is a model learning the layout, not the trade."""
+    """GRPO's first and last steps side by side (the mean of up to 10 each: a step answers a few prompts): each
+    reward's mean, each answer's share, the share of groups whose answers all scored alike (they teach nothing: a
+    policy that gives one answer everywhere stops learning), the KL to the reference. format up while pnl stays
+    flat is a model learning the layout, not the trade."""
     rows = [(f"reward {name} (mean)", points) for name, points in grpo_series(log_history, "rewards/", "/mean").items()]
     rows += [(f"answers {name} (share)", points) for name, points in grpo_series(log_history, "answers/").items()]
-    rows += [("kl to the reference", points) for points in [[(e["step"], e["kl"]) for e in log_history
-                                                             if isinstance(e.get("kl"), (int, float))]] if points]
+    for key, name in (("frac_reward_zero_std", "groups scored alike (no gradient)"), ("kl", "kl to the reference")):
+        points = [(e["step"], e[key]) for e in log_history if isinstance(e.get(key), (int, float))]
+        rows += [(name, points)] if points else []
     if not rows:
         return ""
-    lines = ["| | first step | last step |", "|---|---|---|"]
-    lines += [f"| {name} | {shown(points[0][1])} | {shown(points[-1][1])} |" for name, points in rows if points]
+    n = max(1, min(10, max(len(points) for _, points in rows) // 2))
+    lines = [f"| | first {n} steps (mean) | last {n} steps (mean) |", "|---|---|---|"]
+    lines += [f"| {name} | {shown(mean(points[:n]))} | {shown(mean(points[-n:]))} |" for name, points in rows if points]
     return "\n".join(lines)
+
+
+def mean(points: list) -> float | None:
+    """The mean of the (step, value) points' values; None where no step had one."""
+    values = [value for _, value in points if value is not None]
+    return sum(values) / len(values) if values else None
 
 
 def plot_labels(stats: dict, path: Path, order: list[str] | None = None) -> bool:

@@ -24,6 +24,9 @@ from finetune.errors import DataError
 from finetune.rewards import answer_text
 
 log = logging.getLogger("finetune")
+COLLAPSE_ADVICE = ("Groups that answer alike score alike and teach GRPO nothing: start from an SFT adapter that gives "
+                   "every answer (dataset.balance=oversample), raise objective.temperature, or make HOLD cost "
+                   "something (objective.rewards.pnl.hold_cost)")
 
 
 def rows(samples: list[dict]) -> datasets.Dataset:
@@ -113,8 +116,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         if mode == "train" and shares[top] >= self.collapse_share and not self.in_collapse:
             self.collapsed = self.collapsed or {"step": step, "answer": top, "share": shares[top]}
             log.warning("grpo: collapse at step %d: %.0f%% of the answers are %s (objective.collapse_share=%s); a "
-                        "policy that gives one answer to every prompt has stopped reading the market",
-                        step, 100 * shares[top], top, self.collapse_share)
+                        "policy that gives one answer to every prompt has stopped reading the market. %s",
+                        step, 100 * shares[top], top, self.collapse_share, COLLAPSE_ADVICE)
         if mode == "train":
             self.in_collapse = shares[top] >= self.collapse_share
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -502,9 +502,10 @@ def report(run: Run) -> None:
                "seconds": round(run.seconds, 1)}
     collapsed = getattr(trainer, "collapsed", None)  # objective=grpo: the first step one answer took over
     if collapsed:
+        from finetune.train.grpo import COLLAPSE_ADVICE
         summary["answer collapse"] = (f"collapse at step {collapsed['step']}: {collapsed['share']:.0%} of the answers "
                                       f"were {collapsed['answer']} (objective.collapse_share "
-                                      f"{config['objective']['collapse_share']})")
+                                      f"{config['objective']['collapse_share']}). {COLLAPSE_ADVICE}")
     if config["objective"].get("start_from"):  # "base" below is the SFT model this stage continued, not the base
         summary["base scores"] = f"the model this run starts from: {config['objective']['start_from']}"
     write_json(run_dir / MANIFEST, {**run.manifest, **loaded, "seconds": summary["seconds"],
