@@ -10,10 +10,12 @@ Here, beside TRL:
 - `check_leakage`: a train sample whose outcome was known (meta `known_at`: a decision's time + its duration, a
   trade's exit time) after the test window starts is refused when a reward reads outcomes (or left out: objective.leakage=drop).
 - `GRPOTrainer`: TRL's, with the answer distribution logged each step (answers/<label>: its share of the step's
-  answers, answers/unparsed) and a warning when one answer's share reaches objective.collapse_share: a policy that
+  answers, answers/unparsed) and a warning when one answer's share of the last COLLAPSE_WINDOW answers (several
+  steps: one step answers a few prompts, which may all want the same answer) reaches objective.collapse_share: a policy that
   answers HOLD to everything earns a safe 0 from `pnl` and learns nothing more (TRL logs rewards/<name>/mean and
   /std, and kl to the reference with beta > 0).
 """
+import collections
 import logging
 
 import datasets
@@ -24,6 +26,7 @@ from finetune.errors import DataError
 from finetune.rewards import answer_text
 
 log = logging.getLogger("finetune")
+COLLAPSE_WINDOW = 64  # answers pooled by the collapse guard: 8 steps at batch 8 (2 prompts x 4 answers)
 COLLAPSE_ADVICE = ("Groups that answer alike score alike and teach GRPO nothing: start from an SFT adapter that gives "
                    "every answer (dataset.balance=oversample), raise objective.temperature, or make HOLD cost "
                    "something (objective.rewards.pnl.hold_cost)")
@@ -103,24 +106,32 @@ class GRPOTrainer(trl.GRPOTrainer):
         self.task, self.collapse_share, self.scored = tasks.get(task), collapse_share, scored
         self.collapsed: dict | None = None  # the first step one answer reached collapse_share: report.md says so
         self.in_collapse = False
+        self.recent = collections.deque(maxlen=COLLAPSE_WINDOW)  # the last train answers, the guard's view
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         mode = "train" if self.model.training else "eval"
-        answers = [self.task.parse(answer_text(c))[0] for c in completions]
+        answers = [self.task.parse(answer_text(c))[0] or "unparsed" for c in completions]
         names = list(self.task.labels) + ["unparsed"]
-        shares = {name: sum((a or "unparsed") == name for a in answers) / max(len(answers), 1) for name in names}
-        for name, share in shares.items():
-            self._metrics[mode][f"answers/{name}"].append(share)
-        top = max(self.task.labels, key=lambda name: shares[name])
-        step = self.state.global_step + 1  # the step these answers train (global_step counts the finished ones)
-        if mode == "train" and shares[top] >= self.collapse_share and not self.in_collapse:
-            self.collapsed = self.collapsed or {"step": step, "answer": top, "share": shares[top]}
-            log.warning("grpo: collapse at step %d: %.0f%% of the answers are %s (objective.collapse_share=%s); a "
-                        "policy that gives one answer to every prompt has stopped reading the market. %s",
-                        step, 100 * shares[top], top, self.collapse_share, COLLAPSE_ADVICE)
+        for name in names:
+            self._metrics[mode][f"answers/{name}"].append(sum(a == name for a in answers) / max(len(answers), 1))
         if mode == "train":
-            self.in_collapse = shares[top] >= self.collapse_share
+            self.recent.extend(answers)
+            self.guard(step=self.state.global_step + 1)  # the step these answers train (global_step: finished ones)
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def guard(self, step: int) -> None:
+        """Warn once per episode when one answer's share of the last COLLAPSE_WINDOW answers reaches
+        collapse_share (nothing before the window is full)."""
+        if len(self.recent) < COLLAPSE_WINDOW:
+            return
+        top = max(self.task.labels, key=self.recent.count)
+        share = self.recent.count(top) / len(self.recent)
+        if share >= self.collapse_share and not self.in_collapse:
+            self.collapsed = self.collapsed or {"step": step, "answer": top, "share": share}
+            log.warning("grpo: collapse at step %d: %.0f%% of the last %d answers are %s (objective.collapse_share="
+                        "%s); a policy that gives one answer to every prompt has stopped reading the market. %s",
+                        step, 100 * share, len(self.recent), top, self.collapse_share, COLLAPSE_ADVICE)
+        self.in_collapse = share >= self.collapse_share
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """With the kept checkpoint following the task's metric (scored: eval/checkpoint.py's ValidationScore, by

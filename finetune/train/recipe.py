@@ -502,8 +502,9 @@ def report(run: Run) -> None:
                "seconds": round(run.seconds, 1)}
     collapsed = getattr(trainer, "collapsed", None)  # objective=grpo: the first step one answer took over
     if collapsed:
-        from finetune.train.grpo import COLLAPSE_ADVICE
-        summary["answer collapse"] = (f"collapse at step {collapsed['step']}: {collapsed['share']:.0%} of the answers "
+        from finetune.train.grpo import COLLAPSE_ADVICE, COLLAPSE_WINDOW
+        summary["answer collapse"] = (f"collapse at step {collapsed['step']}: {collapsed['share']:.0%} of the last "
+                                      f"{COLLAPSE_WINDOW} answers "
                                       f"were {collapsed['answer']} (objective.collapse_share "
                                       f"{config['objective']['collapse_share']}). {COLLAPSE_ADVICE}")
     if config["objective"].get("start_from"):  # "base" below is the SFT model this stage continued, not the base
