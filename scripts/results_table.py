@@ -78,7 +78,7 @@ def models(named: list[str]) -> None:
     print("| model | answers (test) | accuracy | macro-F1 | profitable ratio (trades) | total return after 10 bps | "
           "minutes |")
     print("|---|---|---|---|---|---|---|")
-    runs = [(name, Path(path)) for name, path in (item.split("=", 1) for item in named)]
+    runs = [(name, Path(path)) for name, path in (item.rsplit("=", 1) for item in named)]
     first = json.loads((runs[0][1] / "metrics.json").read_text())
     print(model_row("base model", first["base"], None))
     for name, run_dir in runs:
