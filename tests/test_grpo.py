@@ -171,12 +171,14 @@ def test_the_rewards_score_answers_as_their_files_say():
     answers = [[{"role": "assistant", "content": f'{{"signal": "{s}", "confidence": 0.7}}'}]
                for s in ("BUY", "SELL", "HOLD", "BUY")] + [[{"role": "assistant", "content": "no idea"}]]
     assert [pnl.__name__, fmt.__name__] == ["pnl", "format"] and weights == [2.0, 1.0]
-    assert pnl(answers, return_percent=[3.0, 3.0, 3.0, 40.0, 3.0]) == [2.9, -3.1, -0.5, 5.0, None]
+    assert pnl(answers, return_percent=[3.0, 3.0, 3.0, 40.0, 3.0]) == [2.9, -3.1, -0.5, 5.0, -3.1]  # unreadable:
+    assert pnl(answers, return_percent=[None] * 5) == [None] * 5                  # the worst answer's; no move: None
     assert fmt(answers) == [1.0, 1.0, 1.0, 1.0, 0.0]
     action = [[{"role": "assistant", "content": json.dumps({"action": a})}] for a in ("BUY", "SELL", "BUY", "SELL")]
     outcome = load({"o": {"_target_": "finetune.rewards.outcome.Outcome"}})[0][0]
     assert outcome(action, label=["BUY", "BUY", "BUY", "BUY"], outcome=["good", "good", "bad", "bad"]) == \
         [1.0, -1.0, -1.0, 1.0]
+    assert outcome(answers[-1:] * 2, label=["BUY", "BUY"], outcome=["good", "bad"]) == [-1.0, -1.0]  # as a wrong one
     with pytest.raises(ConfigError, match=r"objective\.rewards\.pnl: the samples carry no return_percent"):
         pnl(answers)
     with pytest.raises(ConfigError, match=r"objective\.rewards: no reward"):

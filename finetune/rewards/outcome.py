@@ -1,7 +1,7 @@
 """`outcome`: for decision records, +1 for an answer that takes the recorded action of a decision that went well
 and -1 for one that takes another; -1 for repeating the action of a decision that went badly and +1 for any other.
-Outcomes in neither list (acceptable_loss, neutral) earn 0; an answer that does not parse earns None (`format`
-punishes it). The samples need both kinds: dataset.builder.undesirable_outcomes=[bad] keeps the bad decisions.
+Outcomes in neither list (acceptable_loss, neutral) earn 0; an answer that does not parse earns -1, as a wrong
+one: never more than a readable answer, or a policy would learn to write nothing rather than risk a wrong action. The samples need both kinds: dataset.builder.undesirable_outcomes=[bad] keeps the bad decisions.
 
     outcome: {_target_: finetune.rewards.outcome.Outcome, weight: 1.0, good: [excellent, good], bad: [bad]}
 """
@@ -28,7 +28,7 @@ class Outcome:
     def one(self, answer: str, taken: str | None, judged: str | None) -> float | None:
         action = self.task.parse(answer)[0]
         if action is None:
-            return None
+            return -1.0
         agrees = action == taken
         if judged in self.good:
             return 1.0 if agrees else -1.0

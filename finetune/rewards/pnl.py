@@ -4,8 +4,10 @@ The move is the sample's `return_percent`: going long over the trade, in percent
 6.1 = the price rose 6.1 % from entry to exit). BUY earns the move, SELL the opposite, each less the round-trip
 `cost_percent` (0.1 = 10 bps, the backtest's); HOLD earns minus `hold_cost` (0: no trade, no gain; > 0 an
 opportunity cost, against a policy that answers HOLD to stay safe). The result is clipped to +-`clip`, so one
-outlier trade does not rule a batch. An answer that does not parse, or a sample without a move, earns None: this
-reward has nothing to say about it (`format` is the reward that punishes an unreadable answer).
+outlier trade does not rule a batch. An answer that does not parse earns the worst any answer could have on that
+move: never more than a readable one, or a policy would learn to write nothing whenever HOLD costs more than
+`format` pays (hold_cost 0.5 against format's 0.2 x 1). A sample without a move earns None: this reward has nothing
+to say about it.
 
     pnl: {_target_: finetune.rewards.pnl.Pnl, weight: 1.0, cost_percent: 0.1, hold_cost: 0.0, clip: 10.0}
 """
@@ -32,7 +34,7 @@ class Pnl:
 
     def one(self, answer: str, move: float | None) -> float | None:
         signal = self.task.parse(answer)[0]
-        if move is None or signal not in ("BUY", "SELL", "HOLD"):
+        if move is None:
             return None
-        earned = {"BUY": move - self.cost, "SELL": -move - self.cost, "HOLD": -self.hold_cost}[signal]
-        return max(-self.clip, min(self.clip, earned))
+        earned = {"BUY": move - self.cost, "SELL": -move - self.cost, "HOLD": -self.hold_cost}
+        return max(-self.clip, min(self.clip, earned[signal] if signal in earned else min(earned.values())))
