@@ -1,7 +1,8 @@
 """`outcome`: for decision records, +1 for an answer that takes the recorded action of a decision that went well
 and -1 for one that takes another; -1 for repeating the action of a decision that went badly and +1 for any other.
 Outcomes in neither list (acceptable_loss, neutral) earn 0; an answer that does not parse earns -1, as a wrong
-one: never more than a readable answer, or a policy would learn to write nothing rather than risk a wrong action. The samples need both kinds: dataset.builder.undesirable_outcomes=[bad] keeps the bad decisions.
+one: never more than a readable answer, or a policy would learn to write nothing rather than risk a wrong action.
+The samples need both kinds: dataset.builder.undesirable_outcomes=[bad] keeps the bad decisions.
 
     outcome: {_target_: finetune.rewards.outcome.Outcome, weight: 1.0, good: [excellent, good], bad: [bad]}
 """

@@ -8,12 +8,13 @@ Here, beside TRL:
 - `rows`: the GRPO rows, the prompt (every message but the last) and the columns rewards read: label,
   timestamp, desirable, and each scalar of the sample's meta (return_percent, outcome, pnl, known_at, ...).
 - `check_leakage`: a train sample whose outcome was known (meta `known_at`: a decision's time + its duration, a
-  trade's exit time) after the test window starts is refused when a reward reads outcomes (or left out: objective.leakage=drop).
+  trade's exit time) after the test window starts is refused when a reward reads outcomes (or left out:
+  objective.leakage=drop).
 - `GRPOTrainer`: TRL's, with the answer distribution logged each step (answers/<label>: its share of the step's
   answers, answers/unparsed) and a warning when one answer's share of the last COLLAPSE_WINDOW answers (several
-  steps: one step answers a few prompts, which may all want the same answer) reaches objective.collapse_share: a policy that
-  answers HOLD to everything earns a safe 0 from `pnl` and learns nothing more (TRL logs rewards/<name>/mean and
-  /std, and kl to the reference with beta > 0).
+  steps: one step answers a few prompts, which may all want the same answer) reaches objective.collapse_share: a
+  policy that answers HOLD to everything earns a safe 0 from `pnl` and learns nothing more (TRL logs
+  rewards/<name>/mean and /std, and kl to the reference with beta > 0).
 """
 import collections
 import logging
