@@ -1,6 +1,7 @@
 """report.md and its plots: what ran, base vs tuned side by side, data balance, loss curves, confusion
 matrices, sentence-length histograms, the backtest's equity curves; for text generation, a blind A/B sheet."""
 import random
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -100,7 +101,7 @@ def grpo_table(log_history: list[dict]) -> str:
 def mean(points: list) -> float | None:
     """The mean of the (step, value) points' values; None where no step had one."""
     values = [value for _, value in points if value is not None]
-    return sum(values) / len(values) if values else None
+    return statistics.fmean(values) if values else None
 
 
 def plot_labels(stats: dict, path: Path, order: list[str] | None = None) -> bool:
