@@ -1,9 +1,8 @@
 """Shared fixtures: no network, a fresh cache per test session, and Hydra composition like the CLI's."""
-import json
 import os
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from finetune.paths import CONF_DIR, RECIPES_DIR  # noqa: E402
 from finetune.config.registration import register  # noqa: E402
+from launcher import launcher  # noqa: E402
 
 register()  # the recipes source and the resolvers, as the CLI registers them
 
@@ -34,7 +34,8 @@ def cache_dir(tmp_path_factory):
 def default_run(cache_dir, tmp_path_factory) -> tuple[Path, str]:
     """`python -m finetune` as the Quick start types it (the full default run): its run dir and its console,
     stdout and stderr together (bytes decoded: text mode would turn the bars' \\r into line ends). One run for
-    the session: tests/test_cli.py reads its files, tests/test_console.py its console."""
+    the session: tests/test_cli.py reads its files, tests/test_console.py its console. A fresh interpreter, not
+    `cli`'s launcher: what the imports print is the console's too."""
     run_dir = tmp_path_factory.mktemp("default") / "run"
     out = subprocess.run([sys.executable, "-m", "finetune", f"hydra.run.dir={run_dir}"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
@@ -48,58 +49,10 @@ def compose(*overrides: str):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def cli(*args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-# Each command as `python -m finetune ARGS` runs it, in a child forked from one process that imported trl and the
-# training stack once: a fresh interpreter spends ~7 s on that import, most of the time of a command that stops
-# before training. load_model raises in the children: only for commands that must stop before a model loads.
-# A child's peak memory is the parent's resident set at the fork plus the child's own growth (its VmHWM less its
-# VmRSS at the start): what one fresh process doing the same would have peaked at.
-FORKED = """
-import atexit, json, os, sys, time, traceback
-from trl import SFTConfig  # noqa: F401  what a training.* check imports
-import finetune.train.model, finetune.train.recipe  # noqa: F401  what the runner imports before its other checks
-from finetune.runner import main
-
-def load_model(*args, **kwargs):
-    raise RuntimeError("a model loaded")
-finetune.train.model.load_model = load_model
-
-def kib(key):
-    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key + ":")))
-
-def peak(path, before):
-    with open(path, "w") as f:
-        f.write(str((before + kib("VmHWM")) / 1024))
-
-out, results = sys.argv[1], []
-for i, args in enumerate(json.loads(sys.argv[2])):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    resident, start = kib("VmRSS"), time.perf_counter()
-    if os.fork() == 0:  # the child: the command, then exit as `python -m finetune` does
-        atexit.register(peak, os.path.join(out, f"{i}.peak"), resident - kib("VmRSS"))
-        os.dup2(os.open(os.path.join(out, f"{i}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-        sys.argv = ["finetune", *args]
-        try:
-            main()
-            code = 0
-        except SystemExit as err:
-            code = err.code if isinstance(err.code, int) else int(err.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        atexit._run_exitfuncs()  # the exit handlers, without tearing down the interpreter (~1 s with torch)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    status = os.wait()[1]
-    results.append((os.waitstatus_to_exitcode(status), time.perf_counter() - start))
-print(json.dumps(results))
-"""
+def cli(*args: str, cwd=ROOT, env: dict | None = None, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS`, as tests/launcher.py runs it (a fork of one interpreter that imported the training
+    stack once: ~7 s less a command)."""
+    return launcher().run("finetune", list(args), cwd=cwd, env=env, timeout=timeout)
 
 
 class Forked(NamedTuple):
@@ -110,15 +63,15 @@ class Forked(NamedTuple):
 
 
 def forked_cli(*commands: list[str], timeout=600) -> list[Forked]:
-    """Each command's exit code, stderr, seconds and peak memory (MiB), run as FORKED says."""
-    with tempfile.TemporaryDirectory() as out:
-        run = subprocess.run([sys.executable, "-c", FORKED, out, json.dumps(commands)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=timeout)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results = json.loads(run.stdout.splitlines()[-1])
-        return [Forked(code, (Path(out) / f"{i}.err").read_text(), seconds,
-                       float((Path(out) / f"{i}.peak").read_text()))
-                for i, (code, seconds) in enumerate(results)]
+    """Each command's exit code, stderr, seconds and peak memory (MiB), run as `cli` runs it, for commands that
+    must stop before a model loads (loading one raises)."""
+    results = []
+    for args in commands:
+        start = time.perf_counter()
+        child = launcher().start("finetune", args, cwd=ROOT, no_model=True)
+        code = child.wait(timeout)
+        results.append(Forked(code, child.stderr(), time.perf_counter() - start, child.peak_mib()))
+    return results
 
 
 def recipes() -> list[str]:

@@ -3,13 +3,13 @@ the answer shares and the collapse warning, and the leakage check on rewards tha
 import json
 import logging
 import re
-import subprocess
 import sys
 import types
 
 import pytest
 
 from conftest import ROOT, compose
+from launcher import launcher
 from test_reliability import kill_when
 from finetune.errors import ConfigError, DataError
 from finetune.paths import SAMPLE_DATA_DIR
@@ -212,9 +212,7 @@ def test_grpo_resumes_after_kill_9_to_the_last_step(tmp_path, caplog):
     """Killed (SIGKILL) once its step-2 checkpoint is on disk, the same command run again goes on from it: steps 3
     and 4 train, each logs its answer shares, and the run completes with its adapter."""
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *GRPO, "training.max_steps=4",
-                             f"hydra.run.dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = launcher().start("finetune", [*GRPO, "training.max_steps=4", f"hydra.run.dir={killed}"], cwd=ROOT)
     kill_when(proc, lambda: (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file())
     assert json.loads((killed / "status.json").read_text())["status"] == "running"
     assert not (killed / "adapter").exists()

@@ -6,7 +6,10 @@ there, not in the repository). What differs from a user's terminal is said per c
   added, and `model=smollm2_135m` becomes `model=tiny` (the tests load no real weights); a command that this makes the same
   as an earlier one is not run again: the earlier one's output is checked;
 - a command for hardware or weights this machine lacks (a 7B folder, a CUDA GPU) must stop with one error line;
-- the set-up line and `pytest` are the environment and the suite themselves.
+- the set-up line and `pytest` are the environment and the suite themselves;
+- `python -m finetune ...` and the refused commands run in a child forked from an interpreter that imported the
+  training stack once (tests/launcher.py), not in a fresh one: the consoles checked here (evaluate, predict, ab,
+  merge) are a fresh interpreter's, and tests/test_console.py checks the Quick start's.
 A command added to the README without a rule here fails `test_every_readme_command_has_a_rule`.
 """
 import json
@@ -21,6 +24,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from launcher import launcher
 from test_console import quiet
 
 LIMIT = ["training.max_steps=1", "eval.max_samples=2", "eval.batch_size=2", "~eval.metrics.latency"]
@@ -56,7 +60,7 @@ def says_minutes(comment: str) -> bool:
 def work(tmp_path_factory):
     """The folder the commands run in, with the Quick start's run made first (outputs/<run> is that run)."""
     where = tmp_path_factory.mktemp("readme")
-    out = shell(where, ["python", "-m", "finetune", *LIMIT])
+    out = shell(where, ["python", "-m", "finetune", *LIMIT], fresh=False)
     assert out.returncode == 0, out.stdout[-3000:]
     [run] = [p for p in (where / "outputs").glob("*/*-default")]
     snapshot = {"symbol": "BTC/USDT", "price": 50000, "technical": {"rsi": 28.4, "trend_direction": "bullish"}}
@@ -68,7 +72,12 @@ def work(tmp_path_factory):
             "<b>": "outputs/other", "ran": {}}
 
 
-def shell(where, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def shell(where, argv: list[str], fresh: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The command's exit code and console (stderr in stdout). Not `fresh`: `python -m MODULE ...` as conftest.cli
+    runs it, forked from an interpreter that imported the training stack, for commands whose console is not checked
+    here (a training run's is, fresh, in tests/test_console.py): what imports print is not in it."""
+    if not fresh and argv[:2] == ["python", "-m"]:
+        return launcher().run(argv[2], argv[3:], cwd=where, merge=True, timeout=timeout)
     argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
     return subprocess.run(argv, cwd=where, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
@@ -106,10 +115,11 @@ def test_the_readme_command_runs_as_written(work, command, comment):
         decisions = [json.loads(line) for line in (work["dir"] / "decisions.jsonl").read_text().splitlines()]
         (work["dir"] / "outcomes.jsonl").write_text("".join(json.dumps({"id": d["id"], "pnl": i - 1.5}) + "\n"
                                                             for i, d in enumerate(decisions)))
-    if tuple(argv) not in work["ran"]:  # as_run can make two commands one (smollm2_135m -> tiny): run it once
-        work["ran"][tuple(argv)] = shell(work["dir"], argv)
-    out = work["ran"][tuple(argv)]
     refused = next((why for key, why in REFUSES.items() if key in command), None)
+    quiet_checked = argv[:3] != ["python", "-m", "finetune"] and not refused
+    if tuple(argv) not in work["ran"]:  # as_run can make two commands one (smollm2_135m -> tiny): run it once
+        work["ran"][tuple(argv)] = shell(work["dir"], argv, fresh=quiet_checked)
+    out = work["ran"][tuple(argv)]
     if refused:  # one error line saying what is missing, no traceback
         errors = [line for line in out.stdout.splitlines() if line.startswith("error:")]
         assert out.returncode == 1 and len(errors) == 1 and refused in errors[0], out.stdout[-3000:]
@@ -117,7 +127,7 @@ def test_the_readme_command_runs_as_written(work, command, comment):
         return
     assert out.returncode == 0, out.stdout[-3000:]
     assert "Traceback" not in out.stdout, out.stdout[-3000:]
-    if argv[:3] != ["python", "-m", "finetune"]:  # evaluate, predict, ab, merge: the console as a run's
+    if quiet_checked:  # evaluate, predict, ab, merge: the console as a run's
         quiet(out.stdout)
     if argv[3:4] == ["-m"]:
         sweep_has_one_run_dir_per_job(work["dir"])

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli
+from launcher import Child, launcher
 from finetune.errors import ConfigError
 from finetune.train.resume import problem, resume_from
 
@@ -27,15 +28,15 @@ def final_log(run_dir: Path) -> dict:
     return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
-def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "finetune", *RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(run_dir: Path) -> Child:
+    """`python -m finetune` as conftest.cli runs it, returning at once: a kill ends the process the run is in."""
+    return launcher().start("finetune", [*RESUMABLE, f"hydra.run.dir={run_dir}"], cwd=ROOT)
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout=300) -> None:
+def kill_when(proc: Child, ready, timeout=300) -> None:
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr()[-2000:]}"
         assert time.time() < deadline
         time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
@@ -111,11 +112,11 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_rerun_matches(strai
     first = stopped / "checkpoints" / "checkpoint-5" / "trainer_state.json"
     deadline = time.time() + 300
     while not first.is_file():  # training is under way, between two periodic saves
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        assert proc.poll() is None and time.time() < deadline, proc.stderr()[-2000:]
         time.sleep(0.01)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr()[-2000:]
     status = json.loads((stopped / "status.json").read_text())
     assert status["status"] == "interrupted", status
     step = int(re.search(r"SIGTERM at step (\d+), checkpoint-\1 saved", status["error"]).group(1))
@@ -355,12 +356,10 @@ def secret_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     about at start-up (non_blocking without pinned memory): the secrets test reads its files, the warnings test
     its console and log."""
     run_dir = tmp_path_factory.mktemp("secrets")
-    out = subprocess.run([sys.executable, "-m", "finetune", "+api_key=sk-config-secret-42",
-                          "+training.hub_token=hf_config_token_5d2e", "+training.dataloader_pin_memory=false",
-                          "+training.accelerator_config.non_blocking=true", "training.max_steps=6",
-                          "training.save_steps=3", "training.eval_steps=3", "eval.max_samples=8",
-                          f"hydra.run.dir={run_dir}"], cwd=ROOT, env={**os.environ, **SECRETS}, capture_output=True,
-                         text=True)
+    out = cli("+api_key=sk-config-secret-42", "+training.hub_token=hf_config_token_5d2e",
+              "+training.dataloader_pin_memory=false", "+training.accelerator_config.non_blocking=true",
+              "training.max_steps=6", "training.save_steps=3", "training.eval_steps=3", "eval.max_samples=8",
+              f"hydra.run.dir={run_dir}", env={**os.environ, **SECRETS})
     assert out.returncode == 0, out.stderr[-2000:]
     return run_dir, out
 
@@ -380,11 +379,10 @@ def test_secrets_appear_in_no_saved_file_checkpoints_included(secret_run):
 def test_a_secret_override_reaches_no_file_and_no_console_when_the_run_crashes_under_wandb(tmp_path):
     secret = "hf_argv_secret_0c1d2e"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    out = subprocess.run([sys.executable, "-m", "finetune", f"+training.hub_token={secret}", "cpu_threads=1",
-                          "+training.report_to=[wandb]", "training.max_steps=2", "training.save_steps=1",
-                          "training.eval_steps=1", "eval.max_samples=4",
-                          "++training.metric_for_best_model=eval_no_such_metric",  # crashes at the first save
-                          f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = cli(f"+training.hub_token={secret}", "cpu_threads=1", "+training.report_to=[wandb]", "training.max_steps=2",
+              "training.save_steps=1", "training.eval_steps=1", "eval.max_samples=4",
+              "++training.metric_for_best_model=eval_no_such_metric",  # crashes at the first save
+              f"hydra.run.dir={tmp_path}", env=env)
     assert out.returncode != 0 and "eval_no_such_metric" in out.stderr, out.stderr[-2000:]
     assert "Error executing job with overrides" in out.stderr  # Hydra's crash line, which lists the overrides
     wandb_files = [p for p in tmp_path.rglob("*") if p.is_file() and "wandb" in p.parts]
