@@ -93,9 +93,11 @@ def models(named: list[str]) -> None:
 
 
 def main(paths: list[str]) -> None:
-    if paths and paths[0] == "--models":
+    if not paths or paths[0] in ("-h", "--help"):
+        return print(__doc__)
+    if paths[0] == "--models":
         return models(paths[1:])
-    if paths and paths[0] == "--decision":
+    if paths[0] == "--decision":
         print("| log | train labels | tuned answers (test) | accuracy base → tuned (majority) | macro-F1 base → tuned "
               "(majority) | simple model accuracy / macro-F1 | macro-F1 tuned - simple | minutes |")
         print("|---|---|---|---|---|---|---|---|")
