@@ -64,10 +64,10 @@ for line in sys.stdin:
         try:
             runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
             code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-            if not isinstance(exit.code, (int, type(None))):
-                print(exit.code, file=sys.stderr)
+        except SystemExit as stop:  # sys.exit(2), sys.exit("message"): as the interpreter ends on them
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
             code = 1
