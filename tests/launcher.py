@@ -15,6 +15,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,8 +48,8 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:  # the child: the command, then exit as `python -m` does
         said.close()
-        if job["peak"]:  # the launcher's resident set at the fork plus the child's own growth
-            atexit.register(peak, job["peak"], resident - kib("VmRSS"))
+        # peak memory: the launcher's resident set at the fork plus the child's own growth
+        atexit.register(peak, job["peak"], resident - kib("VmRSS"))
         if job["no_model"]:
             finetune.train.model.load_model = load_model
         os.chdir(job["cwd"])
@@ -84,8 +85,8 @@ for line in sys.stdin:
 class Child:
     """A command the launcher runs: its pid, exit code and output files (Popen's names where they mean the same)."""
 
-    def __init__(self, launcher: "Launcher", pid: int, out: Path, err: Path):
-        self.launcher, self.pid, self.out, self.err = launcher, pid, out, err
+    def __init__(self, launcher: "Launcher", args: list[str], pid: int, out: Path, err: Path):
+        self.launcher, self.args, self.pid, self.out, self.err = launcher, args, pid, out, err
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -97,7 +98,7 @@ class Child:
         if self.returncode is None:
             code = self.launcher.code(timeout)
             if code is None:
-                raise subprocess.TimeoutExpired(self.launcher.job, timeout)
+                raise subprocess.TimeoutExpired(self.args, timeout)
             self.returncode = code
         return self.returncode
 
@@ -112,11 +113,15 @@ class Child:
         return float(self.out.with_suffix(".peak").read_text())
 
     def stdout(self) -> str:
-        """What it printed, as bytes decoded (a progress bar's \\r kept)."""
-        return self.out.read_bytes().decode(errors="replace")
+        """What it printed, with text mode's line ends (a progress bar's \\r is one), as subprocess.run(text=True)."""
+        return text_mode(self.out)
 
     def stderr(self) -> str:
-        return self.err.read_bytes().decode(errors="replace")
+        return text_mode(self.err)
+
+
+def text_mode(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 class Launcher:
@@ -126,7 +131,6 @@ class Launcher:
         self.pending = b""  # what the launcher said past the last line read (read unbuffered: select sees the rest)
         self.folder = Path(tempfile.mkdtemp(prefix="launcher-"))
         self.child: Child | None = None
-        self.job: list[str] = []
         self.count = 0
 
     def start(self, module: str, args: list[str], cwd=None, env: dict | None = None, merge: bool = False,
@@ -142,19 +146,18 @@ class Launcher:
         err = out if merge else self.folder / f"{self.count}.err"
         out.touch()
         err.touch()
-        self.job = [sys.executable, "-m", module, *map(str, args)]
         job = {"module": module, "args": [str(a) for a in args], "cwd": str(cwd or os.getcwd()),
                "env": dict(os.environ if env is None else env), "out": str(out), "err": str(err),
                "peak": str(out.with_suffix(".peak")), "no_model": no_model}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
-        self.child = Child(self, self.said(None)["pid"], out, err)
+        self.child = Child(self, [sys.executable, "-m", module, *job["args"]], self.said(None)["pid"], out, err)
         return self.child
 
     def run(self, module: str, args: list[str], cwd=None, env: dict | None = None, merge: bool = False,
-            timeout: float = 600, text: bool = True, no_model: bool = False) -> subprocess.CompletedProcess:
-        """subprocess.run's result for `python -m module *args`, stdout and stderr captured (`merge`: stderr into
-        stdout), with text mode's line ends (`text=False`: the bytes decoded, \\r kept)."""
+            timeout: float = 600, no_model: bool = False) -> subprocess.CompletedProcess:
+        """subprocess.run(text=True)'s result for `python -m module *args`, stdout and stderr captured (`merge`:
+        stderr into stdout)."""
         child = self.start(module, args, cwd, env, merge, no_model)
         try:
             code = child.wait(timeout)
@@ -162,9 +165,7 @@ class Launcher:
             child.kill()
             child.wait()
             raise
-        def read(got: str) -> str:
-            return got.replace("\r\n", "\n").replace("\r", "\n") if text else got
-        return subprocess.CompletedProcess(self.job, code, read(child.stdout()), None if merge else read(child.stderr()))
+        return subprocess.CompletedProcess(child.args, code, child.stdout(), None if merge else child.stderr())
 
     def code(self, timeout: float | None) -> int | None:
         """The running child's exit code, waiting up to `timeout` seconds (None: as long as it takes)."""
@@ -191,6 +192,7 @@ class Launcher:
             self.child.kill()
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _launcher: Launcher | None = None
