@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from finetune.data.pipeline import read_jsonl
 from finetune.eval.checkpoint import classifier
-from finetune.eval.likelihood import _left_pad, _positions, label_tails
+from finetune.eval.likelihood import left_pad, left_positions, label_tails
 from finetune.rundir import DATA
 from finetune.serving.reopen import load_run, load_run_config, tuned_model
 
@@ -37,8 +37,8 @@ def features(model, tokenizer, samples: list[dict], task, labels: list[str], lay
     out = {layer: [] for layer in layers}
     for start in range(0, len(samples), batch_size):
         shared = [label_tails(tokenizer, s, task, labels)[0] for s in samples[start:start + batch_size]]
-        ids, mask = _left_pad(shared, pad, "cpu")
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+        ids, mask = left_pad(shared, pad, "cpu")
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=left_positions(mask),
                        output_hidden_states=True).hidden_states
         for layer in layers:
             out[layer].append(hidden[layer][:, -1].float())

@@ -73,14 +73,16 @@ def last(keep: int, device) -> torch.Tensor:
     return torch.arange(-keep, 0, device=device)
 
 
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch (ids, attention mask), so every row ends at the last position."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def left_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (padding gets 0 too)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -95,8 +97,8 @@ def prompt_learning(model) -> bool:
 def _batch_cached(model, pad: int, device, shared: list[list[int]], tails: list[list[list[int]]]) -> list[list[float]]:
     """Log-probabilities of each sample's tails: the shared part once, then every tail on a copy of its cache."""
     n_labels = len(tails[0])
-    ids, mask = _left_pad(shared, pad, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+    ids, mask = left_pad(shared, pad, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=left_positions(mask), use_cache=True,
                 logits_to_keep=last(1, device))  # an index, not 1: no copy of the head (`last`)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     scores = [[first[b, tail[0]].item() for tail in sample_tails] for b, sample_tails in enumerate(tails)]
@@ -125,7 +127,7 @@ def _batch_cached(model, pad: int, device, shared: list[list[int]], tails: list[
 def _batch_whole(model, pad: int, device, shared: list[list[int]], tails: list[list[list[int]]]) -> list[list[float]]:
     """The same scores with every candidate run whole (prefix / prompt tuning)."""
     rows = [s + tail for s, sample_tails in zip(shared, tails) for tail in sample_tails]
-    ids, mask = _left_pad(rows, pad, device)
+    ids, mask = left_pad(rows, pad, device)
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     width, n_labels = ids.shape[1], len(tails[0])
     scores = [[0.0] * n_labels for _ in tails]
