@@ -129,3 +129,44 @@ def test_early_stopping_follows_the_validation_macro_f1(tmp_path):
     scores = [e["eval_macro_f1"] for e in state.log_history if "eval_macro_f1" in e]
     assert state.global_step < 80, scores  # it stopped
     assert max(scores[-2:]) <= max(scores[:-2]) and len(scores) == state.global_step // 5, scores
+
+
+def test_top_layer_fit_runs_the_layers_above_a_cached_one_as_the_whole_model_does(weighted_run, tmp_path, monkeypatch, capsys):
+    """scripts/top_layer_fit.py (docs/results.md): the cut model fed the cached states of layer 1 gives the whole
+    model's label logits, and the script trains and reports each epoch on a run's splits."""
+    import shutil
+    import sys
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import ROOT
+    from finetune.eval.likelihood import left_pad, left_positions
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import top_layer_fit as fit
+    base = json.loads((weighted_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+    samples = [json.loads(line) for line in (weighted_run / "data" / "test.jsonl").open()][:5]
+    task = tasks.get("signals")
+    states, gold, firsts = fit.cached(model, tokenizer, samples, task, list(task.labels), 1, tokenizer.pad_token_id)
+    assert [len(s) for s in states] == [len(fit.label_tails(tokenizer, s, task, list(task.labels))[0])
+                                        for s in samples] and gold.tolist() == [task.labels.index(s["label"])
+                                                                                 for s in samples]
+    with torch.no_grad():
+        ids, mask = left_pad([fit.label_tails(tokenizer, s, task, list(task.labels))[0] for s in samples],
+                             tokenizer.pad_token_id, "cpu")
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=left_positions(mask)).logits[:, -1][:, firsts]
+        fit.keep_top(model, 1)
+        cut_states, cut_mask, _ = next(fit.batches(states, torch.arange(len(states)), len(states)))
+        cut = fit.label_logits(model, cut_states, cut_mask, torch.tensor(firsts))
+    assert torch.equal(cut_mask, mask)
+    assert cut == pytest.approx(whole, abs=1e-4)
+    run_dir = tmp_path / "run"  # the run as the command line leaves it: with the config that trained it
+    shutil.copytree(weighted_run, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(compose("decision.weight=5", "decision.balance=true", "training.max_steps=100"),
+                   run_dir / ".hydra" / "config.yaml")
+    monkeypatch.setattr(sys, "argv", ["top_layer_fit.py", str(run_dir), "--layer", "1", "--epochs", "2",
+                                      "--threads", "1"])
+    fit.main()
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "| 2 |" in out and "kept by validation: epoch" in out
+    assert "the run's simple model: accuracy" in out
