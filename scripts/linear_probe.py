@@ -45,6 +45,21 @@ def features(model, tokenizer, samples: list[dict], task, labels: list[str], lay
     return {layer: torch.cat(rows).numpy() for layer, rows in out.items()}
 
 
+def labelled_splits(run: Path) -> dict:
+    """{split: the run's samples with a label} for train, validation and test, as the run saved them."""
+    return {name: [s for s in read_jsonl(run / DATA / f"{name}.jsonl") if s.get("label") is not None]
+            for name in ("train", "validation", "test")}
+
+
+def print_run_scores(run: Path) -> None:
+    """The run's own test accuracy and macro-F1 (its tuned answers and its simple model, metrics.json) to set beside."""
+    scored = json.loads((run / "metrics.json").read_text())
+    for name in ("tuned", "simple_model"):
+        if name in scored:
+            print(f"the run's {name.replace('_', ' ')}: accuracy {scored[name]['accuracy']:.3f}, "
+                  f"macro-F1 {scored[name]['macro_f1']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -61,8 +76,7 @@ def main() -> None:
     if a.side == "tuned":
         model = tuned_model(model, adapter)
     model.eval()
-    splits = {name: [s for s in read_jsonl(a.run / DATA / f"{name}.jsonl") if s.get("label") is not None]
-              for name in ("train", "validation", "test")}
+    splits = labelled_splits(a.run)
     layers = [int(x) for x in a.layers.split(",")]
     began = time.perf_counter()
     x = {name: features(model, tokenizer, rows, metric.task, metric.labels, layers) for name, rows in splits.items()}
@@ -80,12 +94,8 @@ def main() -> None:
             row = (val, layer, strength, accuracy_score(y["test"], test), f1_score(y["test"], test, average="macro"))
             print(f"| {layer} | {strength} | {val:.3f} | {row[3]:.3f} | {row[4]:.3f} |")
             best = row if best is None or row[0] > best[0] else best
-    scored = json.loads((a.run / "metrics.json").read_text())
     print(f"\nkept by validation: layer {best[1]}, C {best[2]}: test accuracy {best[3]:.3f}, macro-F1 {best[4]:.3f}")
-    for name in ("tuned", "simple_model"):
-        if name in scored:
-            print(f"the run's {name.replace('_', ' ')}: accuracy {scored[name]['accuracy']:.3f}, "
-                  f"macro-F1 {scored[name]['macro_f1']:.3f}")
+    print_run_scores(a.run)
 
 
 if __name__ == "__main__":

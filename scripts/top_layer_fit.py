@@ -13,7 +13,6 @@ in the prompts its N-quantile on the train split ("RSI: 31.4 (low)"), to see whe
 """
 import argparse
 import bisect
-import json
 import re
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ from hydra.utils import instantiate
 from peft import LoraConfig, get_peft_model
 from sklearn.metrics import accuracy_score, f1_score
 
-from finetune.data.pipeline import read_jsonl
 from finetune.eval.checkpoint import classifier
 from finetune.eval.likelihood import label_tails, left_pad, left_positions
-from finetune.rundir import DATA
 from finetune.serving.reopen import load_run, load_run_config
+from linear_probe import labelled_splits, print_run_scores  # scripts/, beside this one
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NUMBER = re.compile(r"([A-Za-z%][A-Za-z0-9% _]*?)[: ]\s*(-?\d+(?:\.\d+)?)(?![\d.])")  # "RSI: 31.4", "rsi 34"
@@ -116,8 +114,7 @@ def main() -> None:
     _, tokenizer, model, _ = load_run(a.run, use_cpu=True)
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    splits = {name: [s for s in read_jsonl(a.run / DATA / f"{name}.jsonl") if s.get("label") is not None]
-              for name in ("train", "validation", "test")}
+    splits = labelled_splits(a.run)
     if a.levels:
         with_levels(splits, a.levels)
     began = time.perf_counter()
@@ -163,13 +160,9 @@ def main() -> None:
         print(f"| {epoch} | {seconds:.0f} | {total / len(states):.3f} | {val:.3f} | {test_acc:.3f} | {test_f1:.3f} | "
               f"{answers} |", flush=True)
         best = (val, epoch, test_acc, test_f1) if best is None or val > best[0] else best
-    scores = json.loads((a.run / "metrics.json").read_text())
     print(f"\nkept by validation: epoch {best[1]}: test accuracy {best[2]:.3f}, macro-F1 {best[3]:.3f} "
           f"({time.perf_counter() - began:.0f} s in all)")
-    for name in ("tuned", "simple_model"):
-        if name in scores:
-            print(f"the run's {name.replace('_', ' ')}: accuracy {scores[name]['accuracy']:.3f}, "
-                  f"macro-F1 {scores[name]['macro_f1']:.3f}")
+    print_run_scores(a.run)
 
 
 if __name__ == "__main__":
