@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from finetune.data.pipeline import read_jsonl
 from finetune.eval.checkpoint import classifier
-from finetune.eval.likelihood import left_pad, left_positions, label_tails
+from finetune.eval.likelihood import label_tails, left_pad, left_positions, pad_id
 from finetune.rundir import DATA
 from finetune.serving.reopen import load_run, load_run_config, tuned_model
 
@@ -33,7 +33,7 @@ STRENGTHS = (0.01, 0.1, 1.0)  # LogisticRegression's C: smaller is more regulari
 def features(model, tokenizer, samples: list[dict], task, labels: list[str], layers: list[int],
              batch_size: int = 16) -> dict:
     """{layer: (samples, hidden) array}: the hidden state at the last shared token of each sample's candidates."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out = {layer: [] for layer in layers}
     for start in range(0, len(samples), batch_size):
         shared = [label_tails(tokenizer, s, task, labels)[0] for s in samples[start:start + batch_size]]
@@ -43,6 +43,14 @@ def features(model, tokenizer, samples: list[dict], task, labels: list[str], lay
         for layer in layers:
             out[layer].append(hidden[layer][:, -1].float())
     return {layer: torch.cat(rows).numpy() for layer, rows in out.items()}
+
+
+def run_classifier(run: Path, purpose: str):
+    """The run's classification metric (its labels and task), from the config that trained it."""
+    metric = classifier(instantiate(load_run_config(run).eval.metrics, _convert_="all"))
+    if metric is None:
+        raise SystemExit(f"{run}: its eval suite has no classification metric (labels) to {purpose}")
+    return metric
 
 
 def labelled_splits(run: Path) -> dict:
@@ -68,10 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_run_config(a.run)
-    metric = classifier(instantiate(cfg.eval.metrics, _convert_="all"))
-    if metric is None:
-        raise SystemExit(f"{a.run}: its eval suite has no classification metric (labels) to probe for")
+    metric = run_classifier(a.run, "probe for")
     _, tokenizer, model, adapter = load_run(a.run, use_cpu=True)
     if a.side == "tuned":
         model = tuned_model(model, adapter)

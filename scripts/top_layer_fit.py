@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from peft import LoraConfig, get_peft_model
 from sklearn.metrics import accuracy_score, f1_score
 
-from finetune.eval.checkpoint import classifier
-from finetune.eval.likelihood import label_tails, left_pad, left_positions
-from finetune.serving.reopen import load_run, load_run_config
-from linear_probe import labelled_splits, print_run_scores  # scripts/, beside this one
+from finetune.eval.likelihood import label_tails, left_pad, left_positions, pad_id
+from finetune.serving.reopen import load_run
+from linear_probe import labelled_splits, print_run_scores, run_classifier  # scripts/, beside this one
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NUMBER = re.compile(r"([A-Za-z%][A-Za-z0-9% _]*?)[: ]\s*(-?\d+(?:\.\d+)?)(?![\d.])")  # "RSI: 31.4", "rsi 34"
@@ -107,13 +105,10 @@ def main() -> None:
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = load_run_config(a.run)
-    metric = classifier(instantiate(cfg.eval.metrics, _convert_="all"))
-    if metric is None:
-        raise SystemExit(f"{a.run}: its eval suite has no classification metric (labels) to fit")
+    metric = run_classifier(a.run, "fit")
     _, tokenizer, model, _ = load_run(a.run, use_cpu=True)
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     splits = labelled_splits(a.run)
     if a.levels:
         with_levels(splits, a.levels)
@@ -124,19 +119,17 @@ def main() -> None:
     first_ids = torch.tensor(data["train"][2])
     tuned = keep_top(model, a.layer)
 
-    def logits(states, mask):
-        return label_logits(model, states, mask, first_ids)
-
     def scored(name):
         tuned.eval()
         states, gold, _ = data[name]
         with torch.no_grad():
-            pred = torch.cat([logits(s, m).argmax(-1) for s, m, _ in batches(states, torch.arange(len(states)),
-                                                                               a.batch_size)])
+            pred = torch.cat([label_logits(model, s, m, first_ids).argmax(-1)
+                              for s, m, _ in batches(states, torch.arange(len(states)), a.batch_size)])
         return f1_score(gold, pred, average="macro"), accuracy_score(gold, pred), pred
 
     states, gold, _ = data["train"]
     counts = torch.bincount(gold, minlength=len(metric.labels)).float()
+    balance = counts.sum() / (len(counts) * counts.clamp(min=1))  # class weights: each label counts the same
     optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=a.learning_rate)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.learning_rate, pct_start=0.1,
                                                    total_steps=a.epochs * -(-len(states) // a.batch_size))
@@ -147,7 +140,7 @@ def main() -> None:
         tuned.train()
         start, total = time.perf_counter(), 0.0
         for s, m, idx in batches(states, torch.randperm(len(states)), a.batch_size):
-            loss = F.cross_entropy(logits(s, m), gold[idx], weight=counts.sum() / (len(counts) * counts.clamp(min=1)))
+            loss = F.cross_entropy(label_logits(model, s, m, first_ids), gold[idx], weight=balance)
             loss.backward()
             optimizer.step()
             schedule.step()

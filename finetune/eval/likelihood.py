@@ -81,6 +81,11 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end of sequence (only masked positions get it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: 0 at each row's first real token (padding gets 0 too)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -142,7 +147,7 @@ def label_scores(model, tokenizer, samples: list[dict], task, labels: list[str],
     """Each sample's {label: log-probability of the model answering it}, in the gold answer's layout."""
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     score_batch = _batch_whole if prompt_learning(model) else _batch_cached
     result = []
     for start in range(0, len(samples), batch_size):
