@@ -65,3 +65,37 @@ def test_merge_refuses_an_existing_folder_and_prefix_tuning(merged, tmp_path, ca
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "PREFIX_TUNING adapter adds virtual tokens" in err and "serve" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_qlora_adapter_is_served_on_its_dequantized_base():
+    """merge=True on a 4-bit base: plain layers holding the dequantized weights plus the adapter, the 4-bit
+    adapted model's logits to bf16 rounding (peft's own merge would round the sum back into 4 bits), and a model
+    that casts, which a 4-bit one refuses."""
+    from hydra.utils import instantiate
+    from peft import get_peft_model
+    from conftest import compose
+    from finetune.errors import ConfigError
+    from finetune.serving.inference import cast, merged, quantized
+    cfg = compose("method=qlora")
+    torch.manual_seed(0)
+    adapted = get_peft_model(load_model(cfg.model, cfg.quantization, True), instantiate(cfg.method, _convert_="all"))
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:  # an adapter that changes the answers (lora_B starts at zero)
+            parameter.data.normal_(0, 0.05)
+    adapted.eval()
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits.float()
+        with adapted.disable_adapter():
+            base_only = adapted(input_ids=ids).logits.float()
+    with pytest.raises(ConfigError, match="quantized"):
+        cast(adapted, "float32")
+    plain = merged(adapted)
+    assert not quantized(plain) and not hasattr(plain, "disable_adapter") and plain.dtype == torch.bfloat16
+    assert {type(m).__module__.split(".")[0] for m in plain.modules()} <= {"torch", "transformers"}  # no bitsandbytes
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits.float()
+    assert (got - want).abs().max() < 0.1 * (base_only - want).abs().max(), "the adapter is not in the weights"
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.allclose(got, want, atol=2e-2), (got - want).abs().max()
+    cast(plain, "float32")  # a plain model now

@@ -38,7 +38,8 @@ Speed for a trading loop that asks for one signal at a time:
   one pass; the same answer as generate_answers gives), single snapshots and batches; `fast=False` takes
   generate_answers.
   Off by default: free answers are the ones the report scored first.
-- `merge=True` (from_run / from_pretrained): the adapter is folded into the base weights at load (`merged`).
+- `merge=True` (from_run / from_pretrained): the adapter is folded into the base weights at load (`merged`); a QLoRA
+  run's into its dequantized base (the 4-bit weights as training's forward pass read them, in its compute dtype).
   Off by default: a merged model has no `disable_adapter()`, which `finetune.serve` needs to serve the base beside
   the adapter.
 
@@ -254,34 +255,67 @@ class Ensemble:
 
 def merged(model):
     """A LoRA-style adapter folded into its base's weights (peft's merge_and_unload): each step runs the base's
-    matmuls only. Left as it is: a model without an adapter, a prompt-learning adapter (no weights to fold), and a
-    quantized base (folding rounds the adapter into 4- or 8-bit weights, which changes the answers; merge the run
-    into full precision with `python -m finetune.merge` and load that instead). A merged model has no
-    `disable_adapter()`: serving the base beside the adapter (finetune.serve) needs the adapter unmerged."""
+    matmuls only. A QLoRA run is served on its dequantized base (`dequantized_merge`): the 4-bit weights as the
+    training forward pass saw them, in its compute dtype, plus the adapter. Left as it is: a model without an
+    adapter and a prompt-learning adapter (no weights to fold). A merged model has no `disable_adapter()`: serving
+    the base beside the adapter (finetune.serve) needs the adapter unmerged."""
     from peft import PeftModel
     if not isinstance(model, PeftModel) or prompt_learning(model):
         return model
-    base = model.get_base_model()
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        log.warning("the base model is quantized: the adapter stays unmerged (merging would round it into the "
-                    "quantized weights and change the answers)")
-        return model
+    if quantized(model):
+        return dequantized_merge(model)
     return model.merge_and_unload()
+
+
+def dequantized_merge(model):
+    """A LoRA adapter on a bitsandbytes 4- or 8-bit base as one plain model: each quantized weight dequantized into
+    the compute dtype (the values the training forward multiplied by), the adapter's delta added in float32 and the
+    sum rounded once. peft's own merge would round the sum back into 4 bits and change the answers. A model this
+    cannot fold (DoRA or another variant, a LoRA bias, several adapters) is returned unmerged, with a warning."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    unfoldable = [name for name, layer in layers.items()
+                  if layer.lora_variant or any(layer.lora_bias.values()) or len(layer.lora_A) > 1]
+    if unfoldable:
+        log.warning("%s: a LoRA variant (DoRA), a LoRA bias or several adapters on a quantized base; the adapter "
+                    "stays unmerged", unfoldable[0])
+        return model
+    prefix = "base_model.model."  # PeftModel > LoraModel > the transformers model
+    deltas = {name.removeprefix(prefix): layer.get_delta_weight(layer.active_adapters[0]).float()
+              for name, layer in layers.items() if layer.active_adapters[0] in layer.lora_A}
+    base = model.unload()  # the LoRA layers taken out, nothing folded: the quantized transformers model
+    quantization = base.config.quantization_config
+    dtype = getattr(quantization, "bnb_4bit_compute_dtype", None) or base.dtype
+    base = base.dequantize(dtype=dtype)
+    base.is_loaded_in_4bit = base.is_loaded_in_8bit = False  # transformers' dequantize() leaves them set
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = modules[name].weight
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return base
 
 
 def cast(model, dtype: str):
     """The model in `dtype` ("bfloat16", "float16", "float32"): a bf16 step on a CPU with bf16 instructions takes
     about half a float32 one (docs/benchmarks.md), with answers that can differ where two labels are near-tied
-    (measure them on the run's held-out prompts: scripts/signal_latency.py). Not for a quantized base."""
+    (measure them on the run's held-out prompts: scripts/signal_latency.py). Not for a quantized base: merge it first
+    (`merged`)."""
     import torch
-    from peft import PeftModel
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        raise ConfigError(f"dtype={dtype}: the base model is quantized; serve it as loaded, or merge the run into "
-                          f"full precision with `python -m finetune.merge` and load that")
+    if quantized(model):
+        raise ConfigError(f"dtype={dtype}: the base model is quantized; serve it as loaded, or with merge=True "
+                          f"(`--merge`): its dequantized weights and the adapter in one model, which casts")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype={dtype!r}: one of bfloat16, float16, float32")
     return model.to(getattr(torch, dtype))
+
+
+def quantized(model) -> bool:
+    """Whether the model's (or a PeftModel's base's) weights are quantized (bitsandbytes 4- or 8-bit)."""
+    from peft import PeftModel
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(base, "hf_quantizer", None) is not None
 
 
 def training_system_prompt(cfg) -> str | None:
