@@ -472,14 +472,22 @@ def latency(trainer, tokenizer, args) -> dict:
     batches. A random-init model never says EOS, so every free answer runs to --latency-new-tokens: the worst case.
     Also the fast constrained path a trading loop serves (fast_*: the signal grammar, the prompts' shared start
     cached, forced tokens and drafts checked in one pass; finetune/eval/fast_decode.py), where the grammar ends
-    every answer."""
+    every answer; then the same on the adapter merged into the base (merged_fast_*; a QLoRA base dequantized:
+    finetune.serving.inference.merged), as one adapter is served, and how many of its batched answers equal the
+    unmerged ones. The merge folds the adapter into the trained model's weights: this comes last."""
+    from finetune import tasks
     from finetune.eval.latency import Latency
+    from finetune.serving.inference import merged
     lo, hi = args.latency_lengths
     samples = synthetic_samples(tokenizer, args.latency_n, lo, hi, args.seed + 1)
-    timed = Latency(n=args.latency_n, batch_size=args.latency_batch, max_new_tokens=args.latency_new_tokens,
-                    task="signals")
-    return {**timed(samples=samples, model=trainer.model, tokenizer=tokenizer), "n": args.latency_n,
-            "batch_size": args.latency_batch, "max_new_tokens": args.latency_new_tokens, "prompt_lengths": [lo, hi]}
+    timed = Latency(n=args.latency_n, batch_size=args.latency_batch, max_new_tokens=args.latency_new_tokens)
+    grammar = tasks.get("signals").grammar()
+    out = timed(samples=samples, model=trainer.model, tokenizer=tokenizer)  # free answers
+    fast, unmerged = timed.fast(samples, trainer.model, tokenizer, grammar)
+    fast_merged, texts = timed.fast(samples, merged(trainer.model.eval()), tokenizer, grammar, prefix="merged_fast_")
+    out |= fast | fast_merged | {"merged_same_answers": f"{sum(a == b for a, b in zip(texts, unmerged))}/{len(texts)}"}
+    return {**out, "n": args.latency_n, "batch_size": args.latency_batch, "max_new_tokens": args.latency_new_tokens,
+            "prompt_lengths": [lo, hi]}
 
 
 # --- the run
@@ -625,6 +633,10 @@ def markdown(report: dict) -> str:
             lines += [f"Fast constrained path (signal grammar, cached prompt start, forced tokens and drafts in one "
                       f"pass): p50 {t['fast_latency_p50_seconds']:.3f} s, p99 {t['fast_latency_p99_seconds']:.3f} s "
                       f"for one signal, {t['fast_answers_per_second']:.1f} signals/s in batches"]
+        if "merged_fast_latency_p50_seconds" in t:
+            lines += [f"The same, adapter merged into the base: p50 {t['merged_fast_latency_p50_seconds']:.3f} s, p99 "
+                      f"{t['merged_fast_latency_p99_seconds']:.3f} s, {t['merged_fast_answers_per_second']:.1f} "
+                      f"signals/s; {t['merged_same_answers']} answers as unmerged"]
     return "\n".join(lines) + "\n"
 
 

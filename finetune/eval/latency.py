@@ -45,14 +45,20 @@ class Latency:
                       prompts, "")
         grammar = self.grammar(model)
         if grammar is not None and len(prompts) >= 2:
-            from finetune.eval.fast_decode import PrefixDecoder
-            chats = [s["messages"][:-1] for s in prompts]
-            decoder = PrefixDecoder(model, tokenizer, grammar, probes=chats[:2])  # their shared start is cached
-            out |= timings(lambda c: decoder.answer(c, self.max_new_tokens),
-                           lambda cs: [a for i in range(0, len(cs), self.batch_size)
-                                       for a in decoder.answers(cs[i:i + self.batch_size], self.max_new_tokens)],
-                           chats, "fast_")
+            out |= self.fast(prompts, model, tokenizer, grammar)[0]
         return out
+
+    def fast(self, prompts: list, model, tokenizer, grammar: str, prefix: str = "fast_") -> tuple[dict, list[str]]:
+        """The fast constrained path's four figures (named `prefix`...), and its batched answers' texts."""
+        from finetune.eval.fast_decode import PrefixDecoder
+        chats = [s["messages"][:-1] for s in prompts]
+        decoder = PrefixDecoder(model, tokenizer, grammar, probes=chats[:2])  # their shared start is cached
+        texts = []
+
+        def answer_all(cs):
+            texts[:] = [a["text"] for i in range(0, len(cs), self.batch_size)
+                        for a in decoder.answers(cs[i:i + self.batch_size], self.max_new_tokens)]
+        return timings(lambda c: decoder.answer(c, self.max_new_tokens), answer_all, chats, prefix), texts
 
     def grammar(self, model) -> str | None:
         """The task's answer grammar, where the fast path can answer on this model (not prompt-learning)."""
