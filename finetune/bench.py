@@ -155,6 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--latency-new-tokens", type=int, default=16, help="a signal answer is ~15 tokens")
     parser.add_argument("--latency-lengths", default="80-160", help="prompt lengths of the latency samples")
+    parser.add_argument("--latency-static", action="store_true",
+                        help="also time the merged model through generate() with a static KV cache (compiled on CUDA)")
     parser.add_argument("--out", type=Path, help="the JSON to write (the Markdown table goes beside it)")
     args = parser.parse_args(argv)
     args.lengths, args.latency_lengths = lengths(args.lengths, "--lengths"), lengths(args.latency_lengths,
@@ -474,18 +476,30 @@ def latency(trainer, tokenizer, args) -> dict:
     cached, forced tokens and drafts checked in one pass; finetune/eval/fast_decode.py), where the grammar ends
     every answer; then the same on the adapter merged into the base (merged_fast_*; a QLoRA base dequantized:
     finetune.serving.inference.merged), as one adapter is served, and how many of its batched answers equal the
-    unmerged ones. The merge folds the adapter into the trained model's weights: this comes last."""
+    unmerged ones. The merge folds the adapter into the trained model's weights: this comes last. With
+    --latency-static, the merged model also through generate() on a static KV cache (merged_static_*: compiled on
+    CUDA after `warm`, whose seconds are merged_static_warm_seconds)."""
     from finetune import tasks
-    from finetune.eval.latency import Latency
-    from finetune.serving.inference import merged
+    from finetune.eval.latency import Latency, timings
+    from finetune.serving.inference import SignalProvider, merged
     lo, hi = args.latency_lengths
     samples = synthetic_samples(tokenizer, args.latency_n, lo, hi, args.seed + 1)
     timed = Latency(n=args.latency_n, batch_size=args.latency_batch, max_new_tokens=args.latency_new_tokens)
     grammar = tasks.get("signals").grammar()
     out = timed(samples=samples, model=trainer.model, tokenizer=tokenizer)  # free answers
     fast, unmerged = timed.fast(samples, trainer.model, tokenizer, grammar)
-    fast_merged, texts = timed.fast(samples, merged(trainer.model.eval()), tokenizer, grammar, prefix="merged_fast_")
+    model = merged(trainer.model.eval())
+    fast_merged, texts = timed.fast(samples, model, tokenizer, grammar, prefix="merged_fast_")
     out |= fast | fast_merged | {"merged_same_answers": f"{sum(a == b for a, b in zip(texts, unmerged))}/{len(texts)}"}
+    if args.latency_static:  # generate() on a static KV cache, its decode step compiled on CUDA, warmed first
+        static = SignalProvider(model, tokenizer, constrained=True, static=True, batch_size=args.latency_batch,
+                                max_new_tokens=args.latency_new_tokens)
+        chats = [s["messages"][:-1] for s in samples[:args.latency_n]]
+        out["merged_static_warm_seconds"] = static.warm(room=hi)
+        answers = []
+        out |= timings(lambda c: static.generate_constrained([c]), lambda cs: answers.extend(
+            static.generate_constrained(cs)), chats, "merged_static_")
+        out["merged_static_same_answers"] = f"{sum(a == b for a, b in zip(answers, texts))}/{len(texts)}"
     return {**out, "n": args.latency_n, "batch_size": args.latency_batch, "max_new_tokens": args.latency_new_tokens,
             "prompt_lengths": [lo, hi]}
 
@@ -637,6 +651,11 @@ def markdown(report: dict) -> str:
             lines += [f"The same, adapter merged into the base: p50 {t['merged_fast_latency_p50_seconds']:.3f} s, p99 "
                       f"{t['merged_fast_latency_p99_seconds']:.3f} s, {t['merged_fast_answers_per_second']:.1f} "
                       f"signals/s; {t['merged_same_answers']} answers as unmerged"]
+        if "merged_static_latency_p50_seconds" in t:
+            lines += [f"Merged, generate() on a static KV cache (compiled on CUDA; warm-up "
+                      f"{t['merged_static_warm_seconds']:.1f} s): p50 {t['merged_static_latency_p50_seconds']:.3f} s, "
+                      f"p99 {t['merged_static_latency_p99_seconds']:.3f} s, {t['merged_static_answers_per_second']:.1f} "
+                      f"signals/s; {t['merged_static_same_answers']} answers as the merged fast path"]
     return "\n".join(lines) + "\n"
 
 

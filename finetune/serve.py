@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server for a run's adapter: the `openai` client, a trading loop or an agent calls it.
 
     python -m finetune.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--api-key-env FINETUNE_API_KEY] [--merge]
-                                [--dtype bfloat16]
+                                [--dtype bfloat16] [--static]
 
     GET  /v1/models                     the run's adapter (model id: the run dir's name; "base-run" for a run dir
                                         named base) and its base ("base")
@@ -30,7 +30,9 @@ whose eval.generation samples, or a prompt-learning adapter (its virtual tokens 
 generate(). `--merge` folds the adapter into the base weights at load, so each step runs the base's matmuls only
 (a QLoRA run's into its dequantized 4-bit weights: finetune.serving.inference.merged); the base model is then no longer there to serve ("base" requests get a 404 that says so). `--dtype bfloat16` casts
 the model after loading (on a CPU with bf16 instructions a step takes about half a float32 one; answers can differ
-where two tokens are near-tied: measure on the run's held-out prompts, scripts/signal_latency.py).
+where two tokens are near-tied: measure on the run's held-out prompts, scripts/signal_latency.py). `--static` (for a
+GPU): generate() with transformers' static KV cache, its decode step compiled on CUDA, warmed before the server
+listens (SignalProvider.warm); signals then take generate() instead of the prefix decoder.
 
 Answers that parse: the signal routes decode under the task's grammar (finetune/tasks/), so a
 signal is always read and the ("HOLD", 0.0) fallback is for a model without one (`--free` turns it off);
@@ -708,6 +710,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="fold the adapter into the base weights at load (faster answers; the base is not served)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="cast the model after loading (default: the run's dtype)")
+    parser.add_argument("--static", action="store_true",
+                        help="generate() with a static KV cache, its decode step compiled on CUDA, warmed before "
+                             "serving (not the fast decoder; for a GPU)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model's own code from its folder (a run dir's setting is never used)")
     defaults = Limits()
@@ -733,10 +738,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # unmerged (the default): the "base" model is the same weights with the adapter switched off
         provider = SignalProvider.from_run(args.run_dir, args.trust_remote_code, merge=args.merge, dtype=args.dtype,
-                                           confidence_threshold=args.confidence_threshold)
+                                           confidence_threshold=args.confidence_threshold, static=args.static)
     except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    if args.static:
+        print(f"static KV cache: warmed in {provider.warm():.1f} s", flush=True)
     limits = Limits(max_body=args.max_body, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
                     body_timeout=args.body_timeout, max_queue=args.max_queue,
                     batch_size=args.batch_size or provider.batch_size, batch_window=args.batch_window,

@@ -10,7 +10,9 @@ One process, every path on the same prompts in turn, after one warm-up call each
 - fast:         the fast decoder (constrained=True: cached prompt prefix + grammar fast-forward), adapter unmerged;
 - fast_merged:  the same with the adapter merged into the base (merge=True);
 - fast_merged_bf16: merged, then cast to bfloat16 (dtype="bfloat16");
-- fast_merged_bf16_nodraft: the same without drafts from earlier answers (forced tokens only).
+- fast_merged_bf16_nodraft: the same without drafts from earlier answers (forced tokens only);
+- static_merged_bf16: merged, bf16, through generate() on a static KV cache (static=True, warmed first; its decode
+  step compiled only on CUDA).
 With --batched, each path also answers all prompts in batches of --batch-size (one get_signals call per batch).
 Prints one JSON line per path and mode, with how many answers equal the constrained path's.
 """
@@ -42,6 +44,11 @@ def undrafted(provider: SignalProvider) -> SignalProvider:
     return provider
 
 
+def warmed(provider: SignalProvider) -> SignalProvider:
+    print(json.dumps({"warm_seconds": round(provider.warm(), 1)}), flush=True)
+    return provider
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -65,7 +72,9 @@ def main() -> None:
         "fast_merged": lambda: SignalProvider.from_run(a.run, merge=True, **options),
         "fast_merged_bf16": lambda: SignalProvider.from_run(a.run, merge=True, dtype="bfloat16", **options),
         "fast_merged_bf16_nodraft": lambda: undrafted(SignalProvider.from_run(a.run, merge=True, dtype="bfloat16",
-                                                                               **options))}
+                                                                               **options)),
+        "static_merged_bf16": lambda: warmed(SignalProvider.from_run(a.run, merge=True, dtype="bfloat16", static=True,
+                                                                     **options))}
     reference = None
     for name in a.paths.split(","):
         provider = providers[name]() if callable(providers[name]) else providers[name]

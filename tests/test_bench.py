@@ -27,7 +27,8 @@ one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 def lora(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny_lora.json"
     report = bench.main([*SMOKE, "--method", "lora", "--steps", "3", "--samples", "24", "--latency",
-                         "--latency-n", "2", "--latency-batch", "2", "--latency-new-tokens", "2", "--out", str(out)])
+                         "--latency-n", "2", "--latency-batch", "2", "--latency-new-tokens", "2", "--latency-static",
+                         "--out", str(out)])
     return report, out
 
 
@@ -49,6 +50,9 @@ def test_every_setup_trains_and_reports_throughput(lora):
     assert report["latency"]["fast_latency_p50_seconds"] > 0 and report["latency"]["fast_answers_per_second"] > 0
     # and the adapter merged into the base, as one adapter is served: the same answers in float32
     assert report["latency"]["merged_fast_latency_p50_seconds"] > 0 and report["latency"]["merged_same_answers"] == "2/2"
+    # and through generate() on a static KV cache (not compiled on CPU): the same answers again
+    assert report["latency"]["merged_static_answers_per_second"] > 0
+    assert report["latency"]["merged_static_same_answers"] == "2/2"
     # the file on disk is the report, and the table beside it names every setup
     assert json.loads(out.read_text())["setups"][0]["tokens_per_s"] == report["setups"][0]["tokens_per_s"]
     table = out.with_suffix(".md").read_text()

@@ -98,6 +98,33 @@ def test_merged_weights_answer_as_the_adapter_does(run_dir, provider, chats, ref
     assert [merged.generate_constrained([c])[0] for c in chats] == [r["texts"] for r in reference]
 
 
+def test_a_static_cache_with_a_compiled_decode_step_answers_the_same(run_dir, chats, reference):
+    """static=True, as on CUDA: generate() on transformers' static KV cache, its decode step compiled (asked for on
+    CPU here with transformers' own flag), compiled at warm(): the same answers, one by one and batched, with no
+    compiling left for the requests."""
+    from transformers import CompileConfig
+    compile_on_cpu = CompileConfig()
+    compile_on_cpu._compile_all_devices = True  # generate() compiles on accelerators only, unless told
+    static = SignalProvider.from_run(run_dir, merge=True, constrained=True, static=True, batch_size=8,
+                                     generation={"compile_config": compile_on_cpu})
+    assert not static.fast and static.generation["cache_implementation"] == "static"
+    static.warm(room=64)
+    assert hasattr(static.model, "_compiled_call")  # generate() took the compiled decode step
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    want = [r["texts"] for r in reference]
+    assert [static.generate_constrained([c])[0] for c in chats] == want
+    assert static.generate_constrained(chats) == want
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # warm() compiled every shape used
+
+
+def test_static_refuses_a_prompt_learning_adapter(run_dir):
+    from peft import PrefixTuningConfig, get_peft_model
+    provider = SignalProvider.from_run(run_dir, merge=True)
+    prefixed = get_peft_model(provider.model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ConfigError, match="static=True: a prompt-learning adapter"):
+        SignalProvider(prefixed, provider.tokenizer, static=True)
+
+
 def test_constrained_needs_a_task_with_a_grammar(provider):
     with pytest.raises(ConfigError, match="task=sentiment has no answer grammar.*signals"):
         SignalProvider(provider.model, provider.tokenizer, task="sentiment", constrained=True)

@@ -170,6 +170,22 @@ def test_serve_merge_folds_the_adapter_in_and_refuses_the_base_naming_merge(cach
     assert merged == constrained_signals(provider, SNAPSHOTS)
 
 
+def test_serve_static_warms_before_listening_and_answers_the_same(cache_dir, provider, monkeypatch, capsys):
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from finetune.serving.inference import SignalProvider
+    apps, warmed = [], []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    warm = SignalProvider.warm
+    monkeypatch.setattr(SignalProvider, "warm", lambda self, *a: warmed.append(self) or warm(self, *a))
+    serve_main([str(tiny_signal_run(cache_dir)), "--merge", "--static", "--port", "0"])
+    served = apps[0].state.batcher.provider
+    assert warmed == [served] and served.generation["cache_implementation"] == "static" and not served.fast
+    assert "static KV cache: warmed in" in capsys.readouterr().out
+    signals = TestClient(apps[0]).post("/signals", json={"market_data": SNAPSHOTS}).json()["signals"]
+    assert signals == constrained_signals(provider, SNAPSHOTS)
+
+
 def test_serve_dtype_casts_the_served_model_and_its_signals_still_parse(cache_dir, monkeypatch):
     import torch
     import uvicorn

@@ -45,6 +45,10 @@ Speed for a trading loop that asks for one signal at a time:
 
 - `dtype="bfloat16"` (from_run): the model cast after loading (and merging); on a CPU with bf16 instructions a
   step takes about half a float32 one (`cast`).
+- `static=True`: answers through generate() with transformers' static KV cache, whose decode step generate()
+  compiles on CUDA (torch.compile, CUDA graphs): every token a cheap replayed step instead of the fast decoder's
+  few eager passes. Call `warm()` at start-up, before the first request, so the compiling happens there. On CPU
+  nothing is compiled and the fast decoder is the faster path (docs/benchmarks.md).
 
     provider = SignalProvider.from_run(run_dir, merge=True, constrained=True, dtype="bfloat16")
     provider.get_signal(snapshot)   # -> ("BUY", 0.72), fast path
@@ -55,6 +59,7 @@ import inspect
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -73,7 +78,7 @@ SIGNAL_BUILDER = "finetune.data.trade_signals.build"
 class SignalProvider:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = SYSTEM_PROMPT, max_new_tokens: int = 32,
                  batch_size: int = 16, confidence_threshold: float = 0.0, task: str = "signals",
-                 generation: dict | None = None, constrained: bool = False, fast: bool = True):
+                 generation: dict | None = None, constrained: bool = False, fast: bool = True, static: bool = False):
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"confidence_threshold={confidence_threshold}: a fraction in [0, 1]")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -89,9 +94,14 @@ class SignalProvider:
         if constrained and self.grammar is None:
             with_one = ", ".join(name for name, t in tasks.TASKS.items() if t.grammar() is not None)
             raise ConfigError(f"constrained=True: task={task} has no answer grammar (tasks with one: {with_one})")
+        if static and prompt_learning(model):
+            raise ConfigError("static=True: a prompt-learning adapter (prefix / prompt tuning) keeps its virtual tokens "
+                              "in the KV cache, which a static cache does not take; serve it without static")
         # The fast decoder is greedy only, and a prompt-learning adapter keeps its virtual tokens in the cache it
-        # would replace: either case takes generate_answers.
-        self.fast = fast and not self.generation and not prompt_learning(model)
+        # would replace: either case takes generate_answers, as does `static`.
+        self.fast = fast and not static and not self.generation and not prompt_learning(model)
+        if static:  # transformers' static KV cache; on CUDA generate() compiles its decode step for it (`warm`)
+            self.generation["cache_implementation"] = "static"
         self._decoder = None  # finetune.eval.fast_decode.PrefixDecoder, built on the first single constrained signal
         self.fallbacks = 0  # answers that gave no signal + confidence
         self.held = 0       # BUY / SELL answers turned into HOLD by the threshold
@@ -203,6 +213,21 @@ class SignalProvider:
             return generate_answers(self.model, self.tokenizer, chats, self.max_new_tokens, self.batch_size,
                                     progress=False, grammar=self.grammar, **self.generation)["texts"]
 
+
+    def warm(self, room: int = 256) -> float:
+        """Ready `static` decoding before the first request; returns the seconds it took. generate() sizes its static
+        KV cache for the longest call so far and, on CUDA, compiles the decode step for each new shape (tens of
+        seconds on a 7B model). Here: a signal prompt alone, in twos (torch.compile then makes the batch dimension
+        dynamic) and in a batch of `batch_size`, the cache sized for prompts up to `room` tokens longer, so that
+        requests reuse what these compiled."""
+        from finetune.eval.suite import generate_answers
+        chat = self.signal_prompt({"symbol": "BTC/USDT", "price": 50000.0, "technical": {"rsi": 50.0}})
+        start = time.perf_counter()
+        with self._lock:
+            for n in sorted({1, 2, self.batch_size}):
+                generate_answers(self.model, self.tokenizer, [chat] * n, self.max_new_tokens + room, n, progress=False,
+                                 grammar=self.grammar, **self.generation)
+        return time.perf_counter() - start
 
     def prefix_decoder(self, grammar: str, **options):
         """A finetune.eval.fast_decode.PrefixDecoder for this provider's signal prompts under `grammar`, built on the
