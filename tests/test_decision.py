@@ -70,13 +70,23 @@ def test_likelihood_scoring_agrees_with_greedy_answers(weighted_run):
                                                                         list(task.labels))]
     agree = sum(a == b for a, b in zip(by_generation, by_likelihood)) / len(samples)
     assert agree >= 0.95, list(zip(by_generation, by_likelihood))
-    # the cached path (shared prompt once, labels on copies of its cache) scores as running each candidate whole
+    # the one-pass path (shared prompt once, each label's tokens masked from the others') scores as running each
+    # candidate whole
     from finetune.eval import likelihood
     rows = [likelihood.label_tails(tokenizer, s, task, list(task.labels)) for s in samples[:4]]
-    cached = likelihood._batch_cached(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
+    one_pass = likelihood._batch_shared(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows],
+                                        [r[1] for r in rows])
     whole = likelihood._batch_whole(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], [r[1] for r in rows])
-    assert sum(cached, []) == pytest.approx(sum(whole, []), abs=1e-3)
-    assert len(label_scores(model, tokenizer, samples[:3], task, list(task.labels))) == 3
+    assert sum(one_pass, []) == pytest.approx(sum(whole, []), abs=1e-3)
+    # label_scores continues the template's start, cached once, and batches rows of other lengths together
+    assert likelihood.prefix_cache(model, "cpu", [r[0] for r in rows])[0] > 5
+    scores = label_scores(model, tokenizer, samples[:4], task, list(task.labels), batch_size=3)
+    assert [row[label] for row in scores for label in task.labels] == pytest.approx(sum(whole, []), abs=1e-3)
+    # tails of other lengths in one row (labels that tokenize unevenly)
+    uneven = [[tails[0][:2], tails[1], tails[2] + tails[2][-1:]] for _, tails in rows]
+    one_pass = likelihood._batch_shared(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], uneven)
+    whole = likelihood._batch_whole(model, tokenizer.pad_token_id, "cpu", [r[0] for r in rows], uneven)
+    assert sum(one_pass, []) == pytest.approx(sum(whole, []), abs=1e-3)
 
 
 def test_decision_tokens_are_the_label_tokens_and_balance_follows_the_label_shares():

@@ -7,7 +7,8 @@ import torch
 from conftest import ROOT, single_torch_thread
 from finetune.data.pipeline import read_jsonl
 from finetune.errors import ConfigError
-from finetune.eval.fast_decode import PrefixDecoder, common_prefix, render
+from finetune.eval.fast_decode import PrefixDecoder, render
+from finetune.eval.likelihood import common_prefix
 from finetune.eval.suite import generate_answers
 from finetune.serving.inference import SignalProvider
 from test_inference import SNAPSHOTS, tiny_signal_run

@@ -31,7 +31,7 @@ from collections import Counter, deque
 import torch
 
 from finetune.eval.constrained import ll_tokenizer
-from finetune.eval.likelihood import last
+from finetune.eval.likelihood import common_prefix, last
 from finetune.eval.suite import stop_ids
 
 
@@ -39,15 +39,6 @@ def render(tokenizer, chat: list[dict]) -> list[int]:
     """The prompt's token ids exactly as generate_answers tokenizes them."""
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def common_prefix(sequences: list[list[int]]) -> list[int]:
-    """The longest token prefix all sequences share."""
-    first = sequences[0]
-    n = len(first)
-    for other in sequences[1:]:
-        n = next((i for i, (a, b) in enumerate(zip(first[:n], other)) if a != b), min(n, len(other)))
-    return first[:n]
 
 
 class PrefixDecoder:
