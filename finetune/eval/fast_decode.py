@@ -31,7 +31,7 @@ from collections import Counter, deque
 import torch
 
 from finetune.eval.constrained import ll_tokenizer
-from finetune.eval.likelihood import common_prefix, last
+from finetune.eval.likelihood import cache_keyword, common_prefix, last
 from finetune.eval.suite import stop_ids
 
 
@@ -59,8 +59,8 @@ class PrefixDecoder:
             from transformers import DynamicCache
             self.cache = DynamicCache()
             with torch.no_grad():
-                self.model(input_ids=torch.tensor([self.prefix], device=self.device), cache=self.cache,
-                           use_cache=True, logits_to_keep=1)
+                self.model(input_ids=torch.tensor([self.prefix], device=self.device), use_cache=True,
+                           logits_to_keep=1, **{cache_keyword(self.model): self.cache})
 
     def propose(self, matcher) -> list[int]:
         """The tokens to try ahead of the model: llguidance's canonical tokens for the bytes the grammar forces."""
@@ -184,7 +184,7 @@ class PrefixDecoder:
         # each row's positions continue its own count of tokens: padding and masked-out proposals do not count
         positions = seen.sum(-1, keepdim=True) + (step.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=torch.cat([seen, step], dim=1), position_ids=positions,
-                         cache=cache, use_cache=True, logits_to_keep=last(keep, self.device))
+                         use_cache=True, logits_to_keep=last(keep, self.device), **{cache_keyword(self.model): cache})
         return out.logits[:, -keep:].float(), cache
 
 

@@ -102,6 +102,14 @@ def left_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_keyword(model) -> str:
+    """The keyword forward() takes a KV cache under: `cache` in newer transformers 5 releases, `past_key_values`
+    before (5.23 still; the newer ones take the old name with a deprecation warning)."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def prompt_learning(model) -> bool:
     """A prefix-, prompt- or p-tuning adapter: PEFT hands the model virtual tokens on every forward, so there is no
     cache to continue (likelihood scoring, the fast decoder) and no weights to merge."""
@@ -152,8 +160,8 @@ def _batch_shared(model, pad: int, device, shared: list[list[int]], tails: list[
     keep = max(len(r) - len(p) + 1 for r, p in zip(rows, shared))  # the last shared position and every tail's
     extra = {}
     if cache is not None:
-        extra["cache"] = copy.deepcopy(cache)
-        extra["cache"].batch_repeat_interleave(n)
+        extra[cache_keyword(model)] = cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(n)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                    logits_to_keep=last(keep, device), **extra).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -179,7 +187,8 @@ def prefix_cache(model, device, shared: list[list[int]]) -> tuple | None:
     if k <= 0:
         return None
     cache = DynamicCache()
-    model(input_ids=torch.tensor([shared[0][:k]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([shared[0][:k]], device=device), use_cache=True, logits_to_keep=1,
+          **{cache_keyword(model): cache})
     return k, cache
 
 
