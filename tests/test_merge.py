@@ -1,5 +1,6 @@
 """`python -m finetune.merge`: base + adapter saved as one model that plain transformers loads, with the same
 logits; prompt-learning adapters refused with a message."""
+import json
 import shutil
 
 import pytest
@@ -99,3 +100,40 @@ def test_a_qlora_adapter_is_served_on_its_dequantized_base():
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.allclose(got, want, atol=2e-2), (got - want).abs().max()
     cast(plain, "float32")  # a plain model now
+
+
+def test_merge_base_dequantized_saves_the_weights_a_qlora_run_trained_against(tmp_path, capsys):
+    """`--base dequantized` on a QLoRA run: the saved plain model answers as the 4-bit base + adapter did (to bf16
+    rounding), closer than the default merge into the original full-precision base; a LoRA run is refused it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from peft import get_peft_model
+    from conftest import compose
+    cfg = compose("method=qlora")
+    run_dir = tmp_path / "qlora-run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    torch.manual_seed(0)
+    adapted = get_peft_model(load_model(cfg.model, cfg.quantization, True), instantiate(cfg.method, _convert_="all"))
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    adapted.save_pretrained(run_dir / "adapter")
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        want = adapted.eval()(input_ids=ids).logits.float()
+    merge_main([str(run_dir), str(tmp_path / "dequantized"), "--base", "dequantized"])
+    merge_main([str(run_dir), str(tmp_path / "original")])
+    errors = {}
+    for base in ("dequantized", "original"):
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / base).eval()
+        with torch.no_grad():
+            errors[base] = (plain(input_ids=ids).logits.float() - want).abs().max().item()
+    assert json.loads((tmp_path / "dequantized" / "merge.json").read_text())["base_weights"] == "dequantized"
+    assert errors["dequantized"] < 2e-2 and errors["dequantized"] < errors["original"] / 2, errors
+    lora_run = tmp_path / "lora-run"
+    shutil.copytree(run_dir, lora_run)
+    OmegaConf.save(compose(), lora_run / ".hydra" / "config.yaml")
+    with pytest.raises(SystemExit):
+        merge_main([str(lora_run), str(tmp_path / "refused"), "--base", "dequantized"])
+    assert "leave --base out" in capsys.readouterr().err and not (tmp_path / "refused").exists()
