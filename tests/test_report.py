@@ -16,7 +16,7 @@ def sides(base: dict, tuned: dict) -> dict:
 def test_verdict_max_metric_helped_states_base_and_majority_baseline():
     line = verdict(CLASSIFICATION, "accuracy", "max")
     assert line == ("**Verdict: tuning helped.** accuracy 0.804 tuned vs 0.000 base and 0.357 majority baseline "
-                    "(+80.4 points over base, +44.7 points over the majority baseline).")
+                    "(+80.4 points vs base, +44.7 points vs the majority baseline).")
 
 
 @pytest.mark.parametrize("tuned", [0.3, 0.0])  # beats the base but not the majority baseline; ties the base
@@ -29,7 +29,7 @@ def test_verdict_max_metric_not_helped(tuned):
 
 def test_verdict_min_metric():
     helped = verdict(sides({"perplexity": 20.0}, {"perplexity": 5.0}), "perplexity", "min")
-    assert helped == ("**Verdict: tuning helped.** perplexity 5 tuned vs 20 base (-75.0% over base, "
+    assert helped == ("**Verdict: tuning helped.** perplexity 5 tuned vs 20 base (-75.0% vs base, "
                       "lower is better).")
     worse = verdict(sides({"perplexity": 5.0}, {"perplexity": 6.0}), "perplexity", "min")
     assert worse.startswith("**Verdict: tuning did not help.** perplexity 6 tuned vs 5 base (+20.0%")
@@ -71,7 +71,7 @@ def test_a_run_must_beat_the_simple_model_on_accuracy_and_macro_f1():
     assert line.startswith("**Verdict: tuning did not help.** accuracy 0.750 tuned vs 0.100 base, 0.645 majority "
                            "baseline and 0.710 simple model (")
     assert line.endswith("Not beaten: simple model on macro_f1. Backtest: total_return 4 tuned vs 1 always-long "
-                         "baseline and 2 simple model (+3 over the always-long baseline, +2 over the simple model).")
+                         "baseline and 2 simple model (+3 vs the always-long baseline, +2 vs the simple model).")
     metrics["tuned"]["macro_f1"] = 0.66
     assert verdict(metrics, "accuracy", "max").startswith("**Verdict: tuning helped.**")
 

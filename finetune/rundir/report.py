@@ -316,7 +316,7 @@ def rivals(metrics: dict, name: str) -> list[tuple[str, float]]:
 
 
 def comparison(metrics: dict, name: str, mode: str) -> tuple[list[str], str]:
-    """(the rivals the tuned value did not beat, 'accuracy 0.804 tuned vs 0.000 base and ... (+80.4 points over
+    """(the rivals the tuned value did not beat, 'accuracy 0.804 tuned vs 0.000 base and ... (+80.4 points vs
     base, ...)')."""
     value = metrics["tuned"][name]
     better = (lambda a, b: a < b) if mode == "min" else (lambda a, b: a > b)
@@ -325,7 +325,7 @@ def comparison(metrics: dict, name: str, mode: str) -> tuple[list[str], str]:
     if others:
         listed = [f"{show(name, v)} {label}" for label, v in others]
         text += " vs " + (", ".join(listed[:-1]) + " and " + listed[-1] if len(listed) > 1 else listed[0])
-        text += " (" + ", ".join(f"{difference(name, value, v)} over {'the ' if label != 'base' else ''}{label}"
+        text += " (" + ", ".join(f"{difference(name, value, v)} vs {'the ' if label != 'base' else ''}{label}"
                                  for label, v in others)
         text += ", lower is better)" if mode == "min" else ")"
     return [label for label, v in others if not better(value, v)] or ([] if others else ["nothing measured"]), text
