@@ -494,7 +494,7 @@ def latency(trainer, tokenizer, args) -> dict:
     if args.latency_static:  # generate() on a static KV cache, its decode step compiled on CUDA, warmed first
         static = SignalProvider(model, tokenizer, constrained=True, static=True, batch_size=args.latency_batch,
                                 max_new_tokens=args.latency_new_tokens)
-        chats = [s["messages"][:-1] for s in samples[:args.latency_n]]
+        chats = [s["messages"][:-1] for s in samples]
         out["merged_static_warm_seconds"] = static.warm(room=hi)
         answers = []
         out |= timings(lambda c: static.generate_constrained([c]), lambda cs: answers.extend(
@@ -654,8 +654,9 @@ def markdown(report: dict) -> str:
         if "merged_static_latency_p50_seconds" in t:
             lines += [f"Merged, generate() on a static KV cache (compiled on CUDA; warm-up "
                       f"{t['merged_static_warm_seconds']:.1f} s): p50 {t['merged_static_latency_p50_seconds']:.3f} s, "
-                      f"p99 {t['merged_static_latency_p99_seconds']:.3f} s, {t['merged_static_answers_per_second']:.1f} "
-                      f"signals/s; {t['merged_static_same_answers']} answers as the merged fast path"]
+                      f"p99 {t['merged_static_latency_p99_seconds']:.3f} s, "
+                      f"{t['merged_static_answers_per_second']:.1f} signals/s; "
+                      f"{t['merged_static_same_answers']} answers as the merged fast path"]
     return "\n".join(lines) + "\n"
 
 

@@ -28,8 +28,8 @@ call of the prefix decoder (finetune/eval/fast_decode.py: the signal prompt's sh
 model, the tokens the grammar forces run in one pass), the same answers generate() gives. Not for `--free`, a run
 whose eval.generation samples, or a prompt-learning adapter (its virtual tokens live in the cache): those take
 generate(). `--merge` folds the adapter into the base weights at load, so each step runs the base's matmuls only
-(a QLoRA run's into its dequantized 4-bit weights: finetune.serving.inference.merged); the base model is then no longer there to serve ("base" requests get a 404 that says so). `--dtype bfloat16` casts
-the model after loading (on a CPU with bf16 instructions a step takes about half a float32 one; answers can differ
+(a QLoRA run's into its dequantized 4-bit weights: finetune.serving.inference.merged); the base model is then no
+longer there to serve ("base" requests get a 404 that says so). `--dtype bfloat16` casts the model after loading (on a CPU with bf16 instructions a step takes about half a float32 one; answers can differ
 where two tokens are near-tied: measure on the run's held-out prompts, scripts/signal_latency.py). `--static` (for a
 GPU): generate() with transformers' static KV cache, its decode step compiled on CUDA, warmed before the server
 listens (SignalProvider.warm); signals then take generate() instead of the prefix decoder.

@@ -51,6 +51,7 @@ class PrefixDecoder:
         self.model, self.tokenizer, self.grammar = model, tokenizer, grammar
         self.stops = stop_ids(model, tokenizer)
         self.device = next(model.parameters()).device
+        self.cache_key = cache_keyword(model)  # `cache` or `past_key_values`, as this transformers names it
         self.prefix, self.cache = [], None
         self.seen: deque = deque(maxlen=seen)  # the last whole answers, token ids: `draft` guesses from them
         if len(probes) >= 2:
@@ -60,7 +61,7 @@ class PrefixDecoder:
             self.cache = DynamicCache()
             with torch.no_grad():
                 self.model(input_ids=torch.tensor([self.prefix], device=self.device), use_cache=True,
-                           logits_to_keep=1, **{cache_keyword(self.model): self.cache})
+                           logits_to_keep=1, **{self.cache_key: self.cache})
 
     def propose(self, matcher) -> list[int]:
         """The tokens to try ahead of the model: llguidance's canonical tokens for the bytes the grammar forces."""
@@ -184,7 +185,7 @@ class PrefixDecoder:
         # each row's positions continue its own count of tokens: padding and masked-out proposals do not count
         positions = seen.sum(-1, keepdim=True) + (step.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=torch.cat([seen, step], dim=1), position_ids=positions,
-                         use_cache=True, logits_to_keep=last(keep, self.device), **{cache_keyword(self.model): cache})
+                         use_cache=True, logits_to_keep=last(keep, self.device), **{self.cache_key: cache})
         return out.logits[:, -keep:].float(), cache
 
 

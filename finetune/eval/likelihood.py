@@ -5,8 +5,8 @@ for a gold BUY) and scored by the log-probability of the tokens from where the c
 first token after the label (so "BUY" is not read as the start of "BUYER"). The prompt and the shared part of the
 answer run through the model once per sample, in the same pass as the few tokens that differ, once per label:
 an attention mask keeps each label's tokens from seeing the other labels'. The start every sample shares (the
-system turn) runs once per call, and its KV cache is copied to each batch. The answer is the label with the highest score, its confidence the softmax over the labels'
-scores, rendered as the task writes answers so the classification and backtest metrics read it as they read
+system turn) runs once per call, and its KV cache is copied to each batch. The answer is the label with the highest
+score, its confidence the softmax over the labels' scores, rendered as the task writes answers so the classification and backtest metrics read it as they read
 generated ones:
 
     scores = label_scores(model, tokenizer, samples, tasks.get("signals"), ["BUY", "SELL", "HOLD"])
@@ -130,8 +130,8 @@ def _batch_shared(model, pad: int, device, shared: list[list[int]], tails: list[
     done, cache = prefix if prefix is not None else (0, None)
     shared = [p[done:] for p in shared]
     rows, spans = [], []  # spans: per sample, each tail's (first fed index, length fed) within the row
-    for prefix, sample_tails in zip(shared, tails):
-        row, where = list(prefix), []
+    for own, sample_tails in zip(shared, tails):
+        row, where = list(own), []
         for tail in sample_tails:
             where.append((len(row), len(tail) - 1))
             row += tail[:-1]
@@ -142,10 +142,10 @@ def _batch_shared(model, pad: int, device, shared: list[list[int]], tails: list[
     ids = torch.full((n, width), pad, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)  # padding sees itself: no row of -inf
-    for b, (prefix, row, where) in enumerate(zip(shared, rows, spans)):
+    for b, (own, row, where) in enumerate(zip(shared, rows, spans)):
         off = width - len(row)  # left-padded: every row ends at the last position
         ids[b, off:] = torch.tensor(row)
-        k = len(prefix)
+        k = len(own)
         positions[b, off:off + k] = torch.arange(done, done + k)
         allowed[b, off:off + k, off:off + k] = torch.ones(k, k, dtype=torch.bool).tril()
         for start, length in where:
@@ -166,11 +166,11 @@ def _batch_shared(model, pad: int, device, shared: list[list[int]], tails: list[
                    logits_to_keep=last(keep, device), **extra).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     scores = []
-    for b, (prefix, row, where, sample_tails) in enumerate(zip(shared, rows, spans, tails)):
-        base = keep - (len(row) - len(prefix)) - 1  # the last shared position among the kept ones
+    for b, (own, row, where, sample_tails) in enumerate(zip(shared, rows, spans, tails)):
+        base = keep - (len(row) - len(own)) - 1  # the last shared position among the kept ones
         sample_scores = []
         for (start, length), tail in zip(where, sample_tails):
-            at = base + 1 + start - len(prefix)  # the tail's first fed position among the kept ones
+            at = base + 1 + start - len(own)  # the tail's first fed position among the kept ones
             score = logp[b, base, tail[0]].item()
             score += sum(logp[b, at + t, tail[t + 1]].item() for t in range(length))
             sample_scores.append(score)

@@ -95,8 +95,8 @@ class SignalProvider:
             with_one = ", ".join(name for name, t in tasks.TASKS.items() if t.grammar() is not None)
             raise ConfigError(f"constrained=True: task={task} has no answer grammar (tasks with one: {with_one})")
         if static and prompt_learning(model):
-            raise ConfigError("static=True: a prompt-learning adapter (prefix / prompt tuning) keeps its virtual tokens "
-                              "in the KV cache, which a static cache does not take; serve it without static")
+            raise ConfigError("static=True: a prompt-learning adapter (prefix / prompt tuning) keeps its virtual "
+                              "tokens in the KV cache, which a static cache does not take; serve it without static")
         # The fast decoder is greedy only, and a prompt-learning adapter keeps its virtual tokens in the cache it
         # would replace: either case takes generate_answers, as does `static`.
         self.fast = fast and not static and not self.generation and not prompt_learning(model)
